@@ -69,7 +69,9 @@ class TextGenCore:
         config = load_config(model, trust_remote_code=trust_remote_code)
         self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
         self.max_new_tokens = int(max_new_tokens if max_new_tokens is not None else self.task.max_new_tokens)
-        self.max_prompt_tokens = int(max_prompt_tokens if max_prompt_tokens is not None else self.task.max_prompt_tokens)
+        self.max_prompt_tokens = int(
+            max_prompt_tokens if max_prompt_tokens is not None else self.task.max_prompt_tokens
+        )
         if self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
             raise ValueError("max_new_tokens and max_prompt_tokens must be at least 1")
         self.length = self.max_prompt_tokens + self.max_new_tokens
@@ -135,7 +137,8 @@ class TextGenCore:
         arr = np.asarray(action)
         if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(
-                f"action must be one integer token id in [0, {self.vocab_size}), got {action!r} ({type(action).__name__})"
+                f"action must be one integer token id in [0, {self.vocab_size}), "
+                f"got {action!r} ({type(action).__name__})"
             )
         token = int(arr.reshape(()))
         if not 0 <= token < self.vocab_size:
@@ -153,7 +156,8 @@ class TextGenCore:
             self.input_ids[i, start : start + self.n_new[i]], skip_special_tokens=True
         )
         terminated = token in self.eos_ids or any(s in self.completion[i] for s in self.stop_strings)
-        truncated = not terminated and self.n_new[i] >= self.max_new_tokens
+        # Python bools, not numpy ones: they end up in infos ("TimeLimit.truncated") as well as in step()'s return.
+        truncated = not terminated and bool(self.n_new[i] >= self.max_new_tokens)
         return terminated, truncated
 
     # --- observations and rewards ----------------------------------------------------------------------------

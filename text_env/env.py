@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -67,7 +67,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     """
 
-    metadata = {"render_modes": ["ansi", "human"]}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"]}
 
     def __init__(
         self,
@@ -124,8 +124,12 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             reward = float(rewards[0])
             info["reward_model_score"], info["gold_score"] = reward, float(gold[0])
         if self.render_mode == "human":  # stream the new text, like a chat UI
-            print(info["completion"][self._shown :], end="\n" if self._done else "", flush=True)
-            self._shown = len(info["completion"])
+            text = info["completion"]
+            # A byte-level token can end inside a UTF-8 character, which decodes as U+FFFD until the rest arrives:
+            # hold such a tail back, or the stream would show the placeholder instead of the character.
+            ready = len(text) if self._done else len(text.rstrip("\ufffd"))
+            print(text[self._shown : ready], end="\n" if self._done else "", flush=True)
+            self._shown = max(self._shown, ready)
         return self.core.obs(0), reward, bool(terminated), bool(truncated), info
 
     def render(self) -> str | None:

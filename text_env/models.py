@@ -162,7 +162,9 @@ def _from_pretrained(loader: Any, name: str | os.PathLike[str], **kwargs: Any) -
         ) from err
 
 
-def load_tokenizer(name: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model (see :func:`resolve_model` for ``name``)."""
     return _from_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
 
@@ -191,7 +193,7 @@ _TINY_CORPUS = (
 
 def make_tiny_model(
     path: str | os.PathLike[str],
-    vocab_size: int = 96,
+    vocab_size: int = 128,
     hidden_size: int = 32,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -204,7 +206,8 @@ def make_tiny_model(
     Tests load it back through :func:`load_causal_lm`, the same code path as a real model, in milliseconds.
 
     :param path: directory to write (created).
-    :param vocab_size: BPE vocabulary size including the special tokens ``<pad>``, ``<s>``, ``</s>``.
+    :param vocab_size: BPE vocabulary size including the special tokens ``<pad>``, ``<s>``, ``</s>``; from 100 on,
+        every printable ASCII character, newline and tab has a token, so plain ASCII text round-trips.
     :param chat_template: an optional Jinja chat template to store with the tokenizer.
     :return: the directory.
     """
@@ -212,18 +215,27 @@ def make_tiny_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # ByteLevel.alphabet() comes in a different order on every call: sort it, ASCII first (space, newline and
+    # tab are 'Ġ', 'Ċ', 'ĉ' at byte level), so that the same arguments always give the same tokenizer.
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    ascii_chars = [chr(b) for b in range(33, 127)] + ["Ġ", "Ċ", "ĉ"]
+    alphabet = ascii_chars + sorted(set(byte_chars) - set(ascii_chars))
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[: max(0, vocab_size - 3)],
+        initial_alphabet=alphabet[: max(0, vocab_size - 3)],
         show_progress=False,
     )
     backend.train_from_iterator([_TINY_CORPUS], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        clean_up_tokenization_spaces=False,
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template

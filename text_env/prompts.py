@@ -81,7 +81,8 @@ def render_prompt(
     if not chat:
         return prompt
     user = instruction if instruction is not None else prompt
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + prompt if instruction is not None else text
 
 
@@ -92,4 +93,3 @@ def encode_prompt(
     rendered = render_prompt(tokenizer, prompt, instruction, chat)
     add_special = rendered == prompt
     return list(tokenizer(rendered, add_special_tokens=add_special)["input_ids"])
-

@@ -87,13 +87,39 @@ def get_task(task: str | Task) -> Task:
 # --- positive-review: the offline counterpart of the IMDB positive-continuation task -------------------------
 
 _TITLES = [
-    "The Last Harbor", "Midnight in Ashford", "Glass Mountains", "The Quiet Engineer", "Red Sky Over Dunmore",
-    "Paper Lanterns", "The Long Winter", "Operation Nightfall", "A House by the River", "Saltwater",
-    "The Clockmaker's Daughter", "Iron Orchard", "Before the Storm", "The Velvet Room", "Northbound",
-    "Second Chances", "The Hollow Crown of Elm Street", "Starlight Diner", "The Forgotten Coast", "Wild Horses",
+    "The Last Harbor",
+    "Midnight in Ashford",
+    "Glass Mountains",
+    "The Quiet Engineer",
+    "Red Sky Over Dunmore",
+    "Paper Lanterns",
+    "The Long Winter",
+    "Operation Nightfall",
+    "A House by the River",
+    "Saltwater",
+    "The Clockmaker's Daughter",
+    "Iron Orchard",
+    "Before the Storm",
+    "The Velvet Room",
+    "Northbound",
+    "Second Chances",
+    "The Hollow Crown of Elm Street",
+    "Starlight Diner",
+    "The Forgotten Coast",
+    "Wild Horses",
 ]
-_GENRES = ["thriller", "romantic comedy", "war drama", "science fiction film", "family movie", "horror film",
-           "documentary", "crime drama", "musical", "period piece"]
+_GENRES = [
+    "thriller",
+    "romantic comedy",
+    "war drama",
+    "science fiction film",
+    "family movie",
+    "horror film",
+    "documentary",
+    "crime drama",
+    "musical",
+    "period piece",
+]
 _OPENINGS = [
     # neutral lead-ins
     "I watched {title} last night, and",

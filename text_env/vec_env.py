@@ -47,8 +47,9 @@ class TextGenVecEnv(VecEnv):
             n_envs, model, task, prompts, reward_model, max_new_tokens, max_prompt_tokens, split, stop_strings,
             chat, trust_remote_code,
         )  # fmt: skip
-        super().__init__(n_envs, self.core.observation_space, self.core.action_space)
+        # Set before VecEnv.__init__, which reads it through get_attr (else it warns and drops the render mode).
         self.render_mode = render_mode
+        super().__init__(n_envs, self.core.observation_space, self.core.action_space)
         self._rngs = [seeding.np_random(None)[0] for _ in range(n_envs)]
         self._actions = np.zeros(n_envs, dtype=np.int64)
 
@@ -104,7 +105,7 @@ class TextGenVecEnv(VecEnv):
 
     def render(self, mode: str | None = None) -> Any:
         """``"ansi"``/``None``: the list of current texts; ``"human"``: print them."""
-        texts = [p + c for p, c in zip(self.core.current_prompt, self.core.completion)]
+        texts = [p + c for p, c in zip(self.core.current_prompt, self.core.completion, strict=True)]
         if (mode or self.render_mode) == "human":
             print("\n---\n".join(texts), flush=True)
             return None

@@ -34,5 +34,7 @@ def check_scores(scores: object, prompts: Sequence[str], what: str = "reward") -
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r}; scores must be finite")
+        raise ValueError(
+            f"{what} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r}; scores must be finite"
+        )
     return arr

@@ -1,0 +1,267 @@
+"""SB3 actor-critic policies backed by a Hugging Face causal LM.
+
+``CausalLMPolicy`` plugs into unmodified SB3 algorithms (``PPO``, ``A2C``, ``sb3_contrib.TRPO``);
+``MaskableCausalLMPolicy`` into ``sb3_contrib.MaskablePPO``. Both share :class:`_CausalLMMixin`.
+
+Example:
+    >>> from stable_baselines3 import PPO
+    >>> from agents import CausalLMPolicy
+    >>> model = PPO(CausalLMPolicy, env, policy_kwargs=dict(model="default"), learning_rate=1e-5)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from agents.cached_lm import CachedLM, forward_positions, valid_ends
+from text_env.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+
+__all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
+
+_GROUP_CHUNK = 64  # rows compared at once when grouping shared prefixes (bounds memory to chunk x B x L)
+
+
+def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of a row whose valid tokens it is a prefix of, with the longest such row chosen.
+
+    PPO's minibatches hold many steps of the same episode: every step's observation is a prefix of the
+    episode's last one, so one forward pass over that row yields all their log-probs and values.
+
+    :return: ``(B,)`` representative row per row (a row that no longer row extends is its own representative).
+    """
+    b, length = ids.shape
+    ends = valid_ends(mask)  # (B,)
+    seq = torch.where(mask > 0, ids, torch.full_like(ids, -1))  # (B, L)
+    slots = torch.arange(length, device=ids.device)
+    order = ends * (b + 1) + (b - torch.arange(b, device=ids.device))  # longest first, then lowest index
+    reps = torch.empty(b, dtype=torch.long, device=ids.device)
+    for start in range(0, b, _GROUP_CHUNK):
+        rows = slice(start, min(b, start + _GROUP_CHUNK))
+        beyond = slots[None, :] >= ends[rows, None]  # (c, L) slots after each row's end do not count
+        equal = (seq[rows, None, :] == seq[None, :, :]) | beyond[:, None, :]  # (c, B, L)
+        covered = equal.all(-1) & (ends[None, :] >= ends[rows, None])  # (c, B) row is a prefix of column
+        reps[rows] = torch.where(covered, order[None, :], torch.full_like(covered, -1, dtype=torch.long)).argmax(1)
+    return reps
+
+
+class _CausalLMMixin:
+    """The shared implementation: LM actor, value head on the LM's last hidden state, KV-cached rollouts.
+
+    :param model: ``"default"`` (embedded SmolLM2-135M-Instruct), a local directory or a hub id.
+    :param bf16: run forward and backward passes under bfloat16 autocast (weights stay float32).
+    :param temperature: the policy samples from ``softmax(logits / temperature)``; PPO's ratio uses the same.
+    :param top_k: keep only the ``top_k`` most likely tokens (0: all).
+    :param top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1.0: all).
+    :param kv_cache: reuse keys/values across rollout steps (exact; turn off only to compare).
+    :param lora: ``None`` for full fine-tuning, or ``peft.LoraConfig`` keyword arguments (e.g. ``{"r": 16}``);
+        the reference model is then the same network with adapters disabled (no second copy).
+    :param trust_remote_code: passed to ``from_pretrained``.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        model: str = DEFAULT_MODEL,
+        bf16: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        kv_cache: bool = True,
+        lora: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError(f"an LM policy needs a Discrete action space (token ids), got {action_space}")
+        if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
+            raise TypeError("an LM policy needs Dict observations with 'input_ids' and 'attention_mask' (TextGen-v0)")
+        if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        self.lm_name = os.fspath(model)
+        self.bf16, self.temperature, self.top_k, self.top_p = bf16, temperature, top_k, top_p
+        self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
+        kwargs["ortho_init"] = False  # orthogonal init would wipe the pretrained weights
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
+
+    # --- construction ----------------------------------------------------------------------------------------
+    def _build(self, lr_schedule: Schedule) -> None:
+        lm = load_causal_lm(self.lm_name, trust_remote_code=self.trust_remote_code)
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        if vocab < self.action_space.n:  # type: ignore[attr-defined]
+            raise ValueError(f"the model has {vocab} output tokens but the env's action space has {self.action_space}")
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(
+                lm, LoraConfig(**{"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **self.lora})
+            )
+            self._reference_lm = None  # adapters disabled = the base model
+        else:
+            reference = copy.deepcopy(lm).requires_grad_(False)
+            self.__dict__["_reference_lm"] = reference  # not a submodule: not trained, not saved, not TRPO's
+        self.lm = lm
+        hidden = lm.get_output_embeddings().weight.shape[1]
+        self.value_head = nn.Linear(hidden, 1)  # "value" in the name: TRPO's actor step skips it
+        nn.init.normal_(self.value_head.weight, std=1.0 / hidden)
+        nn.init.zeros_(self.value_head.bias)
+        self._actor_cache = CachedLM(self.lm, self._autocast)
+        self._reference_cache = CachedLM(self._reference_model(), self._reference_context)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()  # type: ignore[misc]
+        data.update(
+            model=self.lm_name, bf16=self.bf16, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            kv_cache=self.kv_cache, lora=self.lora, trust_remote_code=self.trust_remote_code,
+        )  # fmt: skip
+        return data
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)  # type: ignore[attr-defined]
+
+    def _reference_model(self) -> nn.Module:
+        return self.lm if self._reference_lm is None else self._reference_lm
+
+    @contextlib.contextmanager
+    def _reference_context(self) -> Iterator[None]:
+        adapters = self.lm.disable_adapter() if self.lora is not None else contextlib.nullcontext()
+        with adapters, self._autocast():
+            yield
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(device) moves the unregistered reference too
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        if self.__dict__.get("_reference_lm") is not None:
+            self._reference_lm._apply(fn, *args, **kwargs)
+        return result
+
+    # --- the forward passes ----------------------------------------------------------------------------------
+    def _logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits ``(B, V)`` and values ``(B, 1)`` for a batch of observations."""
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()  # (B, L); SB3 stores obs as floats
+        if self.kv_cache and not torch.is_grad_enabled():
+            logits, hidden = self._actor_cache(ids, mask)  # (B, V), (B, H)
+        else:
+            with self._autocast():
+                logits, hidden = self._grouped_forward(self.lm, ids, mask)
+        values = self.value_head(hidden.float())  # (B, 1)
+        return logits[:, : self.action_space.n], values  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, V)`` and hidden states ``(B, H)`` at each row's last valid slot, one pass per episode."""
+        reps = _shared_prefix_groups(ids, mask)  # (B,)
+        unique_reps, slot_of = torch.unique(reps, return_inverse=True)  # (R,), (B,) row -> its rep's index
+        ends = valid_ends(mask)  # (B,)
+        members = [torch.nonzero(slot_of == r).squeeze(1) for r in range(unique_reps.numel())]
+        width = max(int(m.numel()) for m in members)
+        positions = torch.zeros(unique_reps.numel(), width, dtype=torch.long, device=ids.device)  # (R, K)
+        column = torch.zeros_like(reps)  # (B,) which of its rep's positions a row reads
+        for r, m in enumerate(members):
+            positions[r, : m.numel()] = ends[m] - 1
+            positions[r, m.numel() :] = ends[m[0]] - 1
+            column[m] = torch.arange(m.numel(), device=ids.device)
+        span = int(ends[unique_reps].max())
+        logits, hidden = forward_positions(model, ids[unique_reps, :span], mask[unique_reps, :span], positions)
+        return logits[slot_of, column], hidden[slot_of, column]  # (B, V), (B, H)
+
+    def _distribution(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
+        """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            before = torch.softmax(sorted_logits, -1).cumsum(-1) - torch.softmax(sorted_logits, -1)  # mass ahead
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        distribution = self.action_dist.proba_distribution(action_logits=logits)  # type: ignore[attr-defined]
+        if action_masks is not None:
+            distribution.apply_masking(action_masks)
+        return distribution
+
+    # --- the SB3 policy interface ----------------------------------------------------------------------------
+    def forward(
+        self, obs: PyTorchObs, deterministic: bool = False, action_masks: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, values = self._logits_and_values(obs)
+        distribution = self._distribution(logits, action_masks)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: torch.Tensor, action_masks: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, values = self._logits_and_values(obs)
+        distribution = self._distribution(logits, action_masks)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: PyTorchObs, action_masks: Any = None) -> Distribution:
+        return self._distribution(self._logits_and_values(obs)[0], action_masks)
+
+    def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
+        return self._logits_and_values(obs)[1]
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False, action_masks: Any = None) -> torch.Tensor:
+        return self.get_distribution(observation, action_masks).get_actions(deterministic=deterministic)
+
+    # --- what the KL leash and evaluation need ---------------------------------------------------------------
+    @torch.no_grad()
+    def reference_logits(self, obs: PyTorchObs) -> torch.Tensor:
+        """Next-token logits ``(B, V)`` of the frozen starting model (float32), KV-cached like the actor's."""
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        if self.kv_cache:
+            return self._reference_cache(ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
+        with self._reference_context():
+            return self._grouped_forward(self._reference_model(), ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
+
+    def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor) -> torch.Tensor:
+        """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``."""
+        logp = torch.log_softmax(self.reference_logits(obs), dim=-1)
+        return logp.gather(1, actions.long().reshape(-1, 1)).squeeze(1)
+
+    def set_training_mode(self, mode: bool) -> None:
+        super().set_training_mode(mode)  # type: ignore[misc]
+        self._actor_cache.reset()  # weights change between rollouts: cached keys/values go stale
+
+    def tokenizer(self) -> Any:
+        """The LM's tokenizer (loaded on demand)."""
+        return load_tokenizer(self.lm_name, trust_remote_code=self.trust_remote_code)
+
+
+class CausalLMPolicy(_CausalLMMixin, ActorCriticPolicy):
+    """Actor-critic over a causal LM for ``PPO``, ``A2C`` and ``sb3_contrib.TRPO`` (see :class:`_CausalLMMixin`)."""
+
+
+class MaskableCausalLMPolicy(_CausalLMMixin, MaskableActorCriticPolicy):
+    """The same policy for ``sb3_contrib.MaskablePPO``: the env's ``action_masks()`` filter its distribution."""
+
+
+def export_pretrained(policy: _CausalLMMixin, path: str | os.PathLike[str]) -> Path:
+    """Write the policy's fine-tuned LM (LoRA merged) and tokenizer with ``save_pretrained``.
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(path)`` and ``pipeline("text-generation")``.
+    """
+    path = Path(path)
+    lm = policy.lm
+    if policy.lora is not None:
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(path)
+    policy.tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random LM built once per session and loaded through the real loading code."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from text_env.models import make_tiny_model
+
+TINY_PROMPTS = ["the movie was", "i loved the film and", "a sad , dull", "great acting and"]
+
+
+class LengthReward:
+    """A trivially learnable reward: the fraction of completion characters that are the letter 'a'."""
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.array([c.count("a") / max(1, len(c)) for c in completions], dtype=np.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a 2-layer random Llama with a 128-token BPE tokenizer (no chat template)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LM with a simple chat template, to exercise prompt rendering."""
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}<s>assistant:"
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-chat-lm"), chat_template=template)
+
+
+@pytest.fixture
+def tiny_env_kwargs(tiny_model: Path) -> dict:
+    """Keyword arguments for a fast TextGen env on the tiny model with the gold (VADER) reward."""
+    return dict(
+        model=str(tiny_model), prompts=TINY_PROMPTS, reward_model="gold", max_new_tokens=6, max_prompt_tokens=24
+    )
