@@ -15,7 +15,17 @@ import numpy as np
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
-__all__ = ["EpisodeRolloutBuffer", "MaskableEpisodeRolloutBuffer", "episode_order"]
+__all__ = ["EpisodeRolloutBuffer", "MaskableEpisodeRolloutBuffer", "episode_batches", "episode_order"]
+
+
+def _shuffled_segments(episode_starts: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """The flattened (env-major) indices of each episode segment, segments in random order."""
+    n_steps, n_envs = episode_starts.shape
+    starts = episode_starts.T.reshape(-1).astype(bool).copy()  # env-major, as swap_and_flatten lays it out
+    starts[::n_steps] = True  # each env's rollout begins a segment
+    segments = np.split(np.arange(n_steps * n_envs), np.flatnonzero(starts)[1:])
+    rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
+    return [segments[i] for i in rng.permutation(len(segments))]
 
 
 def episode_order(episode_starts: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -24,22 +34,34 @@ def episode_order(episode_starts: np.ndarray, rng: np.random.Generator | None = 
     :param episode_starts: ``(n_steps, n_envs)``, 1 where a step begins an episode.
     :return: ``(n_steps * n_envs,)`` indices; each episode segment (cut also at rollout edges) is contiguous.
     """
-    n_steps, n_envs = episode_starts.shape
-    starts = episode_starts.T.reshape(-1).astype(bool).copy()  # env-major, as swap_and_flatten lays it out
-    starts[::n_steps] = True  # each env's rollout begins a segment
-    segments = np.split(np.arange(n_steps * n_envs), np.flatnonzero(starts)[1:])
-    rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
-    return np.concatenate([segments[i] for i in rng.permutation(len(segments))])
+    return np.concatenate(_shuffled_segments(episode_starts, rng))
+
+
+def episode_batches(
+    episode_starts: np.ndarray, batch_size: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Minibatches of whole episode segments, in random order, of about ``batch_size`` steps each.
+
+    The shuffled order of :func:`episode_order` is cut at the segment boundary nearest to each multiple of
+    ``batch_size``, never inside a segment (that would cost the episode a second forward pass): sizes vary by
+    about half a segment, and there are as many minibatches as fixed-size ones would give (fewer when segments
+    are long compared with ``batch_size``).
+    """
+    segments = _shuffled_segments(episode_starts, rng)
+    order = np.concatenate(segments)
+    ends = np.cumsum([len(s) for s in segments])  # (S,) segment boundaries along the order
+    targets = np.arange(batch_size, len(order), batch_size)  # where fixed-size minibatches would be cut
+    nearest = ends[np.abs(ends[None, :] - targets[:, None]).argmin(1)]  # (T,) the closest boundary to each
+    return np.split(order, np.unique(nearest[nearest < len(order)]))
 
 
 class _EpisodeBatches:
-    """Mixin: the parent's ``get`` with an episode-grouped permutation instead of ``np.random.permutation``."""
+    """Mixin: the parent's ``get`` with minibatches of whole episode segments instead of random steps."""
 
     _tensor_names: tuple[str, ...] = ("actions", "values", "log_probs", "advantages", "returns")
 
     def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
         assert self.full, "the buffer must be full before sampling"  # type: ignore[attr-defined]
-        indices = episode_order(self.episode_starts)  # type: ignore[attr-defined]
         if not self.generator_ready:  # type: ignore[has-type]
             for key, obs in self.observations.items():  # type: ignore[has-type]
                 self.observations[key] = self.swap_and_flatten(obs)  # type: ignore[attr-defined]
@@ -47,9 +69,8 @@ class _EpisodeBatches:
                 self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])  # type: ignore[attr-defined]
             self.generator_ready = True
         total = self.buffer_size * self.n_envs  # type: ignore[attr-defined]
-        batch_size = batch_size or total
-        for start in range(0, total, batch_size):
-            yield self._get_samples(indices[start : start + batch_size])  # type: ignore[attr-defined]
+        for indices in episode_batches(self.episode_starts, batch_size or total):  # type: ignore[attr-defined]
+            yield self._get_samples(indices)  # type: ignore[attr-defined]
 
 
 class EpisodeRolloutBuffer(_EpisodeBatches, DictRolloutBuffer):

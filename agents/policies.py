@@ -25,6 +25,7 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agents.cached_lm import CachedLM, forward_positions, valid_ends
 from text_env.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
@@ -151,13 +152,26 @@ class _CausalLMMixin:
         return result
 
     # --- the forward passes ----------------------------------------------------------------------------------
+    def _use_cache(self, cache: CachedLM, ids: torch.Tensor, frozen: bool = False) -> bool:
+        """Whether a batch goes through ``cache``: rollouts and evaluation only.
+
+        Eval mode and no autograd: weights are fixed until the next ``set_training_mode``, which empties the cache
+        (TRPO's line search changes weights under ``no_grad`` in training mode and must see them). And the batch
+        shape the cache holds: a lone terminal observation's value must not evict the rollout's rows.
+        """
+        held = cache.ids
+        fixed = frozen or (not self.training and not torch.is_grad_enabled())  # type: ignore[attr-defined]
+        return self.kv_cache and fixed and (held is None or held.shape == ids.shape)
+
     def _logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits ``(B, V)`` and values ``(B, 1)`` for a batch of observations."""
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()  # (B, L); SB3 stores obs as floats
-        if self.kv_cache and not torch.is_grad_enabled():
+        if self._use_cache(self._actor_cache, ids):
             logits, hidden = self._actor_cache(ids, mask)  # (B, V), (B, H)
         else:
-            with self._autocast():
+            # The math attention kernel: TRPO differentiates this pass twice (Fisher-vector products), which the
+            # fused SDPA kernels (flash, memory-efficient) do not support; on CPU it is no slower at these lengths.
+            with self._autocast(), sdpa_kernel(SDPBackend.MATH):
                 logits, hidden = self._grouped_forward(self.lm, ids, mask)
         values = self.value_head(hidden.float())  # (B, 1)
         return logits[:, : self.action_space.n], values  # type: ignore[attr-defined]
@@ -226,7 +240,7 @@ class _CausalLMMixin:
     def reference_logits(self, obs: PyTorchObs) -> torch.Tensor:
         """Next-token logits ``(B, V)`` of the frozen starting model (float32), KV-cached like the actor's."""
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        if self.kv_cache:
+        if self._use_cache(self._reference_cache, ids, frozen=True):
             return self._reference_cache(ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
         with self._reference_context():
             return self._grouped_forward(self._reference_model(), ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
@@ -239,6 +253,7 @@ class _CausalLMMixin:
     def set_training_mode(self, mode: bool) -> None:
         super().set_training_mode(mode)  # type: ignore[misc]
         self._actor_cache.reset()  # weights change between rollouts: cached keys/values go stale
+        self._reference_cache.reset()  # still valid, but free it to take the next rollout's batch shape
 
     def tokenizer(self) -> Any:
         """The LM's tokenizer (loaded on demand)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainConfig:
     beta: float = 0.05
     target_kl: float | None = None
     max_new_tokens: int | None = None
+    max_prompt_tokens: int | None = None
     eval_prompts: int = 48
     bf16: bool = True
     lora: dict[str, Any] | None = None
@@ -104,7 +106,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     task = get_task(config.task)
     reward = resolve_reward(config.reward_model, task)  # built once, shared by the train and eval envs
-    env_kwargs = dict(model=config.model, task=task, reward_model=reward, max_new_tokens=config.max_new_tokens)
+    env_kwargs = dict(
+        model=config.model, task=task, reward_model=reward, max_new_tokens=config.max_new_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+    )  # fmt: skip
     env = make_text_vec_env(config.n_envs, seed=config.seed, **env_kwargs)
     eval_env = make_text_vec_env(config.n_envs, seed=config.seed, split="eval", **env_kwargs)
     eval_prompts = task.eval_prompts[: config.eval_prompts]
@@ -129,6 +134,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "history": metrics.history,
         "final_beta": kl.controller.beta,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "samples": [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in zip(before.prompts, before.completions, after.completions, strict=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from text_env.models import make_tiny_model
 
@@ -18,6 +19,12 @@ class LengthReward:
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         return np.array([c.count("a") / max(1, len(c)) for c in completions], dtype=np.float64)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny models are faster on one thread, and CI's two cores are shared with the test process itself."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,13 @@ DEFAULT_TASK = "positive-review"
 def resolve_reward(reward_model: Scorer | str | os.PathLike[str] | None, task: Task) -> Scorer:
     """Turn the env's ``reward_model`` argument into a scorer.
 
-    ``None``: the task's default reward; ``"gold"``: the task's gold scorer; a path: a saved reward model
-    directory; any object with ``score(prompts, completions)`` is used as it is.
+    ``None``: the task's default (its learned reward model if it ships one, else its gold scorer); ``"gold"``: the
+    task's gold scorer; a path: a saved reward model directory; any object with ``score(prompts, completions)``
+    is used as it is.
     """
-    if reward_model is None or reward_model == "gold":
+    if reward_model is None:
+        reward_model = task.reward_model or "gold"
+    if reward_model == "gold":
         return task.gold
     if isinstance(reward_model, (str, os.PathLike)):
         from text_env.rewards.reward_model import RewardModel

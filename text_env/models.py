@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -44,6 +45,7 @@ __all__ = [
     "embedded_model_dir",
     "load_causal_lm",
     "load_config",
+    "load_frozen_causal_lm",
     "load_tokenizer",
     "make_tiny_model",
     "resolve_model",
@@ -182,6 +184,22 @@ def load_causal_lm(
     """Load a causal LM in eval mode. Weights stay float32 by default; speed comes from autocast, not storage."""
     model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _frozen(where: str, trust_remote_code: bool) -> PreTrainedModel:
+    return load_causal_lm(where, trust_remote_code=trust_remote_code).requires_grad_(False)
+
+
+def load_frozen_causal_lm(
+    name: str | os.PathLike[str] = DEFAULT_MODEL, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A frozen LM shared by everyone in the process who asks for the same model.
+
+    The KL reference of a policy and the backbone of a head-only reward model are often the same pretrained
+    LM; sharing one read-only copy saves its whole size in memory. Never train the returned model.
+    """
+    return _frozen(resolve_model(name), trust_remote_code)
 
 
 _TINY_CORPUS = (

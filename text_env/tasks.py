@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class Task:
     :param max_new_tokens: default episode length in generated tokens.
     :param max_prompt_tokens: default room for the rendered prompt, in tokens.
     :param stop_strings: texts that end an episode (besides EOS) once they appear in the completion.
+    :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Task:
     max_new_tokens: int = 32
     max_prompt_tokens: int = 64
     stop_strings: tuple[str, ...] = ()
+    reward_model: str | None = None
     _gold: Scorer | None = field(default=None, init=False, repr=False)
 
     @property
@@ -83,6 +86,8 @@ def get_task(task: str | Task) -> Task:
         _BUILT[task] = _REGISTRY[task]()
     return _BUILT[task]
 
+
+_PRETRAINED = Path(__file__).parent / "rewards" / "pretrained"  # reward models shipped with the package
 
 # --- positive-review: the offline counterpart of the IMDB positive-continuation task -------------------------
 
@@ -170,6 +175,7 @@ def _positive_review() -> Task:
         instruction="Write a short review of a movie you watched.",
         max_new_tokens=32,
         max_prompt_tokens=72,  # the longest opening is 69 tokens inside SmolLM2's chat template
+        reward_model=str(_PRETRAINED / "positive-review") if (_PRETRAINED / "positive-review").is_dir() else None,
     )
 
 

@@ -3,12 +3,13 @@
 SB3's ``DummyVecEnv`` steps envs one by one and calls the reward model once per finished episode; here a step
 appends ``n_envs`` tokens at once and every episode that ends in that step is scored together. Semantics match
 ``DummyVecEnv`` (auto-reset, ``terminal_observation``, ``TimeLimit.truncated``, seeds ``seed + i``), so for the
-same seed both give the same episodes.
+same seed both give the same episodes. Finished episodes also carry Monitor's ``info["episode"]``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ class TextGenVecEnv(VecEnv):
         super().__init__(n_envs, self.core.observation_space, self.core.action_space)
         self._rngs = [seeding.np_random(None)[0] for _ in range(n_envs)]
         self._actions = np.zeros(n_envs, dtype=np.int64)
+        self._started = time.time()
 
     @property
     def tokenizer(self) -> Any:
@@ -95,6 +97,10 @@ class TextGenVecEnv(VecEnv):
             for k, i in enumerate(finished):
                 rewards[i] = scores[k]
                 infos[i]["reward_model_score"], infos[i]["gold_score"] = float(scores[k]), float(gold[k])
+                # What SB3's Monitor wrapper adds, so that `rollout/ep_rew_mean` and `ep_len_mean` get logged.
+                infos[i]["episode"] = {
+                    "r": float(scores[k]), "l": int(self.core.n_new[i]), "t": round(time.time() - self._started, 6)
+                }  # fmt: skip
                 infos[i]["terminal_observation"] = self.core.obs(i)
                 self.core.start(i, self._rngs[i])
                 self.reset_infos[i] = self.core.info(i)
@@ -116,7 +122,7 @@ class TextGenVecEnv(VecEnv):
 
     # Attribute access on the (virtual) sub-envs: they all share one core, so every index sees the same value.
     def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        value = getattr(self.core, attr_name, None) if attr_name != "render_mode" else self.render_mode
+        value = self.render_mode if attr_name == "render_mode" else getattr(self.core, attr_name)  # may raise
         return [value for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:

@@ -1,0 +1,198 @@
+"""``textgen``: the RLHF loop from the command line (sample preferences, train a reward model, train, export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from agents.train import ALGORITHMS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="RLHF-train an LM policy with an SB3 algorithm, then compare it with the base model",
+        description="Train the LM on a task with reward-model score - beta * KL(policy || base model), evaluate "
+        "held-out prompts before and after, print a table and save the run (model.zip, report.md/json, plot).",
+    )
+    p.add_argument("--task", default=d.task, help="task name (default: %(default)s)")
+    p.add_argument("--model", default=d.model, help="'default' (SmolLM2-135M-Instruct), a directory or a hub id")
+    p.add_argument("--algo", default=d.algo, choices=ALGORITHMS, help="SB3 algorithm (default: %(default)s)")
+    p.add_argument("--reward-model", default=d.reward_model, help="reward-model directory or 'gold' (default: task's)")
+    p.add_argument("--total-timesteps", type=int, default=d.total_timesteps, help="env steps = tokens (%(default)s)")
+    p.add_argument("--n-envs", type=int, default=d.n_envs, help="parallel episodes (%(default)s)")
+    p.add_argument("--n-steps", type=int, default=d.n_steps, help="steps per env per rollout (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch in tokens (%(default)s)")
+    p.add_argument("--n-epochs", type=int, default=d.n_epochs, help="PPO epochs per rollout (%(default)s)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
+    p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (%(default)s)")
+    p.add_argument("--target-kl", type=float, default=d.target_kl, help="adaptive beta toward this KL per episode")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="episode length (task's default)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (task's default)")
+    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts (%(default)s)")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--no-bf16", action="store_true", help="run in float32 (slower on CPU)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="runs directory (%(default)s)")
+    p.add_argument("--tensorboard", action="store_true", help="log to <out>/tensorboard")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from agents.train import TrainConfig, train
+
+    config = TrainConfig(
+        task=args.task, model=args.model, algo=args.algo, reward_model=args.reward_model,
+        total_timesteps=args.total_timesteps, n_envs=args.n_envs, n_steps=args.n_steps, batch_size=args.batch_size,
+        n_epochs=args.n_epochs, learning_rate=args.learning_rate, beta=args.beta, target_kl=args.target_kl,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts,
+        bf16=not args.no_bf16,
+        lora={"r": args.lora_r} if args.lora_r else None, seed=args.seed, out=args.out, tensorboard=args.tensorboard,
+    )  # fmt: skip
+    train(config)
+
+
+def _rollout(args: argparse.Namespace) -> None:
+    import gymnasium as gym
+
+    import text_env  # noqa: F401  (registers TextGen-v0)
+    from agents.policies import CausalLMPolicy
+
+    env = gym.make(
+        "TextGen-v0", model=args.model, task=args.task, reward_model=args.reward_model,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )  # fmt: skip
+    policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=args.model)
+    policy.set_training_mode(False)
+    for episode in range(args.episodes):
+        obs, info = env.reset(seed=args.seed + episode)
+        done = False
+        while not done:
+            action, _ = policy.predict({k: v[None] for k, v in obs.items()})
+            obs, reward, terminated, truncated, info = env.step(int(action[0]))
+            done = terminated or truncated
+        print(f"\nprompt:     {info['prompt']}\ncompletion: {info['completion']}")
+        print(f"reward (reward model): {reward:+.3f}   gold score: {info['gold_score']:+.3f}")
+
+
+def _preferences(args: argparse.Namespace) -> None:
+    from text_env.models import load_causal_lm, load_tokenizer
+    from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
+    from text_env.rewards.preferences import generate_pairs
+    from text_env.tasks import get_task
+
+    task = get_task(args.task)
+    annotator = HumanAnnotator() if args.annotator == "human" else SimulatedAnnotator(task.gold, args.beta, args.seed)
+    pairs = generate_pairs(
+        load_causal_lm(args.model), load_tokenizer(args.model), task.train_prompts, annotator, args.out, args.pairs,
+        instruction=task.instruction, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    print(f"{len(pairs)} preference pairs in {args.out}")
+
+
+def _train_rm(args: argparse.Namespace) -> None:
+    from text_env.rewards.preferences import load_preferences
+    from text_env.rewards.reward_model import RewardModelConfig
+    from text_env.rewards.training import train_reward_model
+    from text_env.tasks import get_task
+
+    pairs = load_preferences(args.data)
+    config = RewardModelConfig(
+        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden
+    )
+    gold = get_task(args.task).gold if args.task else None
+    model, report = train_reward_model(
+        pairs, config, gold=gold, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        seed=args.seed,
+    )  # fmt: skip
+    model.save(args.out)
+    # NaN (e.g. gold accuracy when every held-out pair ties on gold) is not JSON: write null instead.
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.__dict__.items()}
+    (Path(args.out) / "report.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    print(
+        f"held-out pairwise accuracy {report.accuracy:.3f} (labels), {report.gold_accuracy:.3f} (noise-free gold); "
+        f"Spearman vs gold {report.spearman:.3f}; {report.n_train} train / {report.n_heldout} held-out pairs; "
+        f"{report.seconds:.0f} s. Saved to {args.out}"
+    )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sb3_contrib import TRPO, MaskablePPO
+    from stable_baselines3 import A2C, PPO
+
+    from agents.policies import export_pretrained
+
+    algorithms = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "maskable_ppo": MaskablePPO}
+    report = Path(args.model_zip).with_name("report.json")  # a model.zip does not name its algorithm
+    algo = args.algo or (json.loads(report.read_text())["config"]["algo"] if report.is_file() else "ppo")
+    policy = algorithms[algo].load(args.model_zip, device="cpu").policy
+    print(f"exported to {export_pretrained(policy, args.out)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``textgen`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="textgen",
+        description="RLHF as ordinary RL: a token-level Gymnasium env (TextGen-v0), learned reward models and SB3 "
+        "policies backed by causal LMs. Runs offline on the embedded SmolLM2-135M-Instruct.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+
+    p = sub.add_parser("rollout", help="sample a few episodes of TextGen-v0 with the base model and show rewards")
+    p.add_argument("--model", default="default", help="'default', a directory or a hub id")
+    p.add_argument("--task", default="positive-review")
+    p.add_argument("--reward-model", default=None, help="reward-model directory or 'gold' (default: task's)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (task's default)")
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("preferences", help="sample completion pairs from an LM and label them (JSONL, resumable)")
+    p.add_argument("--task", default="positive-review")
+    p.add_argument("--model", default="default", help="the LM that writes the completions")
+    p.add_argument("--pairs", type=int, default=2000, help="pairs wanted in --out (%(default)s)")
+    p.add_argument("--out", required=True, help="JSONL file; appended to, so a rerun resumes")
+    p.add_argument("--annotator", choices=["simulated", "human"], default="simulated")
+    p.add_argument("--beta", type=float, default=10.0, help="Bradley-Terry sharpness of simulated labels")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64, help="generation batch (%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry)")
+    p.add_argument("--data", required=True, help="JSONL file of prompt/chosen/rejected, or hf:NAME")
+    p.add_argument("--out", required=True, help="directory to save the reward model")
+    p.add_argument("--backbone", default="default", help="LM whose hidden states are scored")
+    p.add_argument("--mode", choices=["head", "lora", "full"], default="head", help="what is trained (%(default)s)")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    p.add_argument("--head-hidden", type=int, default=0, help="hidden width of the head (0: linear)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--task", default="positive-review", help="task whose gold scorer grades the held-out pairs")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="write a trained policy's LM with save_pretrained (for transformers)")
+    p.add_argument("model_zip", help="the model.zip of a run")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--algo", choices=["ppo", "a2c", "trpo", "maskable_ppo"], help="default: from the run's report")
+
+    args = parser.parse_args(argv)
+    handlers = {
+        "train": _train,
+        "rollout": _rollout,
+        "preferences": _preferences,
+        "train-rm": _train_rm,
+        "export": _export,
+    }
+    handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,133 @@
+"""Speed and memory of the LM policy under stock SB3, measured side by side in one run.
+
+(a) rollout tokens/s through SB3's ``collect_rollouts`` on the batched ``TextGenVecEnv``, against HF
+    ``model.generate`` with the same sampling (pure sampling, same prompts, same batch, same length);
+(b) PPO update time per epoch at ``T`` and ``2T`` new tokens (linear, not quadratic, in episode length), and
+    with SB3's stock shuffled buffer for comparison;
+(c) peak RSS of a short ``textgen train`` run (a subprocess, so nothing here inflates it).
+
+Run: ``python benchmarks/rollout_and_update.py`` (default model) or ``--model DIR`` for another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
+
+from agents.buffers import EpisodeRolloutBuffer
+from agents.policies import CausalLMPolicy
+from text_env.prompts import encode_prompt
+from text_env.vec_env import make_text_vec_env
+
+
+def make_ppo(model: str, n_envs: int, tokens: int, buffer: type = EpisodeRolloutBuffer) -> PPO:
+    env = make_text_vec_env(n_envs, seed=0, model=model, reward_model="gold", max_new_tokens=tokens)
+    return PPO(
+        CausalLMPolicy, env, n_steps=tokens, batch_size=128, n_epochs=1, learning_rate=1e-5, gamma=1.0,
+        rollout_buffer_class=buffer, policy_kwargs=dict(model=model), seed=0,
+    )  # fmt: skip
+
+
+def time_rollout(algo: PPO) -> float:
+    """Seconds for one ``collect_rollouts`` of ``n_steps * n_envs`` tokens (after one warm-up rollout)."""
+    _, callback = algo._setup_learn(10**9, callback=None)
+    callback.init_callback(algo)
+    for _ in range(2):
+        started = time.perf_counter()
+        algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
+        seconds = time.perf_counter() - started
+    return seconds
+
+
+@torch.no_grad()
+def time_generate(algo: PPO, tokens: int) -> float:
+    """Seconds for ``model.generate`` of the same batch shape with the same sampling (after a warm-up)."""
+    core = algo.env.core  # type: ignore[attr-defined]
+    lm = algo.policy.lm
+    prompts = core.prompts[: algo.env.num_envs]
+    encoded = [encode_prompt(core.tokenizer, p, core.task.instruction) for p in prompts]
+    ids = torch.full((len(encoded), core.max_prompt_tokens), core.pad_id)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, -len(e) :], mask[i, -len(e) :] = torch.tensor(e), 1
+    for _ in range(2):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lm.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                min_new_tokens=tokens, pad_token_id=core.pad_id,
+            )  # fmt: skip
+        seconds = time.perf_counter() - started
+    return seconds
+
+
+def time_update(algo: PPO) -> float:
+    """Seconds for one PPO epoch over a freshly collected rollout."""
+    _, callback = algo._setup_learn(10**9, callback=None)
+    callback.init_callback(algo)
+    algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
+    started = time.perf_counter()
+    algo.train()
+    return time.perf_counter() - started
+
+
+def peak_rss_of_train(model: str) -> float:
+    """Peak RSS (GB) of a short ``textgen train`` subprocess."""
+    code = (
+        "import resource, sys; from agents.cli import main; "
+        f"main(['train', '--model', {model!r}, '--total-timesteps', '512', '--eval-prompts', '16', "
+        "'--out', '/tmp/textgen-bench-runs']); "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split("PEAK_RSS_KB")[-1].split()[0]) / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--n-envs", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens T (the update is also timed at 2T)")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_and_update.json"))
+    args = parser.parse_args()
+    results: dict[str, float | str] = {"model": args.model, "n_envs": args.n_envs, "tokens": args.tokens}
+
+    algo = make_ppo(args.model, args.n_envs, args.tokens)
+    n_tokens = args.n_envs * args.tokens
+    results["rollout_tok_s"] = n_tokens / time_rollout(algo)
+    results["generate_tok_s"] = n_tokens / time_generate(algo, args.tokens)
+    results["rollout_vs_generate"] = results["rollout_tok_s"] / results["generate_tok_s"]
+    results["update_epoch_s_T"] = time_update(algo)
+    del algo
+    algo = make_ppo(args.model, args.n_envs, 2 * args.tokens)
+    time_update(algo)  # warm-up: new shapes
+    results["update_epoch_s_2T"] = time_update(algo)
+    results["update_ratio_2T_vs_T"] = results["update_epoch_s_2T"] / results["update_epoch_s_T"]
+    del algo
+    algo = make_ppo(args.model, args.n_envs, args.tokens, buffer=DictRolloutBuffer)
+    results["update_epoch_s_T_stock_buffer"] = time_update(algo)
+    del algo
+    if not args.skip_rss:
+        results["train_peak_rss_gb"] = peak_rss_of_train(args.model)
+    results["bench_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

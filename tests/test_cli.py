@@ -1,0 +1,213 @@
+"""The ``textgen`` command line: help texts, and the RLHF loop end to end on the tiny model
+(preferences -> train-rm -> rollout, train -> export)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PROMPTS
+
+from agents.cli import main
+from text_env import tasks
+from text_env.rewards.gold import VaderSentiment
+from text_env.rewards.preferences import load_preferences
+from text_env.rewards.reward_model import RewardModel
+from text_env.tasks import Task, register_task
+
+KEY_OPTIONS = {
+    "train": ["--task", "--model", "--algo", "--reward-model", "--total-timesteps", "--n-envs", "--beta", "--lora-r",
+              "--no-bf16", "--out"],
+    "rollout": ["--model", "--task", "--reward-model", "--episodes", "--seed"],
+    "preferences": ["--task", "--model", "--pairs", "--out", "--annotator", "--beta", "--batch-size"],
+    "train-rm": ["--data", "--out", "--backbone", "--mode", "--pooling", "--epochs", "--learning-rate"],
+    "export": ["model_zip", "out", "--algo"],
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy CPU OpenMP hand-offs cost milliseconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str]) -> str:
+    """``textgen ARGV`` in this process; return what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(argv)
+    return out.getvalue()
+
+
+# --- help ------------------------------------------------------------------------------------------------------
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: textgen")
+    for command in KEY_OPTIONS:
+        assert command in text
+
+
+@pytest.mark.parametrize("command", sorted(KEY_OPTIONS))
+def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: textgen {command}")
+    for option in KEY_OPTIONS[command]:
+        assert re.search(rf"(^|\s){re.escape(option)}\b", text), f"{command} --help does not mention {option}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["nope"], ["train-rm", "--out", "x"], ["train-rm", "--data", "d", "--out", "x", "--mode", "bogus"],
+     ["preferences"], ["train", "--algo", "sac"], ["export", "model.zip"]],
+)  # fmt: skip
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    textgen = shutil.which("textgen")
+    assert textgen, "the textgen console script is not installed (pip install -e .)"
+    result = subprocess.run([textgen, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage: textgen" in result.stdout and "train-rm" in result.stdout
+
+
+# --- end to end on the tiny model --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may touch the user's model cache or leak tasks into other tests."""
+    monkeypatch.setenv("TEXTGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks, "_BUILT", dict(tasks._BUILT))
+
+
+@pytest.fixture(scope="module")
+def rlhf_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``textgen preferences`` then ``textgen train-rm`` (run once for the module)."""
+    work = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEXTGEN_CACHE", str(work / "cache"))
+        prefs_out = run(["preferences", "--model", str(tiny_model), "--pairs", "8", "--out", str(work / "p.jsonl"),
+                         "--batch-size", "4", "--max-new-tokens", "4"])  # fmt: skip
+        rm_out = run(["train-rm", "--data", str(work / "p.jsonl"), "--out", str(work / "rm"), "--backbone",
+                      str(tiny_model), "--epochs", "2"])  # fmt: skip
+    return {"dir": work, "preferences": prefs_out, "train-rm": rm_out}
+
+
+def test_preferences_and_train_rm(tiny_model: Path, rlhf_data: dict) -> None:
+    work = rlhf_data["dir"]
+    pairs = load_preferences(work / "p.jsonl")
+    assert len(pairs) == 8 and len((work / "p.jsonl").read_text(encoding="utf-8").splitlines()) == 8
+    positive_review = tasks.get_task("positive-review")
+    assert all(p.prompt in positive_review.train_prompts for p in pairs)
+    assert f"8 preference pairs in {work / 'p.jsonl'}" in rlhf_data["preferences"]
+
+    rm = work / "rm"
+    assert {"reward_model.json", "head.safetensors", "report.json"} <= {p.name for p in rm.iterdir()}
+    assert "held-out pairwise accuracy" in rlhf_data["train-rm"] and f"Saved to {rm}" in rlhf_data["train-rm"]
+
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"report.json holds {constant}, which is not JSON")
+
+    report = json.loads((rm / "report.json").read_text(), parse_constant=no_nan)
+    assert report["n_train"] + report["n_heldout"] == 8 and report["epochs"] == len(report["history"]) <= 2
+    assert 0.0 <= report["accuracy"] <= 1.0
+    model = RewardModel.load(rm)
+    assert model.config.mode == "head" and model.config.backbone == str(tiny_model)
+    scores = model.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert scores.shape == (8,) and np.all(np.isfinite(scores))
+
+
+def test_rollout_positive_review_on_tiny_model(tiny_model: Path, rlhf_data: dict) -> None:
+    # positive-review openings are up to 89 tokens with the tiny tokenizer: more than the task's 72
+    rm = rlhf_data["dir"] / "rm"
+    argv = ["rollout", "--model", str(tiny_model), "--reward-model", str(rm), "--episodes", "1"]
+    with pytest.raises(ValueError, match="Raise max_prompt_tokens"):
+        run(argv)
+    text = run([*argv, "--max-prompt-tokens", "128"])
+    assert "prompt:" in text and "reward" in text
+
+
+@pytest.fixture
+def tiny_task() -> str:
+    """A task whose prompts fit the tiny tokenizer (registered for one test by the autouse isolation)."""
+
+    def make() -> Task:
+        return Task(
+            "tiny-review", TINY_PROMPTS, TINY_PROMPTS[:2], VaderSentiment, max_new_tokens=4, max_prompt_tokens=24
+        )
+
+    register_task("tiny-review", make)
+    return "tiny-review"
+
+
+def test_rollout_with_reward_model(tiny_model: Path, rlhf_data: dict, tiny_task: str) -> None:
+    rm = rlhf_data["dir"] / "rm"
+    argv = ["rollout", "--model", str(tiny_model), "--task", tiny_task, "--reward-model", str(rm), "--episodes", "2"]
+    text = run(argv)
+    assert text.count("prompt:") == 2 and text.count("completion:") == 2
+    assert len(re.findall(r"reward \(reward model\): [+-]\d+\.\d{3}\s+gold score: [+-]\d+\.\d{3}", text)) == 2
+    shown = re.findall(r"prompt:\s+(.*)", text)
+    assert all(p in TINY_PROMPTS for p in shown)
+
+
+TRAIN_ARGS = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "16", "--batch-size",
+              "16", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-new-tokens", "4"]  # fmt: skip
+
+
+def test_train_positive_review_on_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
+    text = run(["train", "--model", str(tiny_model), *TRAIN_ARGS, "--max-prompt-tokens", "128", "--out", str(tmp_path)])
+    assert "| gold_score |" in text and len(list(tmp_path.glob("positive-review-ppo-*/model.zip"))) == 1
+
+
+def test_train_then_export(tiny_model: Path, tmp_path: Path, tiny_task: str) -> None:
+    from stable_baselines3 import PPO
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = run(["train", "--model", str(tiny_model), "--task", tiny_task, *TRAIN_ARGS, "--out", str(tmp_path / "runs")])
+    assert "| metric | before | after |" in text and "| prompt | before | after |" in text
+    for metric in ("reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2"):
+        assert re.search(rf"\| {metric} \| -?\d+\.\d{{3}} \| -?\d+\.\d{{3}} \|", text), metric
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"{tiny_task}-ppo-")
+    assert {"model.zip", "report.json", "report.md"} <= {p.name for p in run_dir.iterdir()}
+    assert f"saved to {run_dir}" in text
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["config"]["algo"] == "ppo" and report["config"]["total_timesteps"] == 64
+    assert set(report["before"]) >= {"reward_model_score", "gold_score", "kl"} and len(report["samples"]) == 2
+    assert (run_dir / "report.md").read_text().startswith("| metric | before | after |")
+
+    exported = tmp_path / "exported"
+    assert f"exported to {exported}" in run(["export", str(run_dir / "model.zip"), str(exported)])
+    lm = AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer("the movie was")["input_ids"]
+    policy_lm = PPO.load(run_dir / "model.zip", device="cpu").policy.lm
+    ids = torch.tensor([tokenizer("the movie was")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, policy_lm(ids).logits)  # the policy's LM, as transformers sees it

@@ -1,0 +1,172 @@
+"""The KL leash: β controllers and the KLPenalty callback's per-token reward shaping in stock SB3 algorithms."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import lm_kwargs, make_env, unpadded_outputs
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
+
+from agents.baselines import BagOfTokens
+from agents.buffers import EpisodeRolloutBuffer
+from agents.kl import KLController, KLPenalty
+from agents.policies import CausalLMPolicy
+from text_env.models import load_causal_lm
+
+
+class ConstantReward:
+    """Every finished episode earns 1: env rewards are non-zero exactly at episode ends."""
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.ones(len(completions))
+
+
+class StepRecorder(BaseCallback):
+    """Copies of what the callbacks see at each rollout step (placed before and after KLPenalty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[dict[str, Any]] = []
+
+    def _on_step(self) -> bool:
+        self.steps.append(
+            {
+                "obs": {k: v.cpu().numpy().copy() for k, v in self.locals["obs_tensor"].items()},
+                "actions": np.array(self.locals["actions"]).reshape(-1),
+                "log_probs": self.locals["log_probs"].detach().cpu().clone(),
+                "rewards": np.array(self.locals["rewards"]),  # a copy: KLPenalty edits the array in place
+                "dones": np.array(self.locals["dones"]),
+            }
+        )
+        return True
+
+
+def log_probs_of(lm: torch.nn.Module, steps: list[dict[str, Any]]) -> np.ndarray:
+    """``log lm(a_t | s_t)`` of every recorded step, ``(n_steps, n_envs)``, from plain unpadded forwards."""
+    rows = []
+    for step in steps:
+        logp = torch.log_softmax(unpadded_outputs(lm, step["obs"])[0], -1)  # (n_envs, V)
+        rows.append(logp.gather(1, torch.as_tensor(step["actions"])[:, None]).squeeze(1).numpy())
+    return np.stack(rows)
+
+
+def logged(folder: Path, key: str) -> list[float]:
+    with (folder / "progress.csv").open() as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+# --- β ----------------------------------------------------------------------------------------------------------
+
+
+def test_fixed_controller_stays_fixed() -> None:
+    controller = KLController(beta=0.1)
+    for kl in (0.0, 0.5, 50.0, 1e6):
+        assert controller.update(kl, n_episodes=100) == 0.1
+    with pytest.raises(ValueError, match="beta"):
+        KLController(beta=-0.1)
+
+
+def test_adaptive_controller() -> None:
+    controller = KLController(beta=0.1, target=2.0, horizon=100)
+    beta = controller.update(2.2, n_episodes=10)  # 10% over target: error 0.1, times 10/100 episodes
+    assert beta == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert controller.update(40.0, n_episodes=10) == pytest.approx(beta * (1 + 0.2 * 0.1))  # error clipped to +0.2
+    beta = controller.beta
+    assert controller.update(1.0, n_episodes=10) == pytest.approx(beta * (1 - 0.2 * 0.1))  # error -0.5 -> -0.2
+    beta = controller.beta
+    assert controller.update(0.0, n_episodes=50) == pytest.approx(beta * (1 - 0.2 * 0.5))  # more episodes: more
+    beta = controller.beta
+    assert controller.update(2.0, n_episodes=10) == beta  # on target
+    assert controller.update(9.0, n_episodes=0) == beta  # nothing measured
+
+
+# --- the callback -----------------------------------------------------------------------------------------------
+
+
+def run_one_rollout(model: Any, penalty: KLPenalty, folder: Path) -> tuple[StepRecorder, StepRecorder]:
+    """One rollout (and its update) with recorders around the penalty; the logger writes CSV to ``folder``."""
+    before, after = StepRecorder(), StepRecorder()
+    model.set_logger(configure(str(folder), ["csv"]))
+    model.learn(model.n_steps * model.n_envs, callback=CallbackList([before, penalty, after]))
+    return before, after
+
+
+def test_penalty_is_zero_for_a_policy_equal_to_its_reference(
+    tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0,
+                policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    before, after = run_one_rollout(model, KLPenalty(KLController(beta=1.0)), tmp_path)
+    env_rewards = np.stack([s["rewards"] for s in before.steps])
+    assert env_rewards.sum() > 0  # episodes did end and pay
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards, atol=1e-6)
+    assert abs(logged(tmp_path, "rlhf/kl_per_token")[0]) < 1e-6
+    assert logged(tmp_path, "rlhf/beta") == [1.0]
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_penalty_shapes_rewards(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path, beta: float) -> None:
+    venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
+    # gamma=0: SB3 adds gamma·V(terminal) to truncated steps' rewards, which would blur the comparison
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, gamma=0.0, seed=0,
+                policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    with torch.no_grad():
+        for p in model.policy.lm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    rollout_lm = copy.deepcopy(model.policy.lm)  # the weights the rollout runs with (training comes after it)
+    before, after = run_one_rollout(model, KLPenalty(KLController(beta=beta)), tmp_path)
+
+    log_pi = log_probs_of(rollout_lm, before.steps)  # (n_steps, n_envs)
+    log_ref = log_probs_of(load_causal_lm(tiny_model), before.steps)
+    np.testing.assert_allclose(np.stack([s["log_probs"].numpy() for s in before.steps]), log_pi, atol=1e-5)
+    kl = log_pi - log_ref
+    assert np.abs(kl).mean() > 1e-2  # the perturbed policy really differs from its reference
+    expected = np.stack([s["rewards"] for s in before.steps]) - beta * kl
+    np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), expected, atol=2e-5)
+    np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_token"), [kl.mean()], atol=1e-5)
+    n_episodes = sum(int(s["dones"].sum()) for s in before.steps)
+    np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_episode"), [kl.sum() / n_episodes], rtol=1e-4)
+
+
+def test_adaptive_beta_rises_when_kl_is_over_target(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    venv = make_env(tiny_env_kwargs, 4)
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, policy_kwargs=lm_kwargs(tiny_model))
+    with torch.no_grad():
+        for p in model.policy.lm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    penalty = KLPenalty(KLController(beta=0.1, target=1e-4, horizon=10))
+    run_one_rollout(model, penalty, tmp_path)
+    assert penalty.controller.beta > 0.1
+    assert penalty.state() == {"beta": penalty.controller.beta, "target": 1e-4, "horizon": 10}
+
+
+def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    """A policy without an LM prior is leashed to the LM named by ``reference``."""
+    venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
+    model = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=32, n_epochs=1, gamma=0.0, seed=0,
+                policy_kwargs=dict(features_extractor_class=BagOfTokens))  # fmt: skip
+    before, after = run_one_rollout(model, KLPenalty(KLController(beta=0.5), reference=str(tiny_model)), tmp_path)
+    log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])
+    kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
+    assert np.abs(kl).max() > 1e-3
+    expected = np.stack([s["rewards"] for s in before.steps]) - 0.5 * kl
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), expected, atol=2e-5)
+    np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
+
+
+def test_penalty_without_any_reference_explains(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    model = PPO("MultiInputPolicy", make_env(tiny_env_kwargs, 2), n_steps=4, batch_size=8,
+                policy_kwargs=dict(features_extractor_class=BagOfTokens))  # fmt: skip
+    with pytest.raises(TypeError, match=r"has no reference model: pass KLPenalty\(reference="):
+        model.learn(8, callback=KLPenalty())

@@ -1,0 +1,233 @@
+"""Reward models on the tiny backbone: learning a learnable preference, the three training modes, evaluation
+metrics, pickle-free save/load, and use as the env's reward."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PROMPTS
+
+import text_env  # noqa: F401  (registers TextGen-v0)
+from text_env.models import ModelLoadError, load_causal_lm
+from text_env.rewards.preferences import PreferencePair
+from text_env.rewards.reward_model import RewardModel, RewardModelConfig
+from text_env.rewards.training import evaluate_reward_model, train_reward_model
+
+PROMPTS = [*TINY_PROMPTS, "this review is about", "my friends said", "last week i saw", "the director made"]
+FILLER = ["the plot", "it was", "a story", "and the acting", "this film", "overall", "with my family", "so"]
+POSITIVE, NEGATIVE = ["good", "great", "wonderful"], ["bad", "awful", "terrible"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy CPU OpenMP hand-offs cost milliseconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sentiment_pairs(n: int, seed: int) -> list[PreferencePair]:
+    """Chosen has two positive words where rejected has two negative ones; prompt and filler vary."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b, c = rng.sample(FILLER, 3)
+        (p1, p2), (n1, n2) = rng.sample(POSITIVE, 2), rng.sample(NEGATIVE, 2)
+        pairs.append(PreferencePair(rng.choice(PROMPTS), f"{a} {p1} {b} {p2} {c}", f"{a} {n1} {b} {n2} {c}"))
+    return pairs
+
+
+class WordGold:
+    """Gold: +1 per positive word, -1 per negative word (distinct enough to avoid ties in small tests)."""
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        words = [c.split() for c in completions]
+        return np.array([sum(w in POSITIVE for w in ws) - sum(w in NEGATIVE for w in ws) for ws in words], float)
+
+
+class TableScorer:
+    """A fake model or gold scorer with known scores per completion."""
+
+    def __init__(self, table: dict[str, float]) -> None:
+        self.table = table
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.array([self.table[c] for c in completions], dtype=np.float64)
+
+
+def config(tiny_model: Path, mode: str = "head", **kwargs: object) -> RewardModelConfig:
+    return RewardModelConfig(backbone=str(tiny_model), mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+# --- learning -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_model(tiny_model: Path) -> tuple[RewardModel, object]:
+    """A head-mode reward model trained on the sentiment pairs (trained once for the module)."""
+    return train_reward_model(
+        sentiment_pairs(200, seed=0), config(tiny_model, pooling="mean"), gold=WordGold(), epochs=30,
+        learning_rate=1e-2, progress=False,
+    )  # fmt: skip
+
+
+def test_head_mode_learns_a_learnable_preference(head_model: tuple) -> None:
+    model, report = head_model
+    assert report.n_train == 180 and report.n_heldout == 20
+    assert report.accuracy >= 0.9 and report.gold_accuracy >= 0.9 and report.spearman > 0.5
+    assert 1 <= report.epochs == len(report.history) <= 30
+    # pairs never seen in training or early stopping
+    fresh = evaluate_reward_model(model, sentiment_pairs(60, seed=1), gold=WordGold())
+    assert fresh.accuracy >= 0.9, fresh
+    assert fresh.gold_accuracy == fresh.accuracy  # noise-free labels: the two agree
+    # the learned score also ranks single texts: more positive words score higher
+    scores = model.score(["the movie was"] * 3, ["it was terrible so awful", "it was so", "it was wonderful so great"])
+    assert scores[0] < scores[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, head_model: tuple) -> dict[str, tuple[RewardModel, object]]:
+    """One model per mode. LoRA and full train two epochs on a handful of pairs, with a large learning rate so that
+    the adapter / backbone move far from their initial values (a save/load bug would then change the scores)."""
+    pairs, models = sentiment_pairs(10, seed=2), {"head": head_model}
+    for mode in ("lora", "full"):
+        models[mode] = train_reward_model(
+            pairs, config(tiny_model, mode, pooling="last"), gold=WordGold(), epochs=2, learning_rate=1e-2,
+            batch_size=4, heldout=0.3, progress=False,
+        )  # fmt: skip
+    return models
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_and_full_modes_train(trained: dict, tiny_model: Path, mode: str) -> None:
+    model, report = trained[mode]
+    assert report.n_train == 7 and report.n_heldout == 3 and report.epochs == len(report.history) == 2
+    for value in (report.accuracy, report.gold_accuracy, report.spearman, report.seconds, *report.history):
+        assert math.isfinite(value)
+    assert 0.0 <= report.accuracy <= 1.0 and 0.0 <= report.gold_accuracy <= 1.0 and -1.0 <= report.spearman <= 1.0
+    # what was trained moved
+    base = load_causal_lm(tiny_model).state_dict()
+    if mode == "lora":
+        lora_b = [p for n, p in model.backbone.named_parameters() if "lora_B" in n]
+        assert lora_b and max(float(p.detach().abs().max()) for p in lora_b) > 1e-3
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.backbone.named_parameters())
+    else:
+        moved = model.backbone.state_dict()["model.layers.0.mlp.up_proj.weight"]
+        assert not torch.allclose(moved, base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_train_needs_four_pairs(tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match="at least 4 preference pairs"):
+        train_reward_model(sentiment_pairs(3, 0), config(tiny_model), progress=False)
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_hand_computed() -> None:
+    pairs = [
+        PreferencePair("p", "a", "b"),  # model right;  gold agrees with the model
+        PreferencePair("p", "c", "d"),  # model wrong;  gold prefers c: model disagrees with gold
+        PreferencePair("p", "e", "f"),  # model right;  gold tie: left out of gold accuracy
+        PreferencePair("p", "g", "h"),  # model wrong (label noise); gold prefers h like the model
+    ]
+    model = TableScorer({"a": 3, "b": 1, "c": 2, "d": 4, "e": 5, "f": 0, "g": 1, "h": 6})
+    gold = TableScorer({"a": 1.0, "b": 0.0, "c": 0.5, "d": 0.2, "e": 0.3, "f": 0.3, "g": 0.1, "h": 0.9})
+    report = evaluate_reward_model(model, pairs, gold)
+    assert report.n_heldout == 4
+    assert report.accuracy == 0.5
+    assert report.gold_accuracy == pytest.approx(2 / 3)
+    # Spearman over chosen then rejected, ties at their average rank:
+    # model [3, 2, 5, 1, 1, 4, 0, 6] -> ranks [5, 4, 7, 2.5, 2.5, 6, 1, 8]
+    # gold [1, .5, .3, .1, 0, .2, .3, .9] -> ranks [8, 6, 4.5, 2, 1, 3, 4.5, 7]
+    expected = np.corrcoef([5, 4, 7, 2.5, 2.5, 6, 1, 8], [8, 6, 4.5, 2, 1, 3, 4.5, 7])[0, 1]
+    assert report.spearman == pytest.approx(expected)
+    stats = pytest.importorskip("scipy.stats")
+    rho = stats.spearmanr([3, 2, 5, 1, 1, 4, 0, 6], [1, 0.5, 0.3, 0.1, 0, 0.2, 0.3, 0.9])[0]
+    assert report.spearman == pytest.approx(rho)
+
+
+def test_evaluate_without_gold_and_degenerate_cases() -> None:
+    model = TableScorer({"a": 1.0, "b": 1.0, "c": 2.0})
+    report = evaluate_reward_model(model, [PreferencePair("p", "a", "b"), PreferencePair("p", "c", "a")])
+    assert report.accuracy == 0.5  # a tie counts as a miss
+    assert math.isnan(report.gold_accuracy) and math.isnan(report.spearman)
+    tied_gold = TableScorer({"a": 0.0, "b": 0.0, "c": 0.0})  # every pair ties on gold: both undefined
+    report = evaluate_reward_model(model, [PreferencePair("p", "a", "c")], tied_gold)
+    assert math.isnan(report.gold_accuracy) and math.isnan(report.spearman)
+
+
+# --- scoring, save and load ------------------------------------------------------------------------------------
+
+
+def test_score_shape_dtype_and_empty_completion(head_model: tuple) -> None:
+    model = head_model[0]
+    prompts = ["the movie was", "the movie was", "a sad , dull", ""]
+    scores = model.score(prompts, ["", "good", "x" * 400, "great"], batch_size=3)  # two batches; one too long
+    assert scores.dtype == np.float64 and scores.shape == (4,) and np.all(np.isfinite(scores))
+    assert model.score([], []).shape == (0,)
+    assert np.allclose(model.score(prompts[:2], ["", "good"]), scores[:2], atol=1e-5)  # batching does not matter
+
+
+@pytest.mark.parametrize("mode", ["head", "lora", "full"])
+def test_save_load_identical_and_pickle_free(trained: dict, tmp_path: Path, mode: str) -> None:
+    model = trained[mode][0]
+    path = model.save(tmp_path / f"rm-{mode}")
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert {"reward_model.json", "head.safetensors"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], files
+    assert ("backbone/model.safetensors" in files) == (mode == "full")
+    assert any(f.startswith("adapter/") and f.endswith(".safetensors") for f in files) == (mode == "lora")
+
+    loaded = RewardModel.load(path)
+    assert loaded.config == model.config and not loaded.training
+    prompts = ["the movie was", "great acting and", "a sad , dull"]
+    completions = ["it was wonderful", "", "so awful and bad"]
+    np.testing.assert_allclose(loaded.score(prompts, completions), model.score(prompts, completions), atol=1e-6)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    (tmp_path / "head.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"not a reward-model directory: it needs reward_model\.json.*train-rm"):
+        RewardModel.load(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a reward-model directory"):
+        RewardModel.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("field", "value"), [("mode", "x"), ("pooling", "y")])
+def test_invalid_config(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=rf"{field} must be one of .*'{value}'"):
+        RewardModelConfig(**{field: value})
+
+
+# --- as the env's reward --------------------------------------------------------------------------------------
+
+
+def test_reward_model_directory_as_env_reward(trained: dict, tiny_model: Path, tmp_path: Path) -> None:
+    rm_dir = trained["head"][0].save(tmp_path / "rm")
+    env = gym.make(
+        "TextGen-v0", model=str(tiny_model), prompts=TINY_PROMPTS, reward_model=str(rm_dir), max_new_tokens=4,
+        max_prompt_tokens=24,
+    )  # fmt: skip
+    env.action_space.seed(0)
+    reference = RewardModel.load(rm_dir)
+    for episode in range(2):
+        env.reset(seed=episode)
+        rewards, done = [], False
+        while not done:
+            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            rewards.append(reward)
+            done = terminated or truncated
+        assert rewards[:-1] == [0.0] * (len(rewards) - 1)  # the reward comes at the end of the episode
+        expected = reference.score([info["prompt"]], [info["completion"]])[0]
+        assert rewards[-1] == pytest.approx(expected, abs=1e-6)
+        assert info["reward_model_score"] == rewards[-1] and math.isfinite(info["gold_score"])
+    env.close()

@@ -1,0 +1,163 @@
+"""Preference data: ``(prompt, chosen, rejected)`` pairs in JSONL, the format of TRL's RewardTrainer.
+
+One JSON object a line: ``{"prompt": str, "chosen": str, "rejected": str}`` with an optional numeric ``margin``.
+Writers append a line at a time, so an interrupted labelling run loses nothing and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["PreferencePair", "append_pairs", "generate_pairs", "load_preferences", "sample_completions"]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One human (or simulated) judgement: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+
+    def to_json(self) -> str:
+        record = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(record, ensure_ascii=False)
+
+
+def _parse(record: Any, where: str) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with prompt/chosen/rejected, got {type(record).__name__}")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (need prompt, chosen, rejected)")
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(record[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+    margin = record.get("margin")
+    numeric = isinstance(margin, (int, float)) and not isinstance(margin, bool)
+    if margin is not None and (not numeric or not math.isfinite(margin)):
+        raise ValueError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+    margin = None if margin is None else float(margin)
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], margin)
+
+
+def load_preferences(source: str | os.PathLike[str], split: str = "train") -> list[PreferencePair]:
+    """Read preference pairs from a JSONL file or ``"hf:NAME"`` (a ``datasets`` dataset with those columns).
+
+    :raises ValueError: on the first malformed line, naming the file, the line number and what is wrong.
+    """
+    if isinstance(source, str) and source.startswith("hf:"):
+        import datasets
+
+        dataset = datasets.load_dataset(source[3:], split=split)
+        return [_parse(row, f"{source} row {i}") for i, row in enumerate(dataset)]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"preference file {path} does not exist")
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            pairs.append(_parse(record, f"{path}:{lineno}"))
+    if not pairs:
+        raise ValueError(f"{path} holds no preference pairs")
+    return pairs
+
+
+def append_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair]) -> None:
+    """Append pairs to a JSONL file, flushing each line (safe to interrupt)."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(pair.to_json() + "\n")
+            f.flush()
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    instruction: str | None = None,
+    max_new_tokens: int = 32,
+    n: int = 2,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+    bf16: bool = True,
+    progress: bool = True,
+) -> list[list[str]]:
+    """``n`` sampled completions per prompt from a causal LM (batched ``generate``, left padding).
+
+    Prompts are rendered as the env renders them (chat template and task instruction), so the samples come
+    from the same distribution a policy starts from.
+    """
+    from text_env.prompts import encode_prompt
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    jobs = [p for p in prompts for _ in range(n)]
+    texts: list[str] = []
+    bar = tqdm(total=len(jobs), desc="sampling completions", unit="text", disable=not progress)
+    for start in range(0, len(jobs), batch_size):
+        encoded = [encode_prompt(tokenizer, p, instruction) for p in jobs[start : start + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # (b, width) left-padded
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True, top_k=0,
+                top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens, pad_token_id=pad,
+            )  # fmt: skip
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        bar.update(len(encoded))
+    bar.close()
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def generate_pairs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    annotator: Any,
+    out: str | os.PathLike[str],
+    n_pairs: int,
+    instruction: str | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[PreferencePair]:
+    """Sample two completions per prompt, have ``annotator`` choose, append to ``out``; resume if it exists.
+
+    Prompts cycle through ``prompts`` in a seeded order. Lines already in ``out`` count toward ``n_pairs``.
+    """
+    if not prompts:
+        raise ValueError("generate_pairs needs at least one prompt")
+    out = Path(out)
+    done = load_preferences(out) if out.is_file() and out.stat().st_size else []
+    # Successive seeded shuffles of the prompts: the first k entries do not depend on n_pairs, so a resumed or
+    # extended run continues the very sequence an uninterrupted run would have used.
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(prompts)) for _ in range(max(1, -(-n_pairs // len(prompts))))])
+    todo = [prompts[i] for i in order[len(done) : n_pairs]]
+    torch.manual_seed(seed + len(done))
+    for start in range(0, len(todo), batch_size * 4):  # label and save in chunks: an interrupt keeps the rest
+        chunk = todo[start : start + batch_size * 4]
+        samples = sample_completions(model, tokenizer, chunk, instruction, max_new_tokens, 2, batch_size)
+        pairs = annotator.label(chunk, [s[0] for s in samples], [s[1] for s in samples])
+        append_pairs(out, pairs)
+        done += pairs
+    return done

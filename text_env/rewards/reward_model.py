@@ -1,0 +1,177 @@
+"""Learned reward models: a causal-LM backbone with a scalar head, trained on preference pairs.
+
+``score(prompt, completion) = head(pool(hidden states of the backbone over prompt + completion))`` — the shape of
+``AutoModelForSequenceClassification(num_labels=1)``. A saved reward model is a directory of JSON and
+safetensors (no pickle): ``reward_model.json``, ``head.safetensors`` and, when the backbone was trained, its
+weights (``backbone/``) or LoRA adapter (``adapter/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from text_env.models import DEFAULT_MODEL, ModelLoadError, load_causal_lm, load_tokenizer
+
+__all__ = ["RewardHead", "RewardModel", "RewardModelConfig"]
+
+MODES = ("head", "lora", "full")
+POOLINGS = ("mean", "last")
+
+
+@dataclass
+class RewardModelConfig:
+    """What a reward model is made of.
+
+    :param backbone: model name, directory or hub id of the causal LM whose hidden states are scored.
+    :param mode: what training updates: ``"head"`` (frozen backbone: fast, features computed once),
+        ``"lora"`` (adapters + head) or ``"full"``.
+    :param pooling: ``"mean"`` of the completion's hidden states, or the ``"last"`` token's.
+    :param head_hidden: width of the head's hidden layer (0: a linear head).
+    :param max_length: prompt + completion tokens kept (the completion's end is kept; the prompt is cut from the left).
+    """
+
+    backbone: str = DEFAULT_MODEL
+    mode: str = "head"
+    pooling: str = "mean"
+    head_hidden: int = 0
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+
+
+class RewardHead(nn.Module):
+    """Standardise features, then a linear layer or a one-hidden-layer MLP to a scalar."""
+
+    def __init__(self, dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        if hidden == 0:
+            self.net: nn.Module = nn.Linear(dim, 1)
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """:param features: ``(B, H)``. :return: ``(B,)`` scores."""
+        return self.net((features.float() - self.mean) / self.std).squeeze(-1)
+
+
+class RewardModel(nn.Module):
+    """A reward model: ``score(prompts, completions) -> np.ndarray`` (batched), plus ``save`` / ``load``."""
+
+    def __init__(self, config: RewardModelConfig, backbone: nn.Module | None = None, tokenizer: object | None = None):
+        super().__init__()
+        self.config = config
+        lm = backbone if backbone is not None else load_causal_lm(config.backbone)
+        if config.mode == "lora" and not hasattr(lm, "peft_config"):
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        self.backbone = lm
+        self.backbone.requires_grad_(config.mode != "head")
+        if config.mode == "lora":
+            for name, param in self.backbone.named_parameters():
+                param.requires_grad_("lora_" in name)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.backbone)
+        self.head = RewardHead(int(lm.config.get_text_config().hidden_size), config.head_hidden)
+        self.bf16 = True
+
+    # --- features --------------------------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """Right-padded ids ``(B, T)``, attention mask and completion mask (what ``mean`` pooling averages)."""
+        tok = self.tokenizer
+        p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        c_ids = tok(list(completions), add_special_tokens=False)["input_ids"]
+        rows = []
+        for p, c in zip(p_ids, c_ids, strict=True):
+            c = c[-self.config.max_length :]
+            p = p[max(0, len(p) - (self.config.max_length - len(c))) :] if len(c) < self.config.max_length else []
+            rows.append((p + c, [0] * len(p) + [1] * len(c)))
+        width = max(1, max(len(r[0]) for r in rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])  # (B, T)
+        mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])  # (B, T)
+        completion = torch.tensor([r[1] + [0] * (width - len(r[1])) for r in rows])  # (B, T)
+        return ids, mask, completion
+
+    def features(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Pooled last hidden states ``(B, H)`` (differentiable unless the backbone is frozen)."""
+        device = next(self.backbone.parameters()).device
+        ids, mask, completion = (t.to(device) for t in self._encode(prompts, completions))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1].float()  # (B, T, H)
+        last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(1) - 1]  # (B, H)
+        if self.config.pooling == "last":
+            return last
+        weights = completion.float().unsqueeze(-1)  # (B, T, 1)
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
+        return torch.where(completion.sum(1, keepdim=True) > 0, mean, last)  # empty completion: last prompt token
+
+    def forward(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Scores ``(B,)`` as a tensor (for training)."""
+        return self.head(self.features(prompts, completions))
+
+    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> np.ndarray:
+        """Scores of ``(prompt, completion)`` pairs, shape ``(len(prompts),)``, float64."""
+        self.eval()
+        scores = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", disable=not progress):
+            end = start + batch_size
+            scores.append(self(prompts[start:end], completions[start:end]).float().cpu().numpy())
+        return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+    # --- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the directory described in the module docstring; return it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = asdict(self.config)
+        if self.config.mode == "full":
+            self.backbone.save_pretrained(path / "backbone")
+            self.tokenizer.save_pretrained(path / "backbone")  # type: ignore[attr-defined]
+        elif self.config.mode == "lora":
+            self.backbone.save_pretrained(path / "adapter")
+        (path / "reward_model.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, path / "head.safetensors")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RewardModel:
+        """Load a saved reward model directory (no pickle involved)."""
+        path = Path(path)
+        if not (path / "reward_model.json").is_file() or not (path / "head.safetensors").is_file():
+            raise ModelLoadError(
+                f"{path} is not a reward-model directory: it needs reward_model.json and head.safetensors "
+                "(write one with `textgen train-rm` or RewardModel.save)"
+            )
+        config = RewardModelConfig(**json.loads((path / "reward_model.json").read_text()))
+        backbone, tokenizer = None, None
+        if config.mode == "full":
+            backbone, tokenizer = load_causal_lm(path / "backbone"), load_tokenizer(path / "backbone")
+        elif config.mode == "lora":
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(load_causal_lm(config.backbone), path / "adapter")
+        model = cls(config, backbone, tokenizer)
+        head = load_file(path / "head.safetensors")
+        model.head = RewardHead(head["mean"].numel(), config.head_hidden)
+        model.head.load_state_dict(head)
+        return model.eval()
