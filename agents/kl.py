@@ -16,7 +16,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.cached_lm import CachedLM
-from text_env.models import load_causal_lm
+from text_env.models import load_frozen_causal_lm
 
 __all__ = ["KLController", "KLPenalty"]
 
@@ -62,7 +62,7 @@ class KLPenalty(BaseCallback):
 
     def _on_training_start(self) -> None:
         if self.reference is not None:
-            self._reference_lm = CachedLM(load_causal_lm(self.reference).to(self.model.device))
+            self._reference_lm = CachedLM(load_frozen_causal_lm(self.reference).to(self.model.device))
         elif not hasattr(self.model.policy, "reference_log_prob"):
             raise TypeError(
                 f"{type(self.model.policy).__name__} has no reference model: pass KLPenalty(reference='default') "

@@ -32,7 +32,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from agents.cached_lm import CachedLM
-from text_env.models import load_causal_lm
+from text_env.models import load_frozen_causal_lm
 
 __all__ = ["TopPMask", "top_p_mask"]
 
@@ -86,7 +86,7 @@ class TopPMask(VecEnvWrapper):
         self.model_name = os.fspath(model)
         self.top_p, self.top_k, self.bf16 = top_p, top_k, bf16
         self.device = get_device(device)
-        lm = load_causal_lm(model, trust_remote_code=trust_remote_code).requires_grad_(False).to(self.device)
+        lm = load_frozen_causal_lm(model, trust_remote_code=trust_remote_code).to(self.device)
         self.n_actions = int(self.action_space.n)  # type: ignore[attr-defined]
         self._lm = CachedLM(lm, self._autocast)
         self._obs: VecEnvObs | None = None

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agents.cached_lm import CachedLM, forward_positions, valid_ends
-from text_env.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from text_env.models import DEFAULT_MODEL, load_causal_lm, load_frozen_causal_lm, load_tokenizer
 
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
 
@@ -113,8 +113,9 @@ class _CausalLMMixin:
             )
             self._reference_lm = None  # adapters disabled = the base model
         else:
-            reference = copy.deepcopy(lm).requires_grad_(False)
-            self.__dict__["_reference_lm"] = reference  # not a submodule: not trained, not saved, not TRPO's
+            # The pretrained weights, frozen and shared (e.g. with a head-only reward model's backbone); not a
+            # submodule, so it is not trained, not saved with the policy, and not among TRPO's actor parameters.
+            self.__dict__["_reference_lm"] = load_frozen_causal_lm(self.lm_name, self.trust_remote_code)
         self.lm = lm
         hidden = lm.get_output_embeddings().weight.shape[1]
         self.value_head = nn.Linear(hidden, 1)  # "value" in the name: TRPO's actor step skips it

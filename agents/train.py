@@ -18,6 +18,7 @@ from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.callbacks import TextMetrics
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import KLController, KLPenalty
+from agents.masks import TopPMask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from text_env.core import resolve_reward
 from text_env.models import DEFAULT_MODEL
@@ -39,6 +40,7 @@ class TrainConfig:
     :param batch_size: PPO minibatch, in tokens (steps); whole episodes stay together.
     :param beta: initial KL coefficient; ``target_kl`` makes it adaptive (nats per episode).
     :param eval_prompts: how many held-out prompts the before/after evaluation uses.
+    :param mask_top_p: for ``maskable_ppo``, the reference model's top-p set that actions are restricted to.
     """
 
     task: str = "positive-review"
@@ -59,6 +61,7 @@ class TrainConfig:
     eval_prompts: int = 48
     bf16: bool = True
     lora: dict[str, Any] | None = None
+    mask_top_p: float = 0.9
     seed: int = 0
     out: str = "runs"
     tensorboard: bool = False
@@ -79,7 +82,8 @@ def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
     if config.algo == "ppo":
         return PPO(CausalLMPolicy, env, batch_size=config.batch_size, n_epochs=config.n_epochs,
                    rollout_buffer_class=EpisodeRolloutBuffer, **common, **config.extra)  # fmt: skip
-    if config.algo == "maskable_ppo":
+    if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
+        env = TopPMask(env, config.model, top_p=config.mask_top_p, bf16=config.bf16)
         return MaskablePPO(MaskableCausalLMPolicy, env, batch_size=config.batch_size, n_epochs=config.n_epochs,
                            rollout_buffer_class=MaskableEpisodeRolloutBuffer, **common, **config.extra)  # fmt: skip
     if config.algo == "a2c":

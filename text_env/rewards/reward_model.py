@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from text_env.models import DEFAULT_MODEL, ModelLoadError, load_causal_lm, load_tokenizer
+from text_env.models import DEFAULT_MODEL, ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer
 
 __all__ = ["RewardHead", "RewardModel", "RewardModelConfig"]
 
@@ -76,7 +76,11 @@ class RewardModel(nn.Module):
     def __init__(self, config: RewardModelConfig, backbone: nn.Module | None = None, tokenizer: object | None = None):
         super().__init__()
         self.config = config
-        lm = backbone if backbone is not None else load_causal_lm(config.backbone)
+        if backbone is None:  # a frozen backbone is shared with whoever else uses that model read-only
+            backbone = (
+                load_frozen_causal_lm(config.backbone) if config.mode == "head" else load_causal_lm(config.backbone)
+            )
+        lm = backbone
         if config.mode == "lora" and not hasattr(lm, "peft_config"):
             from peft import LoraConfig, get_peft_model
 
