@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agents.cached_lm import CachedLM, forward_positions, valid_ends
+from agents.masks import top_p_mask
 from text_env.models import DEFAULT_MODEL, load_causal_lm, load_frozen_causal_lm, load_tokenizer
 
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
@@ -197,15 +198,9 @@ class _CausalLMMixin:
 
     def _distribution(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
         """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
-        logits = logits / self.temperature
-        if self.top_k:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            before = torch.softmax(sorted_logits, -1).cumsum(-1) - torch.softmax(sorted_logits, -1)  # mass ahead
-            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
-            logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits / self.temperature  # (B, V)
+        if self.top_k or self.top_p < 1.0:
+            logits = logits.masked_fill(~top_p_mask(logits, self.top_p, self.top_k), float("-inf"))
         distribution = self.action_dist.proba_distribution(action_logits=logits)  # type: ignore[attr-defined]
         if action_masks is not None:
             distribution.apply_masking(action_masks)
