@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +31,6 @@ KEY_OPTIONS = {
     "train-rm": ["--data", "--out", "--backbone", "--mode", "--pooling", "--epochs", "--learning-rate"],
     "export": ["model_zip", "out", "--algo"],
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy CPU OpenMP hand-offs cost milliseconds per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(argv: list[str]) -> str:

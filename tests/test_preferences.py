@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import TINY_PROMPTS, LengthReward
 
 from text_env.models import load_causal_lm, load_tokenizer
@@ -23,15 +22,6 @@ from text_env.rewards.preferences import (
 )
 
 VALID = {"prompt": "p", "chosen": "good", "rejected": "bad"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy CPU OpenMP hand-offs cost milliseconds per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_lines(path: Path, lines: Sequence[str]) -> Path:

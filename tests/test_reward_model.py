@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import gymnasium as gym
@@ -23,15 +23,6 @@ from text_env.rewards.training import evaluate_reward_model, train_reward_model
 PROMPTS = [*TINY_PROMPTS, "this review is about", "my friends said", "last week i saw", "the director made"]
 FILLER = ["the plot", "it was", "a story", "and the acting", "this film", "overall", "with my family", "so"]
 POSITIVE, NEGATIVE = ["good", "great", "wonderful"], ["bad", "awful", "terrible"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy CPU OpenMP hand-offs cost milliseconds per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sentiment_pairs(n: int, seed: int) -> list[PreferencePair]:

@@ -4,32 +4,38 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PromptSource", "encode_prompt", "load_prompts", "render_prompt"]
+__all__ = ["PromptSource", "encode_prompt", "load_prompts", "read_jsonl", "render_prompt"]
 
 PromptSource = Sequence[str] | str | os.PathLike[str]
 """A list of strings, a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a ``prompt`` or ``text`` field a
 line), or ``"hf:NAME"`` for a Hugging Face ``datasets`` dataset (a hub id or a local directory of data files)."""
 
 
-def _from_jsonl(path: Path, column: str) -> list[str]:
-    prompts = []
+def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", record)`` for each non-blank line; a line that is not JSON raises, naming its place."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            keys = [k for k in (column, "text") if isinstance(record, dict) and k in record]
-            if not keys or not isinstance(record[keys[0]], str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field {column!r} or 'text'")
-            prompts.append(record[keys[0]])
+
+
+def _from_jsonl(path: Path, column: str) -> list[str]:
+    prompts = []
+    for where, record in read_jsonl(path):
+        keys = [k for k in (column, "text") if isinstance(record, dict) and k in record]
+        if not keys or not isinstance(record[keys[0]], str):
+            raise ValueError(f"{where}: expected an object with a string field {column!r} or 'text'")
+        prompts.append(record[keys[0]])
     return prompts
 
 

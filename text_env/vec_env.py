@@ -8,7 +8,6 @@ same seed both give the same episodes. Finished episodes also carry Monitor's ``
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,37 +16,21 @@ import numpy as np
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
 
-from text_env.core import DEFAULT_TASK, TextGenCore
-from text_env.models import DEFAULT_MODEL
-from text_env.prompts import PromptSource
-from text_env.rewards import Scorer
-from text_env.tasks import Task
+from text_env.core import TextGenCore
 
 __all__ = ["TextGenVecEnv", "make_text_vec_env"]
 
 
 class TextGenVecEnv(VecEnv):
-    """A native SB3 ``VecEnv`` of ``n_envs`` :class:`~text_env.env.TextGenEnv` episodes (same arguments)."""
+    """A native SB3 ``VecEnv`` of ``n_envs`` :class:`~text_env.env.TextGenEnv` episodes.
 
-    def __init__(
-        self,
-        n_envs: int = 1,
-        model: str | os.PathLike[str] = DEFAULT_MODEL,
-        task: str | Task = DEFAULT_TASK,
-        prompts: PromptSource | None = None,
-        reward_model: Scorer | str | os.PathLike[str] | None = None,
-        max_new_tokens: int | None = None,
-        max_prompt_tokens: int | None = None,
-        split: str = "train",
-        stop_strings: Sequence[str] | None = None,
-        chat: bool | None = None,
-        render_mode: str | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
-        self.core = TextGenCore(
-            n_envs, model, task, prompts, reward_model, max_new_tokens, max_prompt_tokens, split, stop_strings,
-            chat, trust_remote_code,
-        )  # fmt: skip
+    :param n_envs: number of parallel episodes.
+    :param render_mode: ``"human"`` prints the texts on ``render()``; otherwise ``render()`` returns them.
+    :param env_kwargs: the keyword arguments of :class:`~text_env.env.TextGenEnv` (``model``, ``task``, ...).
+    """
+
+    def __init__(self, n_envs: int = 1, render_mode: str | None = None, **env_kwargs: Any) -> None:
+        self.core = TextGenCore(n_envs, **env_kwargs)
         # Set before VecEnv.__init__, which reads it through get_attr (else it warns and drops the render mode).
         self.render_mode = render_mode
         super().__init__(n_envs, self.core.observation_space, self.core.action_space)

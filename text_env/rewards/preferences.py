@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from text_env.prompts import encode_prompt, read_jsonl
+
 __all__ = ["PreferencePair", "append_pairs", "generate_pairs", "load_preferences", "sample_completions"]
 
 
@@ -65,16 +67,7 @@ def load_preferences(source: str | os.PathLike[str], split: str = "train") -> li
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"preference file {path} does not exist")
-    pairs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            pairs.append(_parse(record, f"{path}:{lineno}"))
+    pairs = [_parse(record, where) for where, record in read_jsonl(path)]
     if not pairs:
         raise ValueError(f"{path} holds no preference pairs")
     return pairs
@@ -106,8 +99,6 @@ def sample_completions(
     Prompts are rendered as the env renders them (chat template and task instruction), so the samples come
     from the same distribution a policy starts from.
     """
-    from text_env.prompts import encode_prompt
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     jobs = [p for p in prompts for _ in range(n)]
     texts: list[str] = []
