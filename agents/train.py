@@ -47,7 +47,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     algo: str = "ppo"
     reward_model: str | None = None
-    total_timesteps: int = 8192
+    total_timesteps: int = 10240
     n_envs: int = 16
     n_steps: int = 32
     batch_size: int = 128
@@ -58,7 +58,7 @@ class TrainConfig:
     target_kl: float | None = None
     max_new_tokens: int | None = None
     max_prompt_tokens: int | None = None
-    eval_prompts: int = 48
+    eval_prompts: int = 80
     bf16: bool = True
     lora: dict[str, Any] | None = None
     mask_top_p: float = 0.9
