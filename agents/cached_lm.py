@@ -116,6 +116,8 @@ class CachedLM:
     def _prefill(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> None:
         """Encode rows from scratch: one forward over slots ``[0, max end)``; store their keys/values."""
         width = max(int(ends[rows].max()), 1)
+        last = (ends[rows] - 1).clamp(min=0)  # (r,)
+        keep = torch.unique(last)  # the LM head runs on these columns only (usually one: the prompt's end)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids[rows, :width],
@@ -124,10 +126,11 @@ class CachedLM:
             past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
+            logits_to_keep=keep,
         )
-        last = (ends[rows] - 1).clamp(min=0)  # (r,)
         r = torch.arange(rows.numel(), device=rows.device)
-        self._store_outputs(rows, out.logits[r, last], out.hidden_states[-1][r, last])
+        logits = out.logits[r, torch.searchsorted(keep, last)]  # (r, V)
+        self._store_outputs(rows, logits, out.hidden_states[-1][r, last])
         for layer_idx, layer in enumerate(out.past_key_values.layers):
             k, v = layer.keys, layer.values  # (r, h_kv, width, d)
             if len(self.keys) <= layer_idx:
@@ -144,10 +147,12 @@ class CachedLM:
         slot = old_ends[rows]  # (r,) where the new token sits
         r = torch.arange(rows.numel(), device=rows.device)
         old_mask = self.mask[rows]  # (r, L)
+        every_row = rows.numel() == old_ends.numel()  # the usual rollout step: no gather copy needed
         cache = DynamicCache(config=self.model.config)
         for layer, k, v in zip(cache.layers, self.keys, self.values, strict=True):
             layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k[rows], v[rows]  # (r, h_kv, L, d); the new column is appended at L
+            # (r, h_kv, L, d); the model appends the new column at L in a new tensor, leaving ours untouched
+            layer.keys, layer.values = (k, v) if every_row else (k[rows], v[rows])
         out = self.model(
             input_ids=ids[rows, slot].unsqueeze(1),  # (r, 1)
             attention_mask=torch.cat([old_mask, torch.ones_like(old_mask[:, :1])], dim=1),  # (r, L + 1)

@@ -59,6 +59,17 @@ def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return reps
 
 
+def _sample(distribution: Distribution) -> torch.Tensor:
+    """Draw from the categorical distribution by the Gumbel-max trick.
+
+    The same distribution as ``torch.multinomial``, which on a CPU costs more than a decode step's attention
+    over a 49k-token vocabulary.
+    """
+    logits = distribution.distribution.logits  # type: ignore[attr-defined]  # (B, V) normalised, masks applied
+    uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # (B, V)
+    return torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)  # (B,)
+
+
 class _CausalLMMixin:
     """The shared implementation: LM actor, value head on the LM's last hidden state, KV-cached rollouts.
 
@@ -212,7 +223,7 @@ class _CausalLMMixin:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, values = self._logits_and_values(obs)
         distribution = self._distribution(logits, action_masks)
-        actions = distribution.get_actions(deterministic=deterministic)
+        actions = distribution.get_actions(deterministic=True) if deterministic else _sample(distribution)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(
@@ -226,7 +237,17 @@ class _CausalLMMixin:
         return self._distribution(self._logits_and_values(obs)[0], action_masks)
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
-        return self._logits_and_values(obs)[1]
+        """Values ``(B, 1)``; 0 for an observation with no free slot left.
+
+        Such an observation is terminal by the env's definition (``max_new_tokens`` reached, the reward already
+        paid), so no return follows it. SB3 still asks for its value to bootstrap "truncated" episodes; answering
+        0 keeps that bootstrap unbiased and skips a full forward pass per finished episode.
+        """
+        full = obs["attention_mask"][:, -1] > 0  # (B,)
+        values = torch.zeros(full.shape[0], 1, device=full.device)
+        if not full.all():
+            values[~full] = self._logits_and_values({k: v[~full] for k, v in obs.items()})[1]
+        return values
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False, action_masks: Any = None) -> torch.Tensor:
         return self.get_distribution(observation, action_masks).get_actions(deterministic=deterministic)

@@ -15,9 +15,11 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,20 +40,29 @@ def make_ppo(model: str, n_envs: int, tokens: int, buffer: type = EpisodeRollout
     )  # fmt: skip
 
 
+REPEATS = 3  # timed repetitions after one warm-up; the median is reported
+
+
+def _median_seconds(run: Callable[[], object]) -> float:
+    run()  # warm-up: first calls with new tensor shapes are slow on CPU
+    times = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def time_rollout(algo: PPO) -> float:
-    """Seconds for one ``collect_rollouts`` of ``n_steps * n_envs`` tokens (after one warm-up rollout)."""
+    """Seconds for one ``collect_rollouts`` of ``n_steps * n_envs`` tokens."""
     _, callback = algo._setup_learn(10**9, callback=None)
     callback.init_callback(algo)
-    for _ in range(2):
-        started = time.perf_counter()
-        algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
-        seconds = time.perf_counter() - started
-    return seconds
+    return _median_seconds(lambda: algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps))
 
 
 @torch.no_grad()
 def time_generate(algo: PPO, tokens: int) -> float:
-    """Seconds for ``model.generate`` of the same batch shape with the same sampling (after a warm-up)."""
+    """Seconds for ``model.generate`` of the same batch shape with the same sampling."""
     core = algo.env.core  # type: ignore[attr-defined]
     lm = algo.policy.lm
     prompts = core.prompts[: algo.env.num_envs]
@@ -60,25 +71,23 @@ def time_generate(algo: PPO, tokens: int) -> float:
     mask = torch.zeros_like(ids)
     for i, e in enumerate(encoded):
         ids[i, -len(e) :], mask[i, -len(e) :] = torch.tensor(e), 1
-    for _ in range(2):
-        started = time.perf_counter()
+
+    def generate() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             lm.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=tokens,
                 min_new_tokens=tokens, pad_token_id=core.pad_id,
             )  # fmt: skip
-        seconds = time.perf_counter() - started
-    return seconds
+
+    return _median_seconds(generate)
 
 
 def time_update(algo: PPO) -> float:
-    """Seconds for one PPO epoch over a freshly collected rollout."""
+    """Seconds for one PPO epoch over a collected rollout (``train()`` re-reads the same buffer each time)."""
     _, callback = algo._setup_learn(10**9, callback=None)
     callback.init_callback(algo)
     algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
-    started = time.perf_counter()
-    algo.train()
-    return time.perf_counter() - started
+    return _median_seconds(algo.train)
 
 
 def peak_rss_of_train(model: str) -> float:
@@ -111,7 +120,6 @@ def main() -> None:
     results["update_epoch_s_T"] = time_update(algo)
     del algo
     algo = make_ppo(args.model, args.n_envs, 2 * args.tokens)
-    time_update(algo)  # warm-up: new shapes
     results["update_epoch_s_2T"] = time_update(algo)
     results["update_ratio_2T_vs_T"] = results["update_epoch_s_2T"] / results["update_epoch_s_T"]
     del algo
@@ -122,11 +130,27 @@ def main() -> None:
         results["train_peak_rss_gb"] = peak_rss_of_train(args.model)
     results["bench_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    width = max(map(len, results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Rollout and update speed, peak memory",
+        "",
+        f"Command: `{' '.join(['python benchmarks/rollout_and_update.py', *sys.argv[1:]])}`",
+        "",
+        "| measurement | value | target |",
+        "|---|---|---|",
+    ]
+    targets = {
+        "rollout_vs_generate": ">= 0.8 (stretch 1.0)",
+        "update_ratio_2T_vs_T": "<= 2.5",
+        "train_peak_rss_gb": "<= 4",
+    }
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} | {targets.get(key, '')} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
