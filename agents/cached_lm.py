@@ -114,15 +114,18 @@ class CachedLM:
         self.mask = torch.zeros(n, length, dtype=torch.long, device=device)
 
     def _prefill(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> None:
-        """Encode rows from scratch: one forward over slots ``[0, max end)``; store their keys/values."""
+        """Encode rows from scratch: one forward over slots ``[start, end)`` (the span any of them uses, leading
+        all-padding slots skipped); store their keys/values at those slots."""
         width = max(int(ends[rows].max()), 1)
-        last = (ends[rows] - 1).clamp(min=0)  # (r,)
+        valid = mask[rows, :width] > 0  # (r, width)
+        start = int(valid.any(0).float().argmax()) if valid.any() else 0  # first slot any row uses
+        last = (ends[rows] - 1).clamp(min=start) - start  # (r,) each row's last slot, in the span
         keep = torch.unique(last)  # the LM head runs on these columns only (usually one: the prompt's end)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids[rows, :width],
-            attention_mask=mask[rows, :width],
-            position_ids=_position_ids(mask[rows, :width]),
+            input_ids=ids[rows, start:width],
+            attention_mask=mask[rows, start:width],
+            position_ids=_position_ids(mask[rows, start:width]),
             past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
@@ -132,14 +135,14 @@ class CachedLM:
         logits = out.logits[r, torch.searchsorted(keep, last)]  # (r, V)
         self._store_outputs(rows, logits, out.hidden_states[-1][r, last])
         for layer_idx, layer in enumerate(out.past_key_values.layers):
-            k, v = layer.keys, layer.values  # (r, h_kv, width, d)
+            k, v = layer.keys, layer.values  # (r, h_kv, width - start, d)
             if len(self.keys) <= layer_idx:
                 n, length = self.ids.shape  # type: ignore[union-attr]
                 shape = (n, k.shape[1], length, k.shape[3])
                 self.keys.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
                 self.values.append(torch.zeros(shape, dtype=v.dtype, device=v.device))
-            self.keys[layer_idx][rows, :, :width] = k.to(self.keys[layer_idx].dtype)
-            self.values[layer_idx][rows, :, :width] = v.to(self.values[layer_idx].dtype)
+            self.keys[layer_idx][rows, :, start:width] = k.to(self.keys[layer_idx].dtype)
+            self.values[layer_idx][rows, :, start:width] = v.to(self.values[layer_idx].dtype)
 
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor, old_ends: torch.Tensor) -> None:
         """Run one new token per row against the cached keys/values, then write its keys/values to its slot."""
