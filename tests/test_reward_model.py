@@ -227,27 +227,30 @@ def test_reward_model_directory_as_env_reward(trained: dict, tiny_model: Path, t
 @pytest.mark.default_model
 @pytest.mark.slow
 def test_default_reward_model_is_reproducible(tmp_path: Path) -> None:
-    """The two commands in pretrained/positive-review/HOW_MADE.md, on 128 training pairs instead of 2000, give a
-    reward model that ranks fresh pairs about as well as the shipped one (both scored on the same 48 pairs)."""
+    """The two commands in pretrained/positive-review/HOW_MADE.md still work, and on half the shipped pairs
+    `train-rm` gives a model that ranks the other pairs about as well as the shipped one."""
     from agents.cli import main
     from text_env.rewards.preferences import load_preferences
     from text_env.tasks import get_task
 
+    task = get_task("positive-review")
+    shipped_dir = Path(task.reward_model)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a real 135M model, unlike the rest of the suite
     try:
-        data = tmp_path / "prefs.jsonl"
-        main(["preferences", "--task", "positive-review", "--pairs", "176", "--out", str(data), "--seed", "1"])
-        lines = data.read_text().splitlines()
-        (tmp_path / "train.jsonl").write_text("\n".join(lines[:128]) + "\n")
-        (tmp_path / "fresh.jsonl").write_text("\n".join(lines[128:]) + "\n")
+        fresh_pairs = tmp_path / "new.jsonl"
+        main(
+            ["preferences", "--task", "positive-review", "--pairs", "8", "--out", str(fresh_pairs), "--batch-size", "8"]
+        )
+        assert len(load_preferences(fresh_pairs)) == 8
+        lines = (shipped_dir / "prefs.jsonl").read_text().splitlines()
+        (tmp_path / "train.jsonl").write_text("\n".join(lines[:1000]) + "\n")
+        (tmp_path / "heldout.jsonl").write_text("\n".join(lines[-200:]) + "\n")
         main(["train-rm", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "rm")])
-        task = get_task("positive-review")
-        fresh = load_preferences(tmp_path / "fresh.jsonl")
-        reproduced = evaluate_reward_model(RewardModel.load(tmp_path / "rm"), fresh, task.gold)
-        shipped = evaluate_reward_model(RewardModel.load(task.reward_model), fresh, task.gold)
+        heldout = load_preferences(tmp_path / "heldout.jsonl")
+        reproduced = evaluate_reward_model(RewardModel.load(tmp_path / "rm"), heldout, task.gold)
+        shipped = evaluate_reward_model(RewardModel.load(shipped_dir), heldout, task.gold)
     finally:
         torch.set_num_threads(threads)
-    assert reproduced.gold_accuracy > 0.5  # it learned the direction of the gold preference
-    assert reproduced.gold_accuracy >= shipped.gold_accuracy - 0.2  # and is in the shipped model's range
-    assert shipped.gold_accuracy > 0.5
+    assert reproduced.gold_accuracy > 0.55  # it learned the direction of the gold preference
+    assert reproduced.gold_accuracy >= shipped.gold_accuracy - 0.1  # in the shipped model's range
