@@ -124,15 +124,12 @@ def _train_rm(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sb3_contrib import TRPO, MaskablePPO
-    from stable_baselines3 import A2C, PPO
-
     from agents.policies import export_pretrained
+    from agents.train import algorithm_class
 
-    algorithms = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "maskable_ppo": MaskablePPO}
     report = Path(args.model_zip).with_name("report.json")  # a model.zip does not name its algorithm
     algo = args.algo or (json.loads(report.read_text())["config"]["algo"] if report.is_file() else "ppo")
-    policy = algorithms[algo].load(args.model_zip, device="cpu").policy
+    policy = algorithm_class(algo).load(args.model_zip, device="cpu").policy
     print(f"exported to {export_pretrained(policy, args.out)}")
 
 

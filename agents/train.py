@@ -25,7 +25,7 @@ from text_env.models import DEFAULT_MODEL
 from text_env.tasks import get_task
 from text_env.vec_env import make_text_vec_env
 
-__all__ = ["ALGORITHMS", "TrainConfig", "make_algorithm", "train"]
+__all__ = ["ALGORITHMS", "TrainConfig", "algorithm_class", "make_algorithm", "train"]
 
 ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")
 
@@ -68,30 +68,35 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
-    """Build the SB3 algorithm named by ``config.algo`` with the causal-LM policy on ``env``."""
+def algorithm_class(algo: str) -> type[BaseAlgorithm]:
+    """The SB3 class of an algorithm name in :data:`ALGORITHMS`."""
     from sb3_contrib import TRPO, MaskablePPO
     from stable_baselines3 import A2C, PPO
 
+    classes: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "maskable_ppo": MaskablePPO}
+    if algo not in classes:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+    return classes[algo]
+
+
+def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
+    """Build the SB3 algorithm named by ``config.algo`` with the causal-LM policy on ``env``."""
+    cls = algorithm_class(config.algo)
     policy_kwargs = dict(model=config.model, bf16=config.bf16, lora=config.lora)
     common: dict[str, Any] = dict(
         learning_rate=config.learning_rate, gamma=config.gamma, n_steps=config.n_steps, seed=config.seed,
         policy_kwargs=policy_kwargs, verbose=1,
         tensorboard_log=str(Path(config.out) / "tensorboard") if config.tensorboard else None,
     )  # fmt: skip
-    if config.algo == "ppo":
-        return PPO(CausalLMPolicy, env, batch_size=config.batch_size, n_epochs=config.n_epochs,
-                   rollout_buffer_class=EpisodeRolloutBuffer, **common, **config.extra)  # fmt: skip
+    if config.algo != "a2c":  # A2C updates on the whole rollout at once
+        common["batch_size"] = config.batch_size
+    if config.algo in ("ppo", "maskable_ppo"):
+        common["n_epochs"] = config.n_epochs
+    policy, buffer = CausalLMPolicy, EpisodeRolloutBuffer
     if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
         env = TopPMask(env, config.model, top_p=config.mask_top_p, bf16=config.bf16)
-        return MaskablePPO(MaskableCausalLMPolicy, env, batch_size=config.batch_size, n_epochs=config.n_epochs,
-                           rollout_buffer_class=MaskableEpisodeRolloutBuffer, **common, **config.extra)  # fmt: skip
-    if config.algo == "a2c":
-        return A2C(CausalLMPolicy, env, rollout_buffer_class=EpisodeRolloutBuffer, **common, **config.extra)
-    if config.algo == "trpo":
-        return TRPO(CausalLMPolicy, env, batch_size=config.batch_size, rollout_buffer_class=EpisodeRolloutBuffer,
-                    **common, **config.extra)  # fmt: skip
-    raise ValueError(f"unknown algorithm {config.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        policy, buffer = MaskableCausalLMPolicy, MaskableEpisodeRolloutBuffer
+    return cls(policy, env, rollout_buffer_class=buffer, **common, **config.extra)
 
 
 def _table(before: Evaluation, after: Evaluation, n_samples: int = 3) -> str:
