@@ -37,7 +37,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="episode length (task's default)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (task's default)")
     p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts (%(default)s)")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (%(default)s; 0: full fine-tuning)")
     p.add_argument("--no-bf16", action="store_true", help="run in float32 (slower on CPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="runs directory (%(default)s)")
