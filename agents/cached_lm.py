@@ -17,13 +17,18 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["CachedLM", "forward_positions", "valid_ends"]
+__all__ = ["CachedLM", "forward_positions", "token_log_probs", "valid_ends"]
 
 
 def valid_ends(attention_mask: torch.Tensor) -> torch.Tensor:
     """One past the last valid slot of each row, shape ``(B,)``: where the next token goes."""
     slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return ((attention_mask > 0) * (slots + 1)).amax(dim=1)
+
+
+def token_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[a]`` per row: logits ``(B, V)``, actions ``(B,)`` -> ``(B,)``."""
+    return torch.log_softmax(logits, dim=-1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.cached_lm import CachedLM
+from agents.cached_lm import CachedLM, token_log_probs
 from text_env.models import load_frozen_causal_lm
 
 __all__ = ["KLController", "KLPenalty"]
@@ -74,7 +74,7 @@ class KLPenalty(BaseCallback):
         if self._reference_lm is None:
             return self.model.policy.reference_log_prob(obs, actions)
         logits = self._reference_lm(obs["input_ids"], obs["attention_mask"])[0]  # (n, V)
-        return torch.log_softmax(logits, -1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
+        return token_log_probs(logits, actions)
 
     def _on_step(self) -> bool:
         obs, actions = self.locals["obs_tensor"], torch.as_tensor(self.locals["actions"]).reshape(-1)

@@ -27,7 +27,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from agents.cached_lm import CachedLM, forward_positions, valid_ends
+from agents.cached_lm import CachedLM, forward_positions, token_log_probs, valid_ends
 from agents.masks import top_p_mask
 from text_env.models import DEFAULT_MODEL, load_causal_lm, load_frozen_causal_lm, load_tokenizer
 
@@ -264,8 +264,7 @@ class _CausalLMMixin:
 
     def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor) -> torch.Tensor:
         """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``."""
-        logp = torch.log_softmax(self.reference_logits(obs), dim=-1)
-        return logp.gather(1, actions.long().reshape(-1, 1)).squeeze(1)
+        return token_log_probs(self.reference_logits(obs), actions)
 
     def set_training_mode(self, mode: bool) -> None:
         super().set_training_mode(mode)  # type: ignore[misc]
