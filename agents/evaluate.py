@@ -1,18 +1,32 @@
-"""Evaluate a policy on held-out prompts: reward-model and gold score, KL to the reference, diversity."""
+"""Evaluate any policy on held-out prompts: reward-model and gold score, KL to the reference, diversity, perplexity.
+
+One episode per prompt in the env itself (same MDP, reward and termination as training), so every method of a
+benchmark is measured the same way: LM policies, SB3 baselines without an LM prior (recurrent ones included),
+and plain callables such as uniform random tokens.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
 
-from text_env.vec_env import TextGenVecEnv
+from agents.cached_lm import CachedLM, token_log_probs
+from text_env.models import load_frozen_causal_lm
 
 __all__ = ["Evaluation", "distinct_n", "evaluate"]
+
+# A policy given as a function: observations -> (actions (n,), log-probabilities of those actions (n,)).
+Sampler = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -23,41 +37,119 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 @dataclass
 class Evaluation:
-    """Per-prompt results and their summary."""
+    """Per-prompt results; :attr:`summary` aggregates them."""
 
     prompts: list[str]
     completions: list[str]
     reward_model_score: np.ndarray
     gold_score: np.ndarray
     kl: np.ndarray  # per completion: sum over its tokens of log π - log π_ref
-    summary: dict[str, float] = field(default_factory=dict)
+    reference_log_prob: np.ndarray  # per completion: sum over its tokens of log π_ref
+    n_tokens: np.ndarray  # per completion: tokens generated (EOS included)
+
+    def select(self, index: Sequence[int]) -> Evaluation:
+        """The rows at ``index`` (e.g. the best of several samples per prompt)."""
+        idx = np.asarray(index, dtype=np.int64)
+        return Evaluation(
+            [self.prompts[i] for i in idx], [self.completions[i] for i in idx], self.reward_model_score[idx],
+            self.gold_score[idx], self.kl[idx], self.reference_log_prob[idx], self.n_tokens[idx],
+        )  # fmt: skip
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Means over prompts; ``perplexity`` is the reference model's, over all completion tokens (fluency)."""
+        return {
+            "reward_model_score": float(self.reward_model_score.mean()),
+            "gold_score": float(self.gold_score.mean()),
+            "kl": float(self.kl.mean()),
+            "distinct_1": distinct_n(self.completions, 1),
+            "distinct_2": distinct_n(self.completions, 2),
+            "perplexity": float(np.exp(-self.reference_log_prob.sum() / max(1, self.n_tokens.sum()))),
+            "length": float(self.n_tokens.mean()),
+        }
+
+
+def _unwrapped(env: VecEnv) -> Any:
+    return env.unwrapped if hasattr(env, "unwrapped") else env
+
+
+class _Stepper:
+    """One batched decision for whatever kind of policy: actions and their log-probabilities."""
+
+    def __init__(self, policy: BasePolicy | Sampler, env: VecEnv, deterministic: bool) -> None:
+        self.policy, self.env, self.deterministic = policy, env, deterministic
+        self.recurrent = isinstance(policy, RecurrentActorCriticPolicy)
+        self.maskable = isinstance(policy, MaskableActorCriticPolicy)
+        self.state: Any = None
+
+    def reset(self) -> None:
+        if self.recurrent:
+            from sb3_contrib.common.recurrent.type_aliases import RNNStates
+
+            layers, _, hidden = self.policy.lstm_hidden_state_shape
+            zeros = torch.zeros(layers, self.env.num_envs, hidden, device=self.policy.device)
+            self.state = RNNStates((zeros, zeros.clone()), (zeros.clone(), zeros.clone()))
+        self.starts = torch.ones(self.env.num_envs, device=getattr(self.policy, "device", "cpu"))
+
+    def __call__(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(self.policy, BasePolicy):
+            return self.policy(obs)
+        if self.recurrent:
+            actions, _, log_pi, self.state = self.policy(obs, self.state, self.starts, self.deterministic)
+            self.starts = torch.zeros_like(self.starts)
+        elif self.maskable:  # NLPO: evaluate with the same action masks as training
+            masks = self.env.action_masks()  # type: ignore[attr-defined]
+            actions, _, log_pi = self.policy(obs, deterministic=self.deterministic, action_masks=masks)
+        else:
+            actions, _, log_pi = self.policy(obs, deterministic=self.deterministic)
+        return actions.reshape(-1), log_pi.reshape(-1)
 
 
 @torch.no_grad()
 def evaluate(
-    policy: BasePolicy, env: TextGenVecEnv, prompts: Sequence[str], deterministic: bool = False, seed: int = 0
+    policy: BasePolicy | Sampler,
+    env: VecEnv,
+    prompts: Sequence[str],
+    deterministic: bool = False,
+    seed: int = 0,
+    reference: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
     """Run one episode per prompt in ``env`` (batches of ``env.num_envs``) with ``policy``.
 
-    The episodes are the env's own (same MDP, reward and termination as training). KL uses the policy's
-    ``reference_log_prob`` when it has one (0 otherwise).
+    :param policy: an SB3 policy (``algo.policy``: LM, maskable — then ``env`` must give ``action_masks()`` —,
+        recurrent, or any ``ActorCriticPolicy``), or a function ``obs -> (actions, log_probs)``.
+    :param reference: the LM that KL and perplexity are measured against. ``None``: the policy's own frozen
+        reference when it has one (LM policies; no extra copy), else the env's model.
     """
     torch.manual_seed(seed)
-    policy.set_training_mode(False)
+    if isinstance(policy, BasePolicy):
+        policy.set_training_mode(False)
+    device = getattr(policy, "device", torch.device("cpu"))
+    if reference is None and hasattr(policy, "reference_log_prob"):
+        reference_log_prob = policy.reference_log_prob
+    else:
+        ref_lm = CachedLM(load_frozen_causal_lm(reference or _unwrapped(env).core.model_name).to(device))
+
+        def reference_log_prob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
+            return token_log_probs(ref_lm(obs["input_ids"], obs["attention_mask"])[0], actions)
+
+    step = _Stepper(policy, env, deterministic)
     n = env.num_envs
-    completions, rm, gold, kl = [], [], [], []
+    completions: list[str] = []
+    rm, gold, kl, ref_sum, n_tokens = [], [], [], [], []
     for start in range(0, len(prompts), n):
         chunk = list(prompts[start : start + n])
         env.set_options([{"prompt": chunk[i % len(chunk)]} for i in range(n)])
         obs = env.reset()
+        step.reset()
         live = np.ones(n, dtype=bool)
         results: list[dict | None] = [None] * n
-        kl_sum = np.zeros(n)
+        sums = np.zeros((3, n))  # log π, log π_ref, tokens
         while live.any():
-            obs_t = obs_as_tensor(obs, policy.device)
-            actions, _, log_pi = policy(obs_t, deterministic=deterministic)
-            if hasattr(policy, "reference_log_prob"):
-                kl_sum += live * (log_pi - policy.reference_log_prob(obs_t, actions)).cpu().numpy()
+            obs_t = obs_as_tensor(obs, device)
+            actions, log_pi = step(obs_t)  # type: ignore[arg-type]
+            log_ref = reference_log_prob(obs_t, actions)  # type: ignore[arg-type]
+            sums += live * np.stack([log_pi.float().cpu().numpy(), log_ref.float().cpu().numpy(), np.ones(n)])
             obs, _, dones, infos = env.step(actions.cpu().numpy())
             for i in np.flatnonzero(dones & live):
                 results[i], live[i] = infos[i], False
@@ -67,13 +159,9 @@ def evaluate(
             completions.append(info["completion"])
             rm.append(info["reward_model_score"])
             gold.append(info["gold_score"])
-            kl.append(kl_sum[i])
-    result = Evaluation(list(prompts), completions, np.array(rm), np.array(gold), np.array(kl))
-    result.summary = {
-        "reward_model_score": float(result.reward_model_score.mean()),
-        "gold_score": float(result.gold_score.mean()),
-        "kl": float(result.kl.mean()),
-        "distinct_1": distinct_n(completions, 1),
-        "distinct_2": distinct_n(completions, 2),
-    }
-    return result
+            kl.append(sums[0, i] - sums[1, i])
+            ref_sum.append(sums[1, i])
+            n_tokens.append(int(sums[2, i]))
+    return Evaluation(
+        list(prompts), completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
+    )

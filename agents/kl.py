@@ -45,15 +45,24 @@ class KLController:
 class KLPenalty(BaseCallback):
     """Per-token KL penalty in the reward, with logging of KL and β every rollout.
 
-    :param controller: the β schedule (default: fixed β = 0.05).
-    :param reference: where ``log π_ref`` comes from: ``None`` uses the policy's own frozen reference
-        (``CausalLMPolicy.reference_log_prob``); a model name/directory loads that LM, for policies without an
-        LM prior (e.g. ``MultiInputPolicy`` baselines), so that all methods are leashed to the same reference.
+    :param beta: the KL coefficient (initial value when adaptive).
+    :param target_kl: nats per episode that an adaptive β steers toward (Ziegler et al.); ``None``: β stays fixed.
+    :param horizon: the adaptive controller's horizon, in episodes.
+    :param reference: where ``log π_ref`` comes from: a model name/directory loads that LM; ``None`` uses the
+        policy's own frozen reference (``CausalLMPolicy.reference_log_prob``) or, for policies without an LM
+        prior (``MultiInputPolicy`` baselines), the env's LM, so that all methods are leashed to the same one.
     """
 
-    def __init__(self, controller: KLController | None = None, reference: str | None = None, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.05,
+        target_kl: float | None = None,
+        horizon: int = 10_000,
+        reference: str | None = None,
+        verbose: int = 0,
+    ) -> None:
         super().__init__(verbose)
-        self.controller = controller if controller is not None else KLController()
+        self.controller = KLController(beta, target_kl, horizon)
         self.reference = reference
         self._reference_lm: CachedLM | None = None
         self._kl_sum = 0.0
@@ -61,13 +70,16 @@ class KLPenalty(BaseCallback):
         self._episodes = 0
 
     def _on_training_start(self) -> None:
+        if self.reference is None and not hasattr(self.model.policy, "reference_log_prob"):
+            try:  # a policy without an LM prior: leash it to the LM of the env it acts in
+                self.reference = self.training_env.get_attr("model_name")[0]
+            except AttributeError:
+                raise TypeError(
+                    f"{type(self.model.policy).__name__} has no reference model and the env names no LM: pass "
+                    "KLPenalty(reference='default') (or the model the env was built on)"
+                ) from None
         if self.reference is not None:
             self._reference_lm = CachedLM(load_frozen_causal_lm(self.reference).to(self.model.device))
-        elif not hasattr(self.model.policy, "reference_log_prob"):
-            raise TypeError(
-                f"{type(self.model.policy).__name__} has no reference model: pass KLPenalty(reference='default') "
-                "(or the model the env was built on) to leash it to that LM"
-            )
 
     def reference_log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """``log π_ref(a|s)``, shape ``(n_envs,)``."""

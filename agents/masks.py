@@ -63,7 +63,7 @@ class TopPMask(VecEnvWrapper):
     rollout step costs one token per env; masks are computed on demand and reused until the next step.
 
     :param venv: a TextGen ``VecEnv`` (``Dict`` observations with ``input_ids`` and ``attention_mask``).
-    :param model: the masking LM: ``"default"``, a local directory or a hub id (usually the policy's start).
+    :param model: the masking LM: ``"default"``, a local directory or a hub id; ``None``: the env's LM.
     :param top_p: nucleus mass to keep (1.0: every token).
     :param top_k: keep at most this many tokens (0: no limit).
     :param bf16: run the masking LM under bfloat16 autocast (weights stay float32).
@@ -73,7 +73,7 @@ class TopPMask(VecEnvWrapper):
     def __init__(
         self,
         venv: VecEnv,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None = None,
         top_p: float = 0.9,
         top_k: int = 0,
         bf16: bool = True,
@@ -83,6 +83,8 @@ class TopPMask(VecEnvWrapper):
         if not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need 0 < top_p <= 1 and top_k >= 0, got top_p={top_p}, top_k={top_k}")
         super().__init__(venv)
+        if model is None:
+            model = venv.get_attr("model_name")[0]
         self.model_name = os.fspath(model)
         self.top_p, self.top_k, self.bf16 = top_p, top_k, bf16
         self.device = get_device(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import time
@@ -17,7 +18,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.callbacks import TextMetrics
 from agents.evaluate import Evaluation, evaluate
-from agents.kl import KLController, KLPenalty
+from agents.kl import KLPenalty
 from agents.masks import TopPMask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from text_env.core import resolve_reward
@@ -84,6 +85,8 @@ def algorithm_class(algo: str) -> type[BaseAlgorithm]:
 def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
     """Build the SB3 algorithm named by ``config.algo`` with the causal-LM policy on ``env``."""
     cls = algorithm_class(config.algo)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'textgen-rl[tensorboard]'")
     if config.algo == "trpo" and config.lora is not None:
         raise ValueError(
             "sb3_contrib.TRPO differentiates every policy parameter, and LoRA freezes the base model's: "
@@ -108,7 +111,7 @@ def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
 
 def _table(before: Evaluation, after: Evaluation, n_samples: int = 3) -> str:
     rows = ["| metric | before | after |", "|---|---|---|"]
-    for key in ("reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2"):
+    for key in ("reward_model_score", "gold_score", "kl", "perplexity", "distinct_1", "distinct_2"):
         rows.append(f"| {key} | {before.summary[key]:.3f} | {after.summary[key]:.3f} |")
     rows += ["", "| prompt | before | after |", "|---|---|---|"]
     for i in range(min(n_samples, len(before.prompts))):
@@ -134,7 +137,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     before = evaluate(algo.policy, eval_env, eval_prompts, seed=config.seed)
     metrics = TextMetrics()
-    kl = KLPenalty(KLController(config.beta, config.target_kl))
+    kl = KLPenalty(config.beta, config.target_kl)
     algo.learn(config.total_timesteps, callback=CallbackList([kl, metrics]), progress_bar=_has_progress_bar())
     train_seconds = time.time() - started
     after = evaluate(algo.policy, eval_env, eval_prompts, seed=config.seed)

@@ -14,7 +14,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 
 from agents.baselines import BagOfTokens, LastTokenEmbedding
-from agents.kl import KLController, KLPenalty
+from agents.kl import KLPenalty
 
 L = 8
 OBS_SPACE = spaces.Dict(
@@ -77,7 +77,7 @@ def test_recurrent_ppo_with_last_token_embedding(tiny_env_kwargs: dict, tiny_mod
     )  # fmt: skip
     assert isinstance(model.policy.features_extractor, LastTokenEmbedding)
     before = weights(model.policy)
-    penalty = KLPenalty(KLController(beta=0.1), reference=str(tiny_model))  # leashed to the LM it does not use
+    penalty = KLPenalty(beta=0.1, reference=str(tiny_model))  # leashed to the LM it does not use
     model.learn(256, callback=penalty)
     moved = changed(before, model.policy)
     assert any("features_extractor.embedding" in k for k in moved) and any("lstm_actor" in k for k in moved)
@@ -99,3 +99,27 @@ def test_ppo_with_bag_of_tokens(tiny_env_kwargs: dict, tiny_model: Path) -> None
     assert any("features_extractor.embedding" in k for k in moved) and any("action_net" in k for k in moved)
     actions, _ = model.predict(venv.reset())
     assert actions.shape == (4,) and ((actions >= 0) & (actions < 128)).all()
+
+
+def test_evaluate_policies_without_an_lm_prior(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """evaluate() measures baselines like LM policies: KL and perplexity against the env's LM."""
+    from agents.evaluate import evaluate
+
+    venv = make_env(tiny_env_kwargs, 3, reward_model=LengthReward())
+    lstm = RecurrentPPO("MultiInputLstmPolicy", venv, n_steps=8, seed=0,
+                        policy_kwargs=dict(features_extractor_class=LastTokenEmbedding))  # fmt: skip
+    bag = PPO("MultiInputPolicy", venv, n_steps=8, seed=0, policy_kwargs=dict(features_extractor_class=BagOfTokens))
+    vocab = 128
+
+    def uniform(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = obs["input_ids"].shape[0]
+        return torch.randint(vocab, (n,)), torch.full((n,), -np.log(vocab))
+
+    prompts = ["the movie was", "a sad , dull", "great acting and", "i loved the film and"]
+    for policy in (lstm.policy, bag.policy, uniform):
+        result = evaluate(policy, venv, prompts, seed=0)
+        assert len(result.completions) == 4 and (result.n_tokens >= 1).all()
+        # log π of near-uniform policies is about -log V per token; KL = Σ log π - Σ log π_ref.
+        log_pi = result.kl + result.reference_log_prob
+        np.testing.assert_allclose(log_pi / result.n_tokens, -np.log(vocab), atol=0.5)
+        assert np.isfinite(result.summary["perplexity"]) and result.summary["perplexity"] > 1

@@ -106,7 +106,7 @@ def test_penalty_is_zero_for_a_policy_equal_to_its_reference(
     venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
     model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0,
                 policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
-    before, after = run_one_rollout(model, KLPenalty(KLController(beta=1.0)), tmp_path)
+    before, after = run_one_rollout(model, KLPenalty(beta=1.0), tmp_path)
     env_rewards = np.stack([s["rewards"] for s in before.steps])
     assert env_rewards.sum() > 0  # episodes did end and pay
     np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards, atol=1e-6)
@@ -124,7 +124,7 @@ def test_penalty_shapes_rewards(tiny_env_kwargs: dict, tiny_model: Path, tmp_pat
         for p in model.policy.lm.parameters():
             p.add_(0.1 * torch.randn_like(p))
     rollout_lm = copy.deepcopy(model.policy.lm)  # the weights the rollout runs with (training comes after it)
-    before, after = run_one_rollout(model, KLPenalty(KLController(beta=beta)), tmp_path)
+    before, after = run_one_rollout(model, KLPenalty(beta=beta), tmp_path)
 
     log_pi = log_probs_of(rollout_lm, before.steps)  # (n_steps, n_envs)
     log_ref = log_probs_of(load_causal_lm(tiny_model), before.steps)
@@ -145,7 +145,7 @@ def test_adaptive_beta_rises_when_kl_is_over_target(tiny_env_kwargs: dict, tiny_
     with torch.no_grad():
         for p in model.policy.lm.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    penalty = KLPenalty(KLController(beta=0.1, target=1e-4, horizon=10))
+    penalty = KLPenalty(beta=0.1, target_kl=1e-4, horizon=10)
     run_one_rollout(model, penalty, tmp_path)
     assert penalty.controller.beta > 0.1
     assert penalty.state() == {"beta": penalty.controller.beta, "target": 1e-4, "horizon": 10}
@@ -156,7 +156,7 @@ def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: P
     venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
     model = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=32, n_epochs=1, gamma=0.0, seed=0,
                 policy_kwargs=dict(features_extractor_class=BagOfTokens))  # fmt: skip
-    before, after = run_one_rollout(model, KLPenalty(KLController(beta=0.5), reference=str(tiny_model)), tmp_path)
+    before, after = run_one_rollout(model, KLPenalty(beta=0.5, reference=str(tiny_model)), tmp_path)
     log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])
     kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
     assert np.abs(kl).max() > 1e-3
@@ -165,8 +165,17 @@ def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: P
     np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
 
 
-def test_penalty_without_any_reference_explains(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+def test_penalty_defaults_to_the_env_model(tiny_env_kwargs: dict, tiny_model: Path) -> None:
     model = PPO("MultiInputPolicy", make_env(tiny_env_kwargs, 2), n_steps=4, batch_size=8,
                 policy_kwargs=dict(features_extractor_class=BagOfTokens))  # fmt: skip
-    with pytest.raises(TypeError, match=r"has no reference model: pass KLPenalty\(reference="):
-        model.learn(8, callback=KLPenalty())
+    penalty = KLPenalty()
+    model.learn(8, callback=penalty)
+    assert penalty.reference == str(tiny_model) and penalty._reference_lm is not None
+
+
+def test_penalty_without_any_reference_explains(tiny_env_kwargs: dict) -> None:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    model = PPO("MlpPolicy", make_vec_env("CartPole-v1", 1), n_steps=4, batch_size=4)
+    with pytest.raises(TypeError, match=r"has no reference model and the env names no LM: pass KLPenalty\(reference="):
+        model.learn(4, callback=KLPenalty())

@@ -494,8 +494,31 @@ def test_evaluate(tiny_env_kwargs: dict, tiny_model: Path) -> None:
     assert result.prompts == TINY_PROMPTS and len(result.completions) == len(TINY_PROMPTS)
     assert result.kl.shape == (4,) and np.abs(result.kl).max() < 1e-5  # the untrained policy is its reference
     np.testing.assert_allclose(result.reward_model_score, LengthReward().score(TINY_PROMPTS, result.completions))
-    assert set(result.summary) == {"reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2"}
+    keys = {"reward_model_score", "gold_score", "kl", "perplexity", "distinct_1", "distinct_2", "length"}
+    assert set(result.summary) == keys
     assert result.summary["distinct_1"] == distinct_n(result.completions, 1)
+    assert (result.n_tokens >= 1).all() and (result.n_tokens <= 6).all() and (result.reference_log_prob < 0).all()
+    ppl = np.exp(-result.reference_log_prob.sum() / result.n_tokens.sum())
+    assert result.summary["perplexity"] == pytest.approx(ppl)
+    # Against an explicit reference (a fresh frozen copy of the same LM, no policy shortcut) nothing changes.
+    explicit = evaluate(model.policy, env, TINY_PROMPTS, seed=1, reference=str(tiny_model))
+    np.testing.assert_allclose(explicit.reference_log_prob, result.reference_log_prob, atol=1e-4)
+    best = result.select([3, 0])
+    assert best.prompts == [TINY_PROMPTS[3], TINY_PROMPTS[0]] and best.kl.shape == (2,)
     assert evaluate(model.policy, env, TINY_PROMPTS, seed=1).completions == result.completions  # seeded
     greedy = evaluate(model.policy, env, TINY_PROMPTS, deterministic=True)
     assert greedy.completions == evaluate(model.policy, env, TINY_PROMPTS, deterministic=True, seed=9).completions
+
+
+def test_evaluate_applies_action_masks(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """A MaskablePPO policy is evaluated under the env's masks: with top_k=1 it can only decode greedily."""
+    venv = TopPMask(make_env(tiny_env_kwargs, 3), top_p=1.0, top_k=1, bf16=False)  # masks from the env's LM
+    assert venv.model_name == str(tiny_model)
+    model = MaskablePPO(MaskableCausalLMPolicy, venv, n_steps=8, batch_size=24, seed=0,
+                        policy_kwargs=lm_kwargs(tiny_model))  # fmt: skip
+    masked = evaluate(model.policy, venv, TINY_PROMPTS, seed=4)
+    greedy = evaluate(lm_ppo(make_env(tiny_env_kwargs, 3), tiny_model).policy, venv.venv, TINY_PROMPTS,
+                      deterministic=True)  # fmt: skip
+    assert masked.completions == greedy.completions
+    np.testing.assert_allclose(masked.reference_log_prob, greedy.reference_log_prob, atol=1e-4)
+    assert np.abs(masked.kl + masked.reference_log_prob).max() < 1e-4  # log π = 0: one allowed token

@@ -100,6 +100,11 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         """The model's tokenizer (what the policy must share)."""
         return self.core.tokenizer
 
+    @property
+    def model_name(self) -> str:
+        """The LM whose tokens are the actions: the reference that KL penalties and top-p masks default to."""
+        return self.core.model_name
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -74,8 +74,10 @@ def load_preferences(source: str | os.PathLike[str], split: str = "train") -> li
 
 
 def append_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair]) -> None:
-    """Append pairs to a JSONL file, flushing each line (safe to interrupt)."""
-    with Path(path).open("a", encoding="utf-8") as f:
+    """Append pairs to a JSONL file (its directory is created), flushing each line (safe to interrupt)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
         for pair in pairs:
             f.write(pair.to_json() + "\n")
             f.flush()

@@ -1,0 +1,384 @@
+"""Every method on the same task, model, reward model, prompts and environment-step budget, over several seeds.
+
+Learners (all leashed by the same per-token KL penalty, ``agents.kl.KLPenalty``, to the same reference LM):
+SB3 ``PPO``, ``A2C``, sb3-contrib ``TRPO`` with ``CausalLMPolicy``; ``MaskablePPO`` with top-p masks from the
+reference (NLPO-style); and, without an LM prior, ``PPO("MultiInputPolicy")`` on a bag of token embeddings and
+``RecurrentPPO`` with a token-level LSTM. References that do not learn: uniform random tokens, the base LM's own
+samples, and best-of-n sampling with the reward model (n = 4, 16). Every method is then measured by
+``agents.evaluate.evaluate`` on the same held-out prompts.
+
+Run::
+
+    python benchmarks/compare_algorithms.py --quick   # a tiny random LM and the gold reward: seconds (CI runs it)
+    python benchmarks/compare_algorithms.py           # the embedded default model: see benchmarks/results/
+
+Writes ``<out>/<name>.md`` (table, command, machine), ``<name>.json`` (every run, with its learning curve),
+``<name>_curves.png`` (scores vs environment steps) and ``<name>_frontier.png`` (gold score vs KL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LM_LEARNERS = ("ppo", "a2c", "trpo", "maskable_ppo")
+PRIORLESS_LEARNERS = ("ppo_bag_of_tokens", "recurrent_ppo_lstm")
+REFERENCES = ("random", "base_lm", "best_of_4", "best_of_16")
+METHODS = LM_LEARNERS + PRIORLESS_LEARNERS + REFERENCES
+LABELS = {
+    "ppo": "PPO + CausalLMPolicy (LoRA)",
+    "a2c": "A2C + CausalLMPolicy (LoRA)",
+    "trpo": "TRPO + CausalLMPolicy (full)",
+    "maskable_ppo": "MaskablePPO + top-p masks (NLPO, LoRA)",
+    "ppo_bag_of_tokens": "PPO MultiInputPolicy, bag of tokens (no LM)",
+    "recurrent_ppo_lstm": "RecurrentPPO, token LSTM (no LM)",
+    "random": "uniform random tokens",
+    "base_lm": "base LM samples",
+    "best_of_4": "best-of-4 (reward model)",
+    "best_of_16": "best-of-16 (reward model)",
+}
+METRICS = ("reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2", "perplexity", "length")
+
+
+@dataclass
+class BenchConfig:
+    """What every method shares. ``timesteps`` is each learner's environment-step (token) budget."""
+
+    model: str = "default"
+    task: str = "positive-review"
+    reward_model: str | None = None  # None: the task's default (its shipped learned reward model)
+    timesteps: int = 2048
+    n_envs: int = 16
+    n_steps: int = 32
+    batch_size: int = 128
+    beta: float = 0.05
+    eval_prompts: int = 32
+    max_new_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    bf16: bool = True
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method algorithm keyword overrides
+
+
+# --- one run ---------------------------------------------------------------------------------------------------
+
+
+def _learner(method: str, env: Any, cfg: BenchConfig, seed: int) -> Any:
+    """The SB3 algorithm for ``method``."""
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3 import PPO
+
+    from agents.baselines import BagOfTokens, LastTokenEmbedding
+    from agents.train import TrainConfig, make_algorithm
+
+    extra = cfg.extra.get(method, {})
+    if method in LM_LEARNERS:
+        full = method == "trpo"  # TRPO differentiates every parameter: no LoRA (see agents.train.make_algorithm)
+        config = TrainConfig(
+            model=cfg.model, algo=method, total_timesteps=cfg.timesteps, n_envs=cfg.n_envs, n_steps=cfg.n_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=1e-5 if full else 1e-4, bf16=cfg.bf16, lora=None if full else {"r": 16}, seed=seed,
+            extra=extra,
+        )  # fmt: skip
+        algo = make_algorithm(config, env)
+        algo.verbose = 0
+        return algo
+    common = dict(n_steps=cfg.n_steps, learning_rate=3e-4, gamma=1.0, seed=seed, **extra)
+    if method == "ppo_bag_of_tokens":
+        kwargs = dict(features_extractor_class=BagOfTokens)
+        return PPO("MultiInputPolicy", env, batch_size=cfg.batch_size, policy_kwargs=kwargs, **common)
+    if method == "recurrent_ppo_lstm":
+        kwargs = dict(features_extractor_class=LastTokenEmbedding)
+        lstm = RecurrentPPO("MultiInputLstmPolicy", env, batch_size=cfg.batch_size, policy_kwargs=kwargs, **common)
+        return lstm
+    raise ValueError(f"{method} is not a learner")
+
+
+def _uniform(vocab: int) -> Any:
+    def sample(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = obs["input_ids"].shape[0]
+        return torch.randint(vocab, (n,)), torch.full((n,), -math.log(vocab))
+
+    return sample
+
+
+def run_one(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
+    """Train (learners) and evaluate one method with one seed; return its metrics and learning curve."""
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from agents.callbacks import TextMetrics
+    from agents.evaluate import evaluate
+    from agents.kl import KLPenalty
+    from agents.masks import TopPMask
+    from agents.policies import CausalLMPolicy
+    from text_env.core import resolve_reward
+    from text_env.tasks import get_task
+    from text_env.vec_env import make_text_vec_env
+
+    torch.manual_seed(seed)
+    task = get_task(cfg.task)
+    env_kwargs = dict(
+        model=cfg.model, task=task, reward_model=resolve_reward(cfg.reward_model, task),
+        max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+    )  # fmt: skip
+    eval_env = make_text_vec_env(cfg.n_envs, seed=seed, split="eval", **env_kwargs)
+    prompts = task.eval_prompts[: cfg.eval_prompts]
+    result: dict[str, Any] = {"method": method, "seed": seed, "curve": []}
+    started = time.time()
+    if method in LM_LEARNERS + PRIORLESS_LEARNERS:
+        env = make_text_vec_env(cfg.n_envs, seed=seed, **env_kwargs)
+        algo = _learner(method, env, cfg, seed)
+        metrics = TextMetrics()
+        algo.learn(cfg.timesteps, callback=CallbackList([KLPenalty(cfg.beta), metrics]))
+        result["train_seconds"] = time.time() - started
+        result["steps_per_second"] = cfg.timesteps / result["train_seconds"]
+        result["curve"] = metrics.history
+        if method == "maskable_ppo":
+            eval_env = TopPMask(eval_env, cfg.model, top_p=0.9, bf16=cfg.bf16)
+        evaluation = evaluate(algo.policy, eval_env, prompts, seed=seed)
+    else:
+        n = int(method.removeprefix("best_of_")) if method.startswith("best_of_") else 1
+        if method == "random":
+            policy: Any = _uniform(int(eval_env.action_space.n))  # type: ignore[attr-defined]
+        else:
+            space = eval_env.observation_space, eval_env.action_space
+            policy = CausalLMPolicy(*space, lambda _: 0.0, model=cfg.model, bf16=cfg.bf16)
+        samples = evaluate(policy, eval_env, [p for p in prompts for _ in range(n)], seed=seed)
+        result["train_seconds"] = time.time() - started  # sampling is all the work these methods do
+        result["steps_per_second"] = float(samples.n_tokens.sum()) / result["train_seconds"]
+        best = samples.reward_model_score.reshape(len(prompts), n).argmax(1) + n * np.arange(len(prompts))
+        evaluation = samples.select(best)
+        if n > 1:  # KL of best-of-n to its base: log n - (n-1)/n (Stiennon et al. 2020)
+            evaluation.kl[:] = math.log(n) - (n - 1) / n
+    result.update(evaluation.summary)
+    result["eval_samples"] = [
+        {"prompt": p, "completion": c} for p, c in zip(evaluation.prompts[:3], evaluation.completions[:3], strict=True)
+    ]
+    result["total_seconds"] = time.time() - started
+    return result
+
+
+def run_isolated(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
+    """:func:`run_one` in a fresh Python process, so that its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, __file__, "--run-one", method, "--seed", str(seed), "--result", str(out),
+                   "--config-json", json.dumps(asdict(cfg))]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            return {"method": method, "seed": seed, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+        return json.loads(out.read_text())
+
+
+def _child(method: str, seed: int, cfg: BenchConfig, out: Path) -> None:
+    result = run_one(method, seed, cfg)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    out.write_text(json.dumps(result))
+
+
+# --- aggregation and reporting -----------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean and std over seeds of every metric, and the errors of failed runs."""
+    table: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        ok = [r for r in runs if r["method"] == method and "error" not in r]
+        errors = [r["error"] for r in runs if r["method"] == method and "error" in r]
+        row: dict[str, Any] = {"seeds": len(ok), "errors": errors}
+        for key in (*METRICS, "train_seconds", "steps_per_second", "peak_rss_gb"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                row[key] = (float(np.mean(values)), float(np.std(values)))
+        table[method] = row
+    return table
+
+
+def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    if key not in row:
+        return "—"
+    mean, std = row[key]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(summary: dict[str, dict[str, Any]], cfg: BenchConfig, command: str, machine: str, seeds: int) -> str:
+    lines = [
+        "# Algorithms compared on TextGen-v0",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}. Task `{cfg.task}`, model `{cfg.model}`, reward model "
+        f"`{cfg.reward_model or 'the task default'}`; every learner gets {cfg.timesteps} environment steps "
+        f"(tokens) in rollouts of {cfg.n_envs} envs x {cfg.n_steps} steps, KL penalty beta = {cfg.beta} to the "
+        f"same reference LM; every method is evaluated on the same {cfg.eval_prompts} held-out prompts. "
+        f"Mean ± std over {seeds} seeds. KL: nats per completion (best-of-n: the analytic log n - (n-1)/n); "
+        "perplexity: of the completions under the reference LM; wall s: training (learners) or sampling "
+        "(references) time; steps/s: environment steps (tokens) per second of that time; peak RSS: of the "
+        "process that ran the method.",
+        "",
+        "| method | reward model | gold | KL | distinct-1 | distinct-2 | perplexity | wall s | steps/s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in summary.items():
+        cells = [
+            _cell(row, "reward_model_score"), _cell(row, "gold_score"), _cell(row, "kl", 2),
+            _cell(row, "distinct_1"), _cell(row, "distinct_2"), _cell(row, "perplexity", 1),
+            _cell(row, "train_seconds", 0), _cell(row, "steps_per_second", 1), _cell(row, "peak_rss_gb", 2),
+        ]  # fmt: skip
+        if row["errors"]:
+            cells[-1] += f" ({len(row['errors'])} failed: {row['errors'][0]})"
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: Path, name: str) -> list[Path]:
+    """Scores vs environment steps (learners; references as dashed lines), and gold score vs KL."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'textgen-rl[plots]'): no plots")
+        return []
+    colors = dict(zip(summary, plt.get_cmap("tab10").colors, strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    panels = (("gold_score", "gold (VADER)"), ("reward_model_score", "reward model"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for method, row in summary.items():
+            curves = [r["curve"] for r in runs if r["method"] == method and r.get("curve")]
+            if curves:
+                n = min(len(c) for c in curves)
+                steps = np.array([c[i]["timesteps"] for i in range(n) for c in curves[:1]])
+                values = np.array([[c[i][key] for i in range(n)] for c in curves])  # (seeds, rollouts)
+                mean, std = values.mean(0), values.std(0)
+                ax.plot(steps, mean, label=LABELS.get(method, method), color=colors[method])
+                ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.15)
+            elif key in row:
+                ax.axhline(row[key][0], ls="--", lw=1, color=colors[method], label=LABELS.get(method, method))
+        ax.set_title(f"{title} score of training episodes (dashed: references, on held-out prompts)", fontsize=9)
+        ax.set_xlabel("environment steps (tokens)")
+        ax.set_ylabel("mean score")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    curves_png = out / f"{name}_curves.png"
+    fig.savefig(curves_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, row in summary.items():
+        if "kl" in row and "gold_score" in row:
+            (kl, kl_std), (gold, gold_std) = row["kl"], row["gold_score"]
+            ax.errorbar(kl, gold, xerr=kl_std, yerr=gold_std, fmt="o", color=colors[method],
+                        label=LABELS.get(method, method), capsize=3)  # fmt: skip
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL to the reference LM (nats per completion, symlog)")
+    ax.set_ylabel("gold score on held-out prompts")
+    ax.set_title("reward–KL frontier: up and to the left is better", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    frontier_png = out / f"{name}_frontier.png"
+    fig.savefig(frontier_png, dpi=100)
+    plt.close(fig)
+    return [curves_png, frontier_png]
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def _quick_config(tmp: Path) -> BenchConfig:
+    """A tiny random LM and the gold reward: checks the harness end to end in seconds."""
+    from text_env.models import make_tiny_model
+
+    model = make_tiny_model(tmp / "tiny-lm")
+    return BenchConfig(
+        model=str(model), reward_model="gold", timesteps=96, n_envs=4, n_steps=8, batch_size=16, eval_prompts=4,
+        max_new_tokens=6, max_prompt_tokens=128, bf16=False,
+        extra={"trpo": {"cg_max_steps": 2, "n_critic_updates": 1, "line_search_max_iter": 2}},
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random LM, gold reward, 2 seeds: seconds")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (3; --quick: 2)")
+    parser.add_argument("--model", default=None, help="LM of every method ('default')")
+    parser.add_argument("--reward-model", default=None, help="reward-model directory or 'gold' (task default)")
+    parser.add_argument("--timesteps", type=int, default=None, help="environment steps per learner (2048)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts per evaluation (32)")
+    parser.add_argument("--out", default="benchmarks/results", help="results directory (%(default)s)")
+    parser.add_argument("--name", default=None, help="results file stem (compare_algorithms[_quick])")
+    parser.add_argument("--in-process", action="store_true", help="run methods here, not one process each (no RSS)")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--config-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:  # child process of run_isolated
+        _child(args.run_one, args.seed, BenchConfig(**json.loads(args.config_json)), Path(args.result))
+        return {}
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    tmp = tempfile.TemporaryDirectory()
+    if args.quick:
+        torch.set_num_threads(1)  # a tiny model is fastest on one thread
+    cfg = _quick_config(Path(tmp.name)) if args.quick else BenchConfig()
+    for key in ("model", "reward_model", "timesteps", "eval_prompts"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    seeds = args.seeds or (2 if args.quick else 3)
+    in_process = args.in_process or args.quick
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or ("compare_algorithms_quick" if args.quick else "compare_algorithms")
+
+    runs = []
+    for method in methods:
+        for seed in range(seeds):
+            print(f"{method} seed {seed} ...", end=" ", flush=True)
+            if in_process:
+                try:
+                    run = run_one(method, seed, cfg)
+                except Exception as error:  # a failed method is a row that says so, not a lost benchmark
+                    traceback.print_exc()
+                    run = {"method": method, "seed": seed, "error": [f"{type(error).__name__}: {error}"]}
+            else:
+                run = run_isolated(method, seed, cfg)
+            runs.append(run)
+            print(run.get("error") or f"gold {run['gold_score']:.3f}, KL {run['kl']:.2f}, {run['total_seconds']:.0f} s")
+    summary = summarize(runs)
+    command = "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}"
+    )
+    table = markdown(summary, cfg, command.strip(), machine, seeds)
+    config = asdict(cfg) | ({"model": "tiny random LM (make_tiny_model)"} if args.quick else {})
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
+    pngs = plot(runs, summary, out, name)
+    print(table)
+    print("wrote", ", ".join(str(p) for p in [out / f"{name}.md", out / f"{name}.json", *pngs]))
+    tmp.cleanup()
+    return {"summary": summary, "runs": runs}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/compare_algorithms.py --quick: every method gets a row, with every metric, and the plots are drawn."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def load_benchmark():  # type: ignore[no-untyped-def]  (a script, not a package)
+    spec = importlib.util.spec_from_file_location("compare_algorithms", ROOT / "benchmarks" / "compare_algorithms.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  (its dataclass looks itself up there)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_quick_mode_produces_every_row(tmp_path: Path) -> None:
+    bench = load_benchmark()
+    bench.main(["--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
+    assert list(result["summary"]) == list(bench.METHODS)
+    for method, row in result["summary"].items():
+        assert row["errors"] == [] and row["seeds"] == 2, method
+        for key in (*bench.METRICS, "train_seconds", "steps_per_second"):
+            mean, std = row[key]
+            assert mean == mean and std >= 0, (method, key)  # not NaN
+    learners = bench.LM_LEARNERS + bench.PRIORLESS_LEARNERS
+    assert all(run["curve"] for run in result["runs"] if run["method"] in learners)
+    assert result["summary"]["base_lm"]["kl"][0] == pytest.approx(0.0, abs=1e-3)  # the reference itself
+    assert result["summary"]["best_of_4"]["kl"][0] == pytest.approx(1.386 - 0.75, abs=1e-3)
+    table = (tmp_path / "compare_algorithms_quick.md").read_text()
+    assert all(bench.LABELS[m] in table for m in bench.METHODS) and "--quick" in table
+    assert (tmp_path / "compare_algorithms_quick_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "compare_algorithms_quick_frontier.png").stat().st_size > 10_000
+
+
+def test_unknown_method_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        load_benchmark().main(["--quick", "--methods", "ppo,sac", "--out", str(tmp_path)])
