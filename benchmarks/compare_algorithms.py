@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ import torch
 LM_LEARNERS = ("ppo", "a2c", "trpo", "maskable_ppo")
 PRIORLESS_LEARNERS = ("ppo_bag_of_tokens", "recurrent_ppo_lstm")
 REFERENCES = ("random", "base_lm", "best_of_4", "best_of_16")
-METHODS = LM_LEARNERS + PRIORLESS_LEARNERS + REFERENCES
+EXTERNAL = ("trl_grpo",)  # needs the optional `trl` package; skipped with a message without it
+METHODS = LM_LEARNERS + PRIORLESS_LEARNERS + REFERENCES + EXTERNAL
 LABELS = {
     "ppo": "PPO + CausalLMPolicy (LoRA)",
     "a2c": "A2C + CausalLMPolicy (LoRA)",
@@ -50,6 +51,7 @@ LABELS = {
     "base_lm": "base LM samples",
     "best_of_4": "best-of-4 (reward model)",
     "best_of_16": "best-of-16 (reward model)",
+    "trl_grpo": "TRL GRPOTrainer (LoRA; external anchor)",
 }
 METRICS = ("reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2", "perplexity", "length")
 
@@ -70,7 +72,11 @@ class BenchConfig:
     max_new_tokens: int | None = None
     max_prompt_tokens: int | None = None
     bf16: bool = True
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method algorithm keyword overrides
+    # Per-method algorithm keyword overrides. TRPO's defaults (15 conjugate-gradient steps, 10 critic epochs per
+    # rollout) would make it 3x slower than PPO per step here; the cut is part of what is benchmarked.
+    extra: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"trpo": {"cg_max_steps": 5, "n_critic_updates": 2}}
+    )
 
 
 # --- one run ---------------------------------------------------------------------------------------------------
@@ -115,6 +121,68 @@ def _uniform(vocab: int) -> Any:
     return sample
 
 
+class Skipped(Exception):
+    """A method that cannot run here (an optional package is missing); its row says why."""
+
+
+def _trl_grpo(cfg: BenchConfig, seed: int, spaces: tuple[Any, Any]) -> tuple[Any, list[dict[str, float]], float]:
+    """TRL's GRPO on the same model, reward model, prompts and token budget; returns the tuned policy for evaluate.
+
+    Differences from the SB3 learners, by TRL's design: 8 completions per prompt with group-normalised rewards
+    (no critic), and the KL term (beta = ``cfg.beta``, TRL's k3 estimator) sits in the loss, not in the reward.
+    """
+    try:
+        import trl
+    except ImportError:
+        raise Skipped("trl is not installed: pip install 'textgen-rl[trl]'") from None
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from agents.policies import CausalLMPolicy
+    from text_env.core import resolve_reward
+    from text_env.models import load_causal_lm, load_tokenizer
+    from text_env.prompts import render_prompt
+    from text_env.tasks import get_task
+
+    task = get_task(cfg.task)
+    tokenizer = load_tokenizer(cfg.model)
+    reward_model = resolve_reward(cfg.reward_model, task)
+    rendered = {render_prompt(tokenizer, p, task.instruction): p for p in task.train_prompts}  # what the env shows
+    new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    batch, generations = 16, 8
+    curve: list[dict[str, float]] = []
+
+    def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        originals = [rendered[p] for p in prompts]
+        scores = reward_model.score(originals, completions)
+        gold = task.gold.score(originals, completions)
+        tokens = (len(curve) + 1) * batch * new_tokens
+        curve.append({"timesteps": float(tokens), "reward_model_score": float(np.mean(scores)),
+                      "gold_score": float(np.mean(gold))})  # fmt: skip
+        return [float(x) for x in scores]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl.GRPOConfig(
+            output_dir=tmp, learning_rate=1e-4, beta=cfg.beta, num_generations=generations,
+            per_device_train_batch_size=batch, max_completion_length=new_tokens, temperature=1.0, top_k=0,
+            max_steps=max(1, math.ceil(cfg.timesteps / (batch * new_tokens))), seed=seed, use_cpu=True,
+            bf16=cfg.bf16, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+            disable_tqdm=True,
+        )  # fmt: skip
+        trainer = trl.GRPOTrainer(
+            model=load_causal_lm(cfg.model), reward_funcs=reward, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": list(rendered)}), peft_config=LoraConfig(r=16),
+        )  # fmt: skip
+        started = time.time()
+        trainer.train()
+        seconds = time.time() - started
+        tuned = Path(tmp) / "tuned"
+        trainer.model.merge_and_unload().save_pretrained(tuned)
+        tokenizer.save_pretrained(tuned)
+        policy = CausalLMPolicy(*spaces, lambda _: 0.0, model=str(tuned), bf16=cfg.bf16)  # weights load here
+    return policy, curve, seconds
+
+
 def run_one(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
     """Train (learners) and evaluate one method with one seed; return its metrics and learning curve."""
     from stable_baselines3.common.callbacks import CallbackList
@@ -149,6 +217,12 @@ def run_one(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
         if method == "maskable_ppo":
             eval_env = TopPMask(eval_env, cfg.model, top_p=0.9, bf16=cfg.bf16)
         evaluation = evaluate(algo.policy, eval_env, prompts, seed=seed)
+    elif method in EXTERNAL:
+        policy, result["curve"], result["train_seconds"] = _trl_grpo(
+            cfg, seed, (eval_env.observation_space, eval_env.action_space)
+        )
+        result["steps_per_second"] = result["curve"][-1]["timesteps"] / result["train_seconds"]  # at most
+        evaluation = evaluate(policy, eval_env, prompts, seed=seed, reference=cfg.model)  # KL to the base model
     else:
         n = int(method.removeprefix("best_of_")) if method.startswith("best_of_") else 1
         if method == "random":
@@ -184,8 +258,11 @@ def run_isolated(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _child(method: str, seed: int, cfg: BenchConfig, out: Path) -> None:
-    result = run_one(method, seed, cfg)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    try:
+        result = run_one(method, seed, cfg)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    except Skipped as why:
+        result = {"method": method, "seed": seed, "error": [f"skipped: {why}"]}
     out.write_text(json.dumps(result))
 
 
@@ -323,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="benchmarks/results", help="results directory (%(default)s)")
     parser.add_argument("--name", default=None, help="results file stem (compare_algorithms[_quick])")
     parser.add_argument("--in-process", action="store_true", help="run methods here, not one process each (no RSS)")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished runs of an earlier result (same settings)"
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -349,32 +429,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("compare_algorithms_quick" if args.quick else "compare_algorithms")
 
-    runs = []
-    for method in methods:
-        for seed in range(seeds):
+    config = asdict(cfg) | ({"model": "tiny random LM (make_tiny_model)"} if args.quick else {})
+    runs: list[dict[str, Any]] = []
+    for earlier in (out / f"{name}.json", out / f"{name}.partial.json"):
+        if args.resume and earlier.exists():
+            data = json.loads(earlier.read_text())
+            if data["config"] != config:
+                parser.error(f"--resume: {earlier} was made with other settings: {data['config']}")
+            runs = [r for r in data["runs"] if "error" not in r]
+    finished = {(r["method"], r["seed"]) for r in runs}
+    for seed in range(seeds):  # seeds outermost: an interrupted run still has whole seeds of every method
+        for method in methods:
+            if (method, seed) in finished:
+                continue
             print(f"{method} seed {seed} ...", end=" ", flush=True)
             if in_process:
                 try:
                     run = run_one(method, seed, cfg)
+                except Skipped as why:
+                    run = {"method": method, "seed": seed, "error": [f"skipped: {why}"]}
                 except Exception as error:  # a failed method is a row that says so, not a lost benchmark
                     traceback.print_exc()
                     run = {"method": method, "seed": seed, "error": [f"{type(error).__name__}: {error}"]}
             else:
                 run = run_isolated(method, seed, cfg)
             runs.append(run)
+            (out / f"{name}.partial.json").write_text(json.dumps({"config": config, "runs": runs}))
             print(run.get("error") or f"gold {run['gold_score']:.3f}, KL {run['kl']:.2f}, {run['total_seconds']:.0f} s")
+    runs = [r for r in runs if r["method"] in methods and r["seed"] < seeds]
+    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))  # table and plots in --methods order
     summary = summarize(runs)
     command = "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}"
     )
-    table = markdown(summary, cfg, command.strip(), machine, seeds)
-    config = asdict(cfg) | ({"model": "tiny random LM (make_tiny_model)"} if args.quick else {})
+    table = markdown(summary, replace(cfg, model=config["model"]), command.strip(), machine, seeds)
     (out / f"{name}.md").write_text(table)
     (out / f"{name}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     pngs = plot(runs, summary, out, name)
     print(table)
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
     print("wrote", ", ".join(str(p) for p in [out / f"{name}.md", out / f"{name}.json", *pngs]))
     tmp.cleanup()
     return {"summary": summary, "runs": runs}

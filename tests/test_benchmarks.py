@@ -26,6 +26,8 @@ def test_quick_mode_produces_every_row(tmp_path: Path) -> None:
     bench.main(["--quick", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
     assert list(result["summary"]) == list(bench.METHODS)
+    if importlib.util.find_spec("trl") is None:  # an optional extra: its row must say so
+        assert result["summary"].pop("trl_grpo")["errors"][0][0].startswith("skipped: trl is not installed")
     for method, row in result["summary"].items():
         assert row["errors"] == [] and row["seeds"] == 2, method
         for key in (*bench.METRICS, "train_seconds", "steps_per_second"):
@@ -44,3 +46,11 @@ def test_quick_mode_produces_every_row(tmp_path: Path) -> None:
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         load_benchmark().main(["--quick", "--methods", "ppo,sac", "--out", str(tmp_path)])
+
+
+def test_resume_keeps_finished_runs(tmp_path: Path) -> None:
+    bench = load_benchmark()
+    first = bench.main(["--quick", "--methods", "random", "--seeds", "1", "--out", str(tmp_path)])
+    second = bench.main(["--quick", "--methods", "random,base_lm", "--seeds", "1", "--out", str(tmp_path), "--resume"])
+    assert [r["method"] for r in second["runs"]] == ["random", "base_lm"]
+    assert second["runs"][0] == first["runs"][0]  # reused, not re-run
