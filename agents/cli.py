@@ -38,6 +38,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (task's default)")
     p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts (%(default)s)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (%(default)s; 0: full fine-tuning)")
+    p.add_argument("--train-layers", type=int, default=None, help="with --lora-r 0: train only the top N blocks (TRPO)")
     p.add_argument("--no-bf16", action="store_true", help="run in float32 (slower on CPU)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="runs directory (%(default)s)")
@@ -53,7 +54,8 @@ def _train(args: argparse.Namespace) -> None:
         n_epochs=args.n_epochs, learning_rate=args.learning_rate, beta=args.beta, target_kl=args.target_kl,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts,
         bf16=not args.no_bf16,
-        lora={"r": args.lora_r} if args.lora_r else None, seed=args.seed, out=args.out, tensorboard=args.tensorboard,
+        lora={"r": args.lora_r} if args.lora_r else None, train_layers=args.train_layers, seed=args.seed,
+        out=args.out, tensorboard=args.tensorboard,
     )  # fmt: skip
     train(config)
 

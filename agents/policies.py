@@ -81,6 +81,9 @@ class _CausalLMMixin:
     :param kv_cache: reuse keys/values across rollout steps (exact; turn off only to compare).
     :param lora: ``None`` for full fine-tuning, or ``peft.LoraConfig`` keyword arguments (e.g. ``{"r": 16}``);
         the reference model is then the same network with adapters disabled (no second copy).
+    :param train_layers: fine-tune only the last ``train_layers`` transformer blocks (and the final norm);
+        ``None``: every weight (or the adapters, with ``lora``). What sb3-contrib TRPO needs on a real LM: it
+        runs one double-backward pass per trainable tensor, which for all of SmolLM2 took more than 24 GB.
     :param trust_remote_code: passed to ``from_pretrained``.
     """
 
@@ -96,6 +99,7 @@ class _CausalLMMixin:
         top_p: float = 1.0,
         kv_cache: bool = True,
         lora: dict[str, Any] | None = None,
+        train_layers: int | None = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -105,9 +109,12 @@ class _CausalLMMixin:
             raise TypeError("an LM policy needs Dict observations with 'input_ids' and 'attention_mask' (TextGen-v0)")
         if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        if train_layers is not None and lora is not None:
+            raise ValueError("lora and train_layers are alternatives: adapters everywhere, or the top blocks in full")
         self.lm_name = os.fspath(model)
         self.bf16, self.temperature, self.top_k, self.top_p = bf16, temperature, top_k, top_p
         self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
+        self.train_layers = train_layers
         kwargs["ortho_init"] = False  # orthogonal init would wipe the pretrained weights
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
 
@@ -128,6 +135,17 @@ class _CausalLMMixin:
             # The pretrained weights, frozen and shared (e.g. with a head-only reward model's backbone); not a
             # submodule, so it is not trained, not saved with the policy, and not among TRPO's actor parameters.
             self.__dict__["_reference_lm"] = load_frozen_causal_lm(self.lm_name, self.trust_remote_code)
+        if self.train_layers is not None:
+            decoder = lm.get_decoder()
+            blocks = decoder.layers
+            if not 1 <= self.train_layers <= len(blocks):
+                raise ValueError(
+                    f"train_layers must be in [1, {len(blocks)}] for {self.lm_name}, got {self.train_layers}"
+                )
+            lm.requires_grad_(False)
+            for module in [*blocks[-self.train_layers :], getattr(decoder, "norm", None)]:
+                if module is not None:
+                    module.requires_grad_(True)
         self.lm = lm
         hidden = lm.get_output_embeddings().weight.shape[1]
         self.value_head = nn.Linear(hidden, 1)  # "value" in the name: TRPO's actor step skips it
@@ -142,9 +160,17 @@ class _CausalLMMixin:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
         data.update(
             model=self.lm_name, bf16=self.bf16, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            kv_cache=self.kv_cache, lora=self.lora, trust_remote_code=self.trust_remote_code,
+            kv_cache=self.kv_cache, lora=self.lora, train_layers=self.train_layers,
+            trust_remote_code=self.trust_remote_code,
         )  # fmt: skip
         return data
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters training may change: frozen LM weights (LoRA's base, blocks below ``train_layers``) are
+        left out, as sb3-contrib TRPO differentiates every parameter it is given (``state_dict`` keeps them all)."""
+        for name, param in super().named_parameters(*args, **kwargs):  # type: ignore[misc]
+            if param.requires_grad:
+                yield name, param
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)  # type: ignore[attr-defined]

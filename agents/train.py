@@ -43,6 +43,7 @@ class TrainConfig:
     :param eval_prompts: how many held-out prompts the before/after evaluation uses.
     :param lora: LoRA settings (``peft.LoraConfig`` keywords); ``None`` fine-tunes every weight (needs ~2 GB more
         memory for gradients and Adam state, and a lower learning rate, e.g. 1e-5).
+    :param train_layers: instead of LoRA, fine-tune only the last N transformer blocks in full (what TRPO needs).
     :param mask_top_p: for ``maskable_ppo``, the reference model's top-p set that actions are restricted to.
     """
 
@@ -64,6 +65,7 @@ class TrainConfig:
     eval_prompts: int = 80
     bf16: bool = True
     lora: dict[str, Any] | None = field(default_factory=lambda: {"r": 16})
+    train_layers: int | None = None
     mask_top_p: float = 0.9
     seed: int = 0
     out: str = "runs"
@@ -89,10 +91,10 @@ def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
         raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'textgen-rl[tensorboard]'")
     if config.algo == "trpo" and config.lora is not None:
         raise ValueError(
-            "sb3_contrib.TRPO differentiates every policy parameter, and LoRA freezes the base model's: "
-            "use full fine-tuning with TRPO (lora=None, or --lora-r 0 --learning-rate 1e-5)"
+            "sb3_contrib.TRPO runs one double-backward pass through the LM per trainable tensor, hundreds with LoRA: "
+            "fine-tune the top blocks instead (lora=None, train_layers=2, or --lora-r 0 --train-layers 2)"
         )
-    policy_kwargs = dict(model=config.model, bf16=config.bf16, lora=config.lora)
+    policy_kwargs = dict(model=config.model, bf16=config.bf16, lora=config.lora, train_layers=config.train_layers)
     common: dict[str, Any] = dict(
         learning_rate=config.learning_rate, gamma=config.gamma, n_steps=config.n_steps, seed=config.seed,
         policy_kwargs=policy_kwargs, verbose=1,

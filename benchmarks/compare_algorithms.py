@@ -4,8 +4,9 @@ Learners (all leashed by the same per-token KL penalty, ``agents.kl.KLPenalty``,
 SB3 ``PPO``, ``A2C``, sb3-contrib ``TRPO`` with ``CausalLMPolicy``; ``MaskablePPO`` with top-p masks from the
 reference (NLPO-style); and, without an LM prior, ``PPO("MultiInputPolicy")`` on a bag of token embeddings and
 ``RecurrentPPO`` with a token-level LSTM. References that do not learn: uniform random tokens, the base LM's own
-samples, and best-of-n sampling with the reward model (n = 4, 16). Every method is then measured by
-``agents.evaluate.evaluate`` on the same held-out prompts.
+samples, and best-of-n sampling with the reward model (n = 4, 16). An external anchor: TRL's ``GRPOTrainer`` on the
+same model, reward model, prompts and token budget (optional extra ``trl``). Every method is then measured by
+``agents.evaluate.evaluate`` on the same held-out prompts, each (method, seed) in its own process.
 
 Run::
 
@@ -43,7 +44,7 @@ METHODS = LM_LEARNERS + PRIORLESS_LEARNERS + REFERENCES + EXTERNAL
 LABELS = {
     "ppo": "PPO + CausalLMPolicy (LoRA)",
     "a2c": "A2C + CausalLMPolicy (LoRA)",
-    "trpo": "TRPO + CausalLMPolicy (full)",
+    "trpo": "TRPO + CausalLMPolicy (top 2 blocks)",
     "maskable_ppo": "MaskablePPO + top-p masks (NLPO, LoRA)",
     "ppo_bag_of_tokens": "PPO MultiInputPolicy, bag of tokens (no LM)",
     "recurrent_ppo_lstm": "RecurrentPPO, token LSTM (no LM)",
@@ -92,12 +93,11 @@ def _learner(method: str, env: Any, cfg: BenchConfig, seed: int) -> Any:
 
     extra = cfg.extra.get(method, {})
     if method in LM_LEARNERS:
-        full = method == "trpo"  # TRPO differentiates every parameter: no LoRA (see agents.train.make_algorithm)
+        trpo = method == "trpo"  # one double-backward pass per trainable tensor: the top blocks, not LoRA
         config = TrainConfig(
             model=cfg.model, algo=method, total_timesteps=cfg.timesteps, n_envs=cfg.n_envs, n_steps=cfg.n_steps,
-            batch_size=cfg.batch_size,
-            learning_rate=1e-5 if full else 1e-4, bf16=cfg.bf16, lora=None if full else {"r": 16}, seed=seed,
-            extra=extra,
+            batch_size=cfg.batch_size, learning_rate=1e-5 if trpo else 1e-4, bf16=cfg.bf16,
+            lora=None if trpo else {"r": 16}, train_layers=2 if trpo else None, seed=seed, extra=extra,
         )  # fmt: skip
         algo = make_algorithm(config, env)
         algo.verbose = 0
@@ -253,7 +253,9 @@ def run_isolated(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
                    "--config-json", json.dumps(asdict(cfg))]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not out.exists():
-            return {"method": method, "seed": seed, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+            errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+            why = f"killed by signal {-done.returncode} (9: out of memory?)" if done.returncode < 0 else "failed"
+            return {"method": method, "seed": seed, "error": errors[-1:] or [why]}
         return json.loads(out.read_text())
 
 
@@ -300,7 +302,9 @@ def markdown(summary: dict[str, dict[str, Any]], cfg: BenchConfig, command: str,
         f"Machine: {machine}. Task `{cfg.task}`, model `{cfg.model}`, reward model "
         f"`{cfg.reward_model or 'the task default'}`; every learner gets {cfg.timesteps} environment steps "
         f"(tokens) in rollouts of {cfg.n_envs} envs x {cfg.n_steps} steps, KL penalty beta = {cfg.beta} to the "
-        f"same reference LM; every method is evaluated on the same {cfg.eval_prompts} held-out prompts. "
+        f"same reference LM. LoRA r=16 at lr 1e-4 for the LM learners except TRPO, which fine-tunes the top 2 "
+        f"blocks (sb3-contrib TRPO runs a double-backward pass per trainable tensor) with "
+        f"{cfg.extra.get('trpo', {})}. Every method is evaluated on the same {cfg.eval_prompts} held-out prompts. "
         f"Mean ± std over {seeds} seeds. KL: nats per completion (best-of-n: the analytic log n - (n-1)/n); "
         "perplexity: of the completions under the reference LM; wall s: training (learners) or sampling "
         "(references) time; steps/s: environment steps (tokens) per second of that time; peak RSS: of the "

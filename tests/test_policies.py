@@ -522,3 +522,28 @@ def test_evaluate_applies_action_masks(tiny_env_kwargs: dict, tiny_model: Path) 
     assert masked.completions == greedy.completions
     np.testing.assert_allclose(masked.reference_log_prob, greedy.reference_log_prob, atol=1e-4)
     assert np.abs(masked.kl + masked.reference_log_prob).max() < 1e-4  # log π = 0: one allowed token
+
+
+def test_train_layers_trains_only_the_top_blocks_with_trpo(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """sb3-contrib TRPO sees only the trainable tensors (named_parameters), so it runs on a partly frozen LM."""
+    venv = make_env(tiny_env_kwargs, 2, reward_model=LengthReward())
+    kwargs = lm_kwargs(tiny_model, train_layers=1)
+    model = TRPO(CausalLMPolicy, venv, n_steps=8, batch_size=16, cg_max_steps=2, n_critic_updates=1, seed=0,
+                 policy_kwargs=kwargs, rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    policy = model.policy
+    names = [name for name, _ in policy.named_parameters()]
+    assert names and all(".layers.1." in n or ".norm." in n or n.startswith("value_head") for n in names)
+    assert len(policy.state_dict()) > len(names)  # frozen weights are still saved and loaded
+    before = weights(policy)
+    model.learn(32)
+    moved = changed(before, policy)
+    assert any(".layers.1." in k for k in moved) and not any(".layers.0." in k or "embed" in k for k in moved)
+    assert policy._get_constructor_parameters()["train_layers"] == 1
+
+
+def test_train_layers_is_checked(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    venv = make_env(tiny_env_kwargs, 1)
+    with pytest.raises(ValueError, match=r"train_layers must be in \[1, 2\]"):
+        lm_ppo(venv, tiny_model, train_layers=3)
+    with pytest.raises(ValueError, match="lora and train_layers are alternatives"):
+        lm_ppo(venv, tiny_model, train_layers=1, lora={"r": 2})
