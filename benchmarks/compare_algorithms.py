@@ -335,7 +335,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: Pa
     except ImportError:
         print("matplotlib is not installed (pip install 'textgen-rl[plots]'): no plots")
         return []
-    colors = dict(zip(summary, plt.get_cmap("tab10").colors, strict=False))
+    colors = {method: plt.get_cmap("tab20")(i % 20) for i, method in enumerate(summary)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     panels = (("gold_score", "gold (VADER)"), ("reward_model_score", "reward model"))
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--resume", action="store_true", help="keep the finished runs of an earlier result (same settings)"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="with --resume: rewrite table and plots, run nothing"
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finished = {(r["method"], r["seed"]) for r in runs}
     for seed in range(seeds):  # seeds outermost: an interrupted run still has whole seeds of every method
         for method in methods:
-            if (method, seed) in finished:
+            if (method, seed) in finished or args.report_only:
                 continue
             print(f"{method} seed {seed} ...", end=" ", flush=True)
             if in_process:
