@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["CachedLM", "forward_positions", "token_log_probs", "valid_ends"]
+from text_env.models import load_frozen_causal_lm
+
+__all__ = ["CachedLM", "forward_positions", "reference_log_probs", "token_log_probs", "valid_ends"]
 
 
 def valid_ends(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -181,3 +183,16 @@ class CachedLM:
             self.hidden = torch.zeros(n, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         self.logits[rows] = logits.float()
         self.hidden[rows] = hidden.to(self.hidden.dtype)
+
+
+def reference_log_probs(
+    model: str, device: torch.device | str = "cpu"
+) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``(obs, actions) -> log π_ref(a|s)`` of the named LM (frozen, shared, KV-cached): the reference of policies
+    that have none of their own, for the KL penalty and for evaluation alike."""
+    lm = CachedLM(load_frozen_causal_lm(model).to(device))
+
+    def log_prob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
+        return token_log_probs(lm(obs["input_ids"], obs["attention_mask"])[0], actions)
+
+    return log_prob

@@ -20,8 +20,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.cached_lm import CachedLM, token_log_probs
-from text_env.models import load_frozen_causal_lm
+from agents.cached_lm import reference_log_probs
 
 __all__ = ["Evaluation", "distinct_n", "evaluate"]
 
@@ -67,10 +66,6 @@ class Evaluation:
             "perplexity": float(np.exp(-self.reference_log_prob.sum() / max(1, self.n_tokens.sum()))),
             "length": float(self.n_tokens.mean()),
         }
-
-
-def _unwrapped(env: VecEnv) -> Any:
-    return env.unwrapped if hasattr(env, "unwrapped") else env
 
 
 class _Stepper:
@@ -128,10 +123,7 @@ def evaluate(
     if reference is None and hasattr(policy, "reference_log_prob"):
         reference_log_prob = policy.reference_log_prob
     else:
-        ref_lm = CachedLM(load_frozen_causal_lm(reference or _unwrapped(env).core.model_name).to(device))
-
-        def reference_log_prob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-            return token_log_probs(ref_lm(obs["input_ids"], obs["attention_mask"])[0], actions)
+        reference_log_prob = reference_log_probs(os.fspath(reference or env.get_attr("model_name")[0]), device)
 
     step = _Stepper(policy, env, deterministic)
     n = env.num_envs

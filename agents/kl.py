@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.cached_lm import CachedLM, token_log_probs
-from text_env.models import load_frozen_causal_lm
+from agents.cached_lm import reference_log_probs
 
 __all__ = ["KLController", "KLPenalty"]
 
@@ -64,7 +63,7 @@ class KLPenalty(BaseCallback):
         super().__init__(verbose)
         self.controller = KLController(beta, target_kl, horizon)
         self.reference = reference
-        self._reference_lm: CachedLM | None = None
+        self._reference_lm: Any = None  # log π_ref of the named reference LM, when there is one
         self._kl_sum = 0.0
         self._tokens = 0
         self._episodes = 0
@@ -79,14 +78,13 @@ class KLPenalty(BaseCallback):
                     "KLPenalty(reference='default') (or the model the env was built on)"
                 ) from None
         if self.reference is not None:
-            self._reference_lm = CachedLM(load_frozen_causal_lm(self.reference).to(self.model.device))
+            self._reference_lm = reference_log_probs(self.reference, self.model.device)
 
     def reference_log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """``log π_ref(a|s)``, shape ``(n_envs,)``."""
         if self._reference_lm is None:
             return self.model.policy.reference_log_prob(obs, actions)
-        logits = self._reference_lm(obs["input_ids"], obs["attention_mask"])[0]  # (n, V)
-        return token_log_probs(logits, actions)
+        return self._reference_lm(obs, actions)
 
     def _on_step(self) -> bool:
         obs, actions = self.locals["obs_tensor"], torch.as_tensor(self.locals["actions"]).reshape(-1)
