@@ -6,6 +6,18 @@ here each row keeps its keys/values in a *slot-indexed* cache (slot = position i
 that appends one token runs the model on that token only. Rows that do not extend the cached row by exactly
 one token (a reset, a new prompt, an unrelated batch) are re-encoded from their observation: the cache is an
 optimisation that never changes a result.
+
+Rows re-encoded together usually start with the same tokens (a chat template, the task's instruction: 40 of
+SmolLM2's ~60 prompt tokens on ``positive-review``). That shared prefix is encoded once, on one row, and its
+keys/values are copied into every row that starts with it, for as long as the cache lives: the prompts of a
+rollout's first step, the episodes restarted during it, and the one SB3 encodes after its last step (to bootstrap
+values it then discards) pay for their own tokens only.
+
+Under bf16 autocast the cache also holds the ``nn.Linear`` weights cast to bfloat16, made once per cache lifetime.
+Autocast's own cast cache lasts one autocast region (here: one call, i.e. one token) and skips frozen weights
+(LoRA's base, the reference model), so without this every rollout step would re-cast all weights: ~40 % of a
+decode step of SmolLM2-135M at batch 16. Autocast passes an already-bf16 weight through unchanged, so results
+are bit-identical.
 """
 
 from __future__ import annotations
@@ -15,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 from transformers import DynamicCache, PreTrainedModel
 
 from text_env.models import load_frozen_causal_lm
@@ -70,15 +84,29 @@ class CachedLM:
     :param model: a causal LM whose cache is a transformers ``DynamicCache`` (every decoder-only model in
         transformers 5 that does not use sliding windows).
     :param context: a context manager factory entered around every forward (autocast, disabled adapters).
+    :param autocast_dtype: the dtype ``context`` autocasts to, if any: its ``nn.Linear`` weights are then cast
+        once per cache lifetime rather than once per call (same results).
     """
 
-    def __init__(self, model: PreTrainedModel, context: Callable[[], Any] = contextlib.nullcontext) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        context: Callable[[], Any] = contextlib.nullcontext,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.context = context
+        self.autocast_dtype = autocast_dtype
         self.reset()
 
     def reset(self) -> None:
-        """Forget every cached row."""
+        """Forget every cached row and cast weight (call it whenever the weights may have changed)."""
+        self._forget_rows()
+        self.weights: dict[str, torch.Tensor] | None = None  # "module.weight" -> cast copy
+        self.prefix_ids: torch.Tensor | None = None  # (k,) a token prefix shared by re-encoded rows
+        self.prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer keys, values (1, h_kv, k, d)
+
+    def _forget_rows(self) -> None:
         self.ids: torch.Tensor | None = None  # (n, L) the observations the cache holds
         self.mask: torch.Tensor | None = None  # (n, L)
         self.keys: list[torch.Tensor] = []  # per layer (n, h_kv, L, d)
@@ -106,6 +134,12 @@ class CachedLM:
         )
         decode = torch.nonzero(extends & ~same).squeeze(1)
         prefill = torch.nonzero(~extends & ~same).squeeze(1)
+        if self.autocast_dtype is not None and self.weights is None:
+            self.weights = {
+                f"{name}.weight": module.weight.detach().to(self.autocast_dtype)
+                for name, module in self.model.named_modules()
+                if isinstance(module, nn.Linear)
+            }
         with self.context():
             if decode.numel():
                 self._decode(decode, input_ids, old_ends)
@@ -116,23 +150,34 @@ class CachedLM:
         return self.logits.clone(), self.hidden.clone()
 
     def _allocate(self, n: int, length: int, device: torch.device) -> None:
-        self.reset()
+        self._forget_rows()
         self.ids = torch.zeros(n, length, dtype=torch.long, device=device)
         self.mask = torch.zeros(n, length, dtype=torch.long, device=device)
 
     def _prefill(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> None:
-        """Encode rows from scratch: one forward over slots ``[start, end)`` (the span any of them uses, leading
-        all-padding slots skipped); store their keys/values at those slots."""
+        """Encode rows from scratch: one forward over slots ``[start + k, end)`` (``start``: the first slot any
+        row uses; ``k``: the length of their shared prefix, whose keys/values are copied in); store their
+        keys/values at slots ``[start, end)``."""
         width = max(int(ends[rows].max()), 1)
         valid = mask[rows, :width] > 0  # (r, width)
         start = int(valid.any(0).float().argmax()) if valid.any() else 0  # first slot any row uses
-        last = (ends[rows] - 1).clamp(min=start) - start  # (r,) each row's last slot, in the span
-        keep = torch.unique(last)  # the LM head runs on these columns only (usually one: the prompt's end)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids[rows, start:width],
+        shared = self._shared_prefix(rows, ids, mask, ends)
+        if shared:
+            first = valid.float().argmax(1)  # (r,) each row's first valid slot: its prefix starts there
+            # slots [start, start + shared) of each row: padding (masked: any value will do) or prefix tokens
+            index = torch.arange(start, start + shared, device=ids.device) - first[:, None]
+            index = index.clamp(0, shared - 1)  # (r, shared)
+            for layer, (keys, values) in zip(cache.layers, self.prefix_cache, strict=True):
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys[0][:, index].transpose(0, 1), values[0][:, index].transpose(0, 1)
+        begin = start + shared  # the first slot this forward runs on
+        last = (ends[rows] - 1).clamp(min=begin) - begin  # (r,) each row's last slot, in the forward's span
+        keep = torch.unique(last)  # the LM head runs on these columns only (usually one: the prompt's end)
+        out = self._forward(
+            input_ids=ids[rows, begin:width],
             attention_mask=mask[rows, start:width],
-            position_ids=_position_ids(mask[rows, start:width]),
+            position_ids=_position_ids(mask[rows, start:width])[:, shared:],
             past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
@@ -151,6 +196,36 @@ class CachedLM:
             self.keys[layer_idx][rows, :, start:width] = k.to(self.keys[layer_idx].dtype)
             self.values[layer_idx][rows, :, start:width] = v.to(self.values[layer_idx].dtype)
 
+    def _shared_prefix(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> int:
+        """Length ``k`` of a token prefix that every row starts with and whose keys/values are in
+        ``prefix_cache`` (encoded now if needed); 0 when there is none worth sharing.
+
+        Each row keeps at least its last token to encode (its logits come from it). Rows must be one contiguous
+        run of valid slots (left padding, as the env makes them); others are simply encoded in full.
+        """
+        valid = mask[rows] > 0  # (r, L)
+        lengths, first = valid.sum(1), valid.float().argmax(1)  # (r,), (r,) first valid slot
+        contiguous = bool((ends[rows] - first == lengths).all())
+        room = int(lengths.min()) - 1
+        if not contiguous or room < 1:
+            return 0
+        aligned = ids[rows[:, None], first[:, None] + torch.arange(room, device=ids.device)]  # (r, room)
+        held = self.prefix_ids
+        if held is not None and held.numel() <= room and bool((aligned[:, : held.numel()] == held).all()):
+            return held.numel()
+        if rows.numel() < 2:
+            return 0
+        agree = (aligned == aligned[:1]).all(0)  # (room,)
+        k = room if bool(agree.all()) else int((~agree).long().argmax())
+        if k:
+            out = self._forward(
+                input_ids=aligned[:1, :k], past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+            self.prefix_ids = aligned[0, :k].clone()
+            self.prefix_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return k
+
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor, old_ends: torch.Tensor) -> None:
         """Run one new token per row against the cached keys/values, then write its keys/values to its slot."""
         assert self.mask is not None
@@ -163,7 +238,7 @@ class CachedLM:
             layer.lazy_initialization(k, v)
             # (r, h_kv, L, d); the model appends the new column at L in a new tensor, leaving ours untouched
             layer.keys, layer.values = (k, v) if every_row else (k[rows], v[rows])
-        out = self.model(
+        out = self._forward(
             input_ids=ids[rows, slot].unsqueeze(1),  # (r, 1)
             attention_mask=torch.cat([old_mask, torch.ones_like(old_mask[:, :1])], dim=1),  # (r, L + 1)
             position_ids=old_mask.sum(1, keepdim=True),  # (r, 1)
@@ -175,6 +250,12 @@ class CachedLM:
         for layer_idx, layer in enumerate(out.past_key_values.layers):
             self.keys[layer_idx][rows, :, slot] = layer.keys[r, :, -1].to(self.keys[layer_idx].dtype)
             self.values[layer_idx][rows, :, slot] = layer.values[r, :, -1].to(self.values[layer_idx].dtype)
+
+    def _forward(self, **inputs: Any) -> Any:
+        if self.weights is None:
+            return self.model(**inputs)
+        # tie_weights=False: a tied LM head gets its bf16 copy while the embedding it shares stays float32
+        return functional_call(self.model, self.weights, args=(), kwargs=inputs, tie_weights=False, strict=False)
 
     def _store_outputs(self, rows: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         n = self.ids.shape[0]  # type: ignore[union-attr]

@@ -90,7 +90,7 @@ class TopPMask(VecEnvWrapper):
         self.device = get_device(device)
         lm = load_frozen_causal_lm(model, trust_remote_code=trust_remote_code).to(self.device)
         self.n_actions = int(self.action_space.n)  # type: ignore[attr-defined]
-        self._lm = CachedLM(lm, self._autocast)
+        self._lm = CachedLM(lm, self._autocast, autocast_dtype=torch.bfloat16 if bf16 else None)
         self._obs: VecEnvObs | None = None
         self._masks: np.ndarray | None = None
 

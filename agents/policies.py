@@ -151,8 +151,9 @@ class _CausalLMMixin:
         self.value_head = nn.Linear(hidden, 1)  # "value" in the name: TRPO's actor step skips it
         nn.init.normal_(self.value_head.weight, std=1.0 / hidden)
         nn.init.zeros_(self.value_head.bias)
-        self._actor_cache = CachedLM(self.lm, self._autocast)
-        self._reference_cache = CachedLM(self._reference_model(), self._reference_context)
+        cast = torch.bfloat16 if self.bf16 else None
+        self._actor_cache = CachedLM(self.lm, self._autocast, autocast_dtype=cast)
+        self._reference_cache = CachedLM(self._reference_model(), self._reference_context, autocast_dtype=cast)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
@@ -188,6 +189,9 @@ class _CausalLMMixin:
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         if self.__dict__.get("_reference_lm") is not None:
             self._reference_lm._apply(fn, *args, **kwargs)
+        for cache in (self.__dict__.get("_actor_cache"), self.__dict__.get("_reference_cache")):
+            if cache is not None:
+                cache.reset()  # its keys/values and weight copies stay where they were
         return result
 
     # --- the forward passes ----------------------------------------------------------------------------------

@@ -45,16 +45,18 @@ from text_env.models import load_causal_lm
 
 
 class CallSpy:
-    """Counts the rows ``CachedLM`` prefills and decodes (to check a test exercises both paths)."""
+    """Counts the rows ``CachedLM`` prefills and decodes, and the rows prefilled after a shared prefix (to check
+    a test exercises every path)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.rows = {"_prefill": 0, "_decode": 0}
+        self.rows = {"_prefill": 0, "_decode": 0, "_shared_prefix": 0}
         for name in self.rows:
             original = getattr(CachedLM, name)
 
             def spy(cache: CachedLM, rows: torch.Tensor, *args: Any, _name: str = name, _orig: Any = original) -> Any:
-                self.rows[_name] += rows.numel()
-                return _orig(cache, rows, *args)
+                result = _orig(cache, rows, *args)
+                self.rows[_name] += rows.numel() if _name != "_shared_prefix" else rows.numel() * (result > 0)
+                return result
 
             monkeypatch.setattr(CachedLM, name, spy)
 
@@ -170,11 +172,15 @@ def test_training_mode_never_reads_a_stale_cache(tiny_env_kwargs: dict, tiny_mod
 # --- the KV cache and the grouped training pass are exact -----------------------------------------------------
 
 
+SHARED_PREFIX_PROMPTS = ["the movie was", "the movie was great and", "the movie i saw was", "the movie , sadly"]
+
+
+@pytest.mark.parametrize("prompts", [TINY_PROMPTS, SHARED_PREFIX_PROMPTS], ids=["distinct", "shared-prefix"])
 def test_kv_cache_matches_uncached_forward(
-    tiny_env_kwargs: dict, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_env_kwargs: dict, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, prompts: list[str]
 ) -> None:
     spy = CallSpy(monkeypatch)
-    venv = make_env(tiny_env_kwargs, 3, seed=1)
+    venv = make_env(tiny_env_kwargs, 3, seed=1, prompts=prompts)
     policy = lm_ppo(venv, tiny_model).policy
     with torch.no_grad():
         for p in policy.lm.parameters():  # make the policy differ from its reference
@@ -199,6 +205,8 @@ def test_kv_cache_matches_uncached_forward(
     policy.kv_cache = True
     assert n_episode_ends > 0  # the rollout restarted episodes mid-way
     assert spy.rows["_decode"] > 2 * spy.rows["_prefill"] > 0  # mostly one-token steps, some re-encodes
+    # restarted episodes reuse the prefix their prompts share (keys/values encoded once)
+    assert (spy.rows["_shared_prefix"] > 0) is (prompts is SHARED_PREFIX_PROMPTS)
 
     # and both agree with the plain model on the unpadded tokens
     truth_logits, truth_hidden = unpadded_outputs(policy.lm, obs)
@@ -207,6 +215,80 @@ def test_kv_cache_matches_uncached_forward(
         logits = policy.get_distribution(obs_t).distribution.logits
     torch.testing.assert_close(logits, torch.log_softmax(truth_logits, -1), atol=1e-5, rtol=0)
     torch.testing.assert_close(values, policy.value_head(truth_hidden), atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_is_encoded_once_and_exact(tiny_model: Path) -> None:
+    """Rows re-encoded after a prefix they share: the prefix's keys/values are computed on one row and copied in;
+    a row that does not start with it (or is not one contiguous run of tokens) is encoded in full."""
+    lm = load_causal_lm(tiny_model).eval()
+    cache = CachedLM(lm)
+    prefix = [5, 9, 2, 7, 3]
+
+    def observation(rows: list[list[int]], width: int = 16, gap: bool = False) -> dict[str, torch.Tensor]:
+        ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+        for i, tokens in enumerate(rows):  # left-padded into the first 10 slots, room for new tokens after
+            ids[i, 10 - len(tokens) : 10], mask[i, 10 - len(tokens) : 10] = torch.tensor(tokens), 1
+        if gap:
+            mask[-1, 10 - len(rows[-1]) + 1] = 0  # a hole in the last row
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def check(obs: dict[str, torch.Tensor]) -> None:
+        logits, hidden = cache(obs["input_ids"], obs["attention_mask"])
+        with torch.no_grad():
+            truth_logits, truth_hidden = unpadded_outputs(lm, obs)
+        torch.testing.assert_close(logits, truth_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden, truth_hidden, atol=1e-5, rtol=0)
+
+    encoded: list[int] = []  # tokens per row of each forward pass
+    forward = cache._forward
+    cache._forward = lambda **inputs: encoded.append(inputs["input_ids"].shape[1]) or forward(**inputs)  # type: ignore[method-assign]
+
+    rows = [[*prefix, 11], [*prefix, 12, 13], [*prefix, 14, 15, 16, 17], [*prefix, 11, 4]]
+    obs = observation(rows)
+    check(obs)
+    assert cache.prefix_ids is not None and cache.prefix_ids.tolist() == prefix  # longest prefix every row keeps
+    assert encoded == [5, 4]  # the prefix on one row, then each row's own tokens (up to 4)
+    obs["input_ids"][:, 10], obs["attention_mask"][:, 10] = torch.tensor([1, 2, 3, 4]), 1  # one decode step
+    check(obs)
+    for slot, restart in [(11, [*prefix, 20, 21]), (12, [8, 9, 2, 7, 3, 1])]:  # row 1 restarts, with the held
+        encoded.clear()  # prefix, then without; the other rows go on
+        previous, obs = obs, observation([rows[0], restart, rows[2], rows[3]])
+        going_on = torch.tensor([0, 2, 3])
+        obs["input_ids"][going_on], obs["attention_mask"][going_on] = (
+            previous["input_ids"][going_on], previous["attention_mask"][going_on]
+        )  # fmt: skip
+        obs["input_ids"][going_on, slot], obs["attention_mask"][going_on, slot] = 6, 1
+        check(obs)
+        assert encoded == [1, 2 if restart[0] == prefix[0] else 6]  # the decode step, then row 1's prefill
+    assert cache.prefix_ids.tolist() == prefix
+    for gap in (False, True):  # a new shared prefix replaces the held one; a row with a hole shares nothing
+        cache.reset()
+        check(observation([[4, 4, 4, 1], [4, 4, 4, 2, 2], [4, 4, 4, 3, 3, 3]], gap=gap))
+        assert (cache.prefix_ids is None) is gap
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: Path, lora: dict | None) -> None:
+    """Under autocast the caches run the model on bf16 copies of its Linear weights: bit-identical outputs."""
+    venv = make_env(tiny_env_kwargs, 3, seed=3)
+    policy = lm_ppo(venv, tiny_model, bf16=True, lora=lora).policy
+    with torch.no_grad():
+        for _name, p in policy.lm.named_parameters():  # LoRA's B starts at zero: make the adapters count
+            p.add_(0.02 * torch.randn_like(p))
+    policy.set_training_mode(False)
+    for held in (policy._actor_cache, policy._reference_cache):
+        plain = CachedLM(held.model, held.context)  # autocast casts the float32 weights on every call
+        for obs, _ in random_rollout(venv, 10, seed=3):
+            obs_t = as_tensors(obs)
+            with_copies = held(obs_t["input_ids"], obs_t["attention_mask"])
+            without = plain(obs_t["input_ids"], obs_t["attention_mask"])
+            assert all(torch.equal(a, b) for a, b in zip(with_copies, without, strict=True))
+        assert held.weights is not None and all(w.dtype == torch.bfloat16 for w in held.weights.values())
+    assert all(p.dtype == torch.float32 for p in policy.lm.parameters())  # the model itself is untouched
+    assert policy.lm.get_input_embeddings().weight.dtype == torch.float32
+    policy.set_training_mode(True)  # weights may change now: the copies go with the cache
+    assert policy._actor_cache.weights is None and policy._reference_cache.weights is None
 
 
 def test_terminal_value_does_not_evict_the_rollout_cache(tiny_env_kwargs: dict, tiny_model: Path) -> None:
