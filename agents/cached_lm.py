@@ -10,8 +10,9 @@ optimisation that never changes a result.
 Rows re-encoded together usually start with the same tokens (a chat template, the task's instruction: 40 of
 SmolLM2's ~60 prompt tokens on ``positive-review``). That shared prefix is encoded once, on one row, and its
 keys/values are copied into every row that starts with it, for as long as the cache lives: the prompts of a
-rollout's first step, the episodes restarted during it, and the one SB3 encodes after its last step (to bootstrap
-values it then discards) pay for their own tokens only.
+rollout's first step, the episodes restarted during it, and the ones SB3 encodes after its last step (to bootstrap
+values it then discards) pay for their own tokens only. Training passes (:func:`forward_positions`) share the
+prefix of their episodes the same way, with gradients flowing through the copies.
 
 Under bf16 autocast the cache also holds the ``nn.Linear`` weights cast to bfloat16, made once per cache lifetime.
 Autocast's own cast cache lasts one autocast region (here: one call, i.e. one token) and skips frozen weights
@@ -52,29 +53,77 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _aligned_tokens(ids: torch.Tensor, mask: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's first valid slot ``(B,)`` and its first ``room`` tokens ``(B, room)``; ``None`` instead of the
+    tokens when a row is not one contiguous run of valid slots (left padding, as the env makes them) or is too
+    short."""
+    valid = mask > 0
+    lengths, first = valid.sum(1), valid.float().argmax(1)
+    if room < 1 or int(lengths.min()) < room or not bool((valid_ends(mask) - first == lengths).all()):
+        return first, None
+    return first, ids.gather(1, first[:, None] + torch.arange(room, device=ids.device))
+
+
+def _agreed_length(aligned: torch.Tensor) -> int:
+    """How many leading columns of ``aligned`` ``(B, room)`` hold the same token in every row."""
+    agree = (aligned == aligned[:1]).all(0)  # (room,)
+    return aligned.shape[1] if bool(agree.all()) else int((~agree).long().argmax())
+
+
+def _encode_prefix(forward: Callable[..., Any], config: Any, tokens: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Keys and values ``(1, h_kv, k, d)`` per layer of the ``(k,)`` tokens, encoded on one row."""
+    out = forward(input_ids=tokens[None], past_key_values=DynamicCache(config=config), use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def _prefix_past(config: Any, prefix: list[tuple[torch.Tensor, ...]], first: torch.Tensor, start: int) -> DynamicCache:
+    """A cache of slots ``[start, start + k)`` of every row: the shared prefix's keys/values where the row's prefix
+    sits (slots before a row's ``first`` are padding, masked: any column will do). Differentiable."""
+    k = prefix[0][0].shape[2]
+    index = (torch.arange(start, start + k, device=first.device) - first[:, None]).clamp(0, k - 1)  # (B, k)
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in zip(cache.layers, prefix, strict=True):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys[0][:, index].transpose(0, 1), values[0][:, index].transpose(0, 1)
+    return cache
+
+
 def forward_positions(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass; logits and last hidden states read at ``positions`` of each row.
+
+    Leading slots that are padding in every row are skipped, and a token prefix that all rows share (and that no
+    read position falls in) is encoded once, on one row.
 
     :param input_ids: ``(R, E)`` token ids.
     :param attention_mask: ``(R, E)``.
     :param positions: ``(R, K)`` slot indices to read per row.
     :return: logits ``(R, K, V)`` (float32) and hidden states ``(R, K, H)``.
     """
+    first = (attention_mask > 0).float().argmax(1)  # (R,)
+    room = int((positions - first[:, None]).min())  # every read slot must lie after the shared prefix
+    first, aligned = _aligned_tokens(input_ids, attention_mask, room)
+    shared = _agreed_length(aligned) if aligned is not None and input_ids.shape[0] > 1 else 0
+    start = int(first.min())
+    begin = start + shared  # the first slot the main pass runs on
+    past = None
+    if shared:
+        past = _prefix_past(model.config, _encode_prefix(model, model.config, aligned[0, :shared]), first, start)
     keep = torch.unique(positions)  # (U,) only these columns go through the LM head
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=_position_ids(attention_mask),
+        input_ids=input_ids[:, begin:],
+        attention_mask=attention_mask[:, start:],
+        position_ids=_position_ids(attention_mask[:, start:])[:, shared:],
+        past_key_values=past,
         output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=keep,
+        use_cache=past is not None,
+        logits_to_keep=keep - begin,
     )
     column = torch.searchsorted(keep, positions)  # (R, K) index into the kept columns
     logits = torch.gather(out.logits, 1, column.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1]))  # (R, K, V)
-    hidden = out.hidden_states[-1]  # (R, E, H)
-    hidden = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, K, H)
+    hidden = out.hidden_states[-1]  # (R, E - begin, H)
+    hidden = torch.gather(hidden, 1, (positions - begin).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, K, H)
     return logits.float(), hidden
 
 
@@ -104,7 +153,7 @@ class CachedLM:
         self._forget_rows()
         self.weights: dict[str, torch.Tensor] | None = None  # "module.weight" -> cast copy
         self.prefix_ids: torch.Tensor | None = None  # (k,) a token prefix shared by re-encoded rows
-        self.prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer keys, values (1, h_kv, k, d)
+        self.prefix_cache: list[tuple[torch.Tensor, ...]] = []  # per layer keys, values (1, h_kv, k, d)
 
     def _forget_rows(self) -> None:
         self.ids: torch.Tensor | None = None  # (n, L) the observations the cache holds
@@ -161,16 +210,11 @@ class CachedLM:
         width = max(int(ends[rows].max()), 1)
         valid = mask[rows, :width] > 0  # (r, width)
         start = int(valid.any(0).float().argmax()) if valid.any() else 0  # first slot any row uses
-        cache = DynamicCache(config=self.model.config)
-        shared = self._shared_prefix(rows, ids, mask, ends)
+        shared = self._shared_prefix(rows, ids, mask)
         if shared:
-            first = valid.float().argmax(1)  # (r,) each row's first valid slot: its prefix starts there
-            # slots [start, start + shared) of each row: padding (masked: any value will do) or prefix tokens
-            index = torch.arange(start, start + shared, device=ids.device) - first[:, None]
-            index = index.clamp(0, shared - 1)  # (r, shared)
-            for layer, (keys, values) in zip(cache.layers, self.prefix_cache, strict=True):
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys[0][:, index].transpose(0, 1), values[0][:, index].transpose(0, 1)
+            cache = _prefix_past(self.model.config, self.prefix_cache, valid.float().argmax(1), start)
+        else:
+            cache = DynamicCache(config=self.model.config)
         begin = start + shared  # the first slot this forward runs on
         last = (ends[rows] - 1).clamp(min=begin) - begin  # (r,) each row's last slot, in the forward's span
         keep = torch.unique(last)  # the LM head runs on these columns only (usually one: the prompt's end)
@@ -196,34 +240,23 @@ class CachedLM:
             self.keys[layer_idx][rows, :, start:width] = k.to(self.keys[layer_idx].dtype)
             self.values[layer_idx][rows, :, start:width] = v.to(self.values[layer_idx].dtype)
 
-    def _shared_prefix(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> int:
+    def _shared_prefix(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> int:
         """Length ``k`` of a token prefix that every row starts with and whose keys/values are in
-        ``prefix_cache`` (encoded now if needed); 0 when there is none worth sharing.
+        ``prefix_cache`` (the one held, or encoded now); 0 when there is none to share.
 
-        Each row keeps at least its last token to encode (its logits come from it). Rows must be one contiguous
-        run of valid slots (left padding, as the env makes them); others are simply encoded in full.
+        Each row keeps at least its last token to encode (its logits come from it).
         """
-        valid = mask[rows] > 0  # (r, L)
-        lengths, first = valid.sum(1), valid.float().argmax(1)  # (r,), (r,) first valid slot
-        contiguous = bool((ends[rows] - first == lengths).all())
-        room = int(lengths.min()) - 1
-        if not contiguous or room < 1:
+        room = int((mask[rows] > 0).sum(1).min()) - 1
+        _, aligned = _aligned_tokens(ids[rows], mask[rows], room)
+        if aligned is None:
             return 0
-        aligned = ids[rows[:, None], first[:, None] + torch.arange(room, device=ids.device)]  # (r, room)
         held = self.prefix_ids
         if held is not None and held.numel() <= room and bool((aligned[:, : held.numel()] == held).all()):
             return held.numel()
-        if rows.numel() < 2:
-            return 0
-        agree = (aligned == aligned[:1]).all(0)  # (room,)
-        k = room if bool(agree.all()) else int((~agree).long().argmax())
+        k = _agreed_length(aligned) if rows.numel() > 1 else 0
         if k:
-            out = self._forward(
-                input_ids=aligned[:1, :k], past_key_values=DynamicCache(config=self.model.config), use_cache=True,
-                logits_to_keep=1,
-            )  # fmt: skip
             self.prefix_ids = aligned[0, :k].clone()
-            self.prefix_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self.prefix_cache = _encode_prefix(self._forward, self.model.config, self.prefix_ids)
         return k
 
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor, old_ends: torch.Tensor) -> None:

@@ -181,9 +181,18 @@ class _CausalLMMixin:
 
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[None]:
-        adapters = self.lm.disable_adapter() if self.lora is not None else contextlib.nullcontext()
-        with adapters, self._autocast():
-            yield
+        if self.lora is None:
+            with self._autocast():
+                yield
+            return
+        # LoRA's base is the reference. The layers are switched directly: peft's ``disable_adapter()`` also audits
+        # every layer's status on each call, ~40 ms on SmolLM2 (a rollout step's reference pass costs ~70 ms).
+        self.lm.base_model.disable_adapter_layers()
+        try:
+            with self._autocast():
+                yield
+        finally:
+            self.lm.base_model.enable_adapter_layers()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(device) moves the unregistered reference too
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]

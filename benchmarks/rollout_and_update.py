@@ -1,7 +1,8 @@
 """Speed and memory of the LM policy under stock SB3, measured side by side in one run.
 
 (a) rollout tokens/s through SB3's ``collect_rollouts`` on the batched ``TextGenVecEnv``, against HF
-    ``model.generate`` with the same sampling (pure sampling, same prompts, same batch, same length);
+    ``model.generate`` with the same sampling (pure sampling, same prompts, same batch, same length), the two
+    timed alternately;
 (b) PPO update time per epoch at ``T`` and ``2T`` new tokens (linear, not quadratic, in episode length), and
     with SB3's stock shuffled buffer for comparison;
 (c) peak RSS of a short ``textgen train`` run (a subprocess, so nothing here inflates it).
@@ -32,37 +33,43 @@ from text_env.prompts import encode_prompt
 from text_env.vec_env import make_text_vec_env
 
 
-def make_ppo(model: str, n_envs: int, tokens: int, buffer: type = EpisodeRolloutBuffer) -> PPO:
-    env = make_text_vec_env(n_envs, seed=0, model=model, reward_model="gold", max_new_tokens=tokens)
+def make_ppo(
+    model: str, n_envs: int, tokens: int, buffer: type = EpisodeRolloutBuffer, max_prompt_tokens: int | None = None
+) -> PPO:
+    env = make_text_vec_env(
+        n_envs, seed=0, model=model, reward_model="gold", max_new_tokens=tokens, max_prompt_tokens=max_prompt_tokens
+    )
     return PPO(
         CausalLMPolicy, env, n_steps=tokens, batch_size=128, n_epochs=1, learning_rate=1e-5, gamma=1.0,
         rollout_buffer_class=buffer, policy_kwargs=dict(model=model), seed=0,
     )  # fmt: skip
 
 
-REPEATS = 3  # timed repetitions after one warm-up; the median is reported
+REPEATS = 5  # timed repetitions after one warm-up; the median is reported
 
 
-def _median_seconds(run: Callable[[], object]) -> float:
-    run()  # warm-up: first calls with new tensor shapes are slow on CPU
-    times = []
+def _median_seconds(*runs: Callable[[], object]) -> list[float]:
+    """Median seconds of each run, the runs alternating (side by side: drifts in machine speed hit all alike)."""
+    for run in runs:
+        run()  # warm-up: first calls with new tensor shapes are slow on CPU
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(REPEATS):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for run, spent in zip(runs, times, strict=True):
+            started = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - started)
+    return [statistics.median(spent) for spent in times]
 
 
-def time_rollout(algo: PPO) -> float:
-    """Seconds for one ``collect_rollouts`` of ``n_steps * n_envs`` tokens."""
+def rollout(algo: PPO) -> Callable[[], object]:
+    """One ``collect_rollouts`` of ``n_steps * n_envs`` tokens."""
     _, callback = algo._setup_learn(10**9, callback=None)
     callback.init_callback(algo)
-    return _median_seconds(lambda: algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps))
+    return lambda: algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
 
 
-@torch.no_grad()
-def time_generate(algo: PPO, tokens: int) -> float:
-    """Seconds for ``model.generate`` of the same batch shape with the same sampling."""
+def generate(algo: PPO, tokens: int) -> Callable[[], object]:
+    """``model.generate`` of the same batch shape with the same sampling, from the env's prompts."""
     core = algo.env.core  # type: ignore[attr-defined]
     lm = algo.policy.lm
     prompts = core.prompts[: algo.env.num_envs]
@@ -72,14 +79,15 @@ def time_generate(algo: PPO, tokens: int) -> float:
     for i, e in enumerate(encoded):
         ids[i, -len(e) :], mask[i, -len(e) :] = torch.tensor(e), 1
 
-    def generate() -> None:
+    @torch.no_grad()
+    def run() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             lm.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=tokens,
                 min_new_tokens=tokens, pad_token_id=core.pad_id,
             )  # fmt: skip
 
-    return _median_seconds(generate)
+    return run
 
 
 def time_update(algo: PPO) -> float:
@@ -87,7 +95,7 @@ def time_update(algo: PPO) -> float:
     _, callback = algo._setup_learn(10**9, callback=None)
     callback.init_callback(algo)
     algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
-    return _median_seconds(algo.train)
+    return _median_seconds(algo.train)[0]
 
 
 def peak_rss_of_train(model: str) -> float:
@@ -102,28 +110,31 @@ def peak_rss_of_train(model: str) -> float:
     return int(out.split("PEAK_RSS_KB")[-1].split()[0]) / 1024**2
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--n-envs", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens T (the update is also timed at 2T)")
+    parser.add_argument("--max-prompt-tokens", type=int, help="prompt room (default: the task's)")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_and_update.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = " ".join(["python benchmarks/rollout_and_update.py", *(sys.argv[1:] if argv is None else argv)])
     results: dict[str, float | str] = {"model": args.model, "n_envs": args.n_envs, "tokens": args.tokens}
 
-    algo = make_ppo(args.model, args.n_envs, args.tokens)
+    algo = make_ppo(args.model, args.n_envs, args.tokens, max_prompt_tokens=args.max_prompt_tokens)
     n_tokens = args.n_envs * args.tokens
-    results["rollout_tok_s"] = n_tokens / time_rollout(algo)
-    results["generate_tok_s"] = n_tokens / time_generate(algo, args.tokens)
+    rollout_s, generate_s = _median_seconds(rollout(algo), generate(algo, args.tokens))
+    results["rollout_tok_s"] = n_tokens / rollout_s
+    results["generate_tok_s"] = n_tokens / generate_s
     results["rollout_vs_generate"] = results["rollout_tok_s"] / results["generate_tok_s"]
     results["update_epoch_s_T"] = time_update(algo)
     del algo
-    algo = make_ppo(args.model, args.n_envs, 2 * args.tokens)
+    algo = make_ppo(args.model, args.n_envs, 2 * args.tokens, max_prompt_tokens=args.max_prompt_tokens)
     results["update_epoch_s_2T"] = time_update(algo)
     results["update_ratio_2T_vs_T"] = results["update_epoch_s_2T"] / results["update_epoch_s_T"]
     del algo
-    algo = make_ppo(args.model, args.n_envs, args.tokens, buffer=DictRolloutBuffer)
+    algo = make_ppo(args.model, args.n_envs, args.tokens, DictRolloutBuffer, args.max_prompt_tokens)
     results["update_epoch_s_T_stock_buffer"] = time_update(algo)
     del algo
     if not args.skip_rss:
@@ -136,7 +147,7 @@ def main() -> None:
     lines = [
         "# Rollout and update speed, peak memory",
         "",
-        f"Command: `{' '.join(['python benchmarks/rollout_and_update.py', *sys.argv[1:]])}`",
+        f"Command: `{command}`",
         "",
         "| measurement | value | target |",
         "|---|---|---|",

@@ -1,4 +1,5 @@
-"""benchmarks/compare_algorithms.py --quick: every method gets a row, with every metric, and the plots are drawn."""
+"""The benchmark scripts run end to end on tiny settings: compare_algorithms.py --quick gives every method a row
+with every metric and draws the plots; rollout_and_update.py measures every figure."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def load_benchmark():  # type: ignore[no-untyped-def]  (a script, not a package)
-    spec = importlib.util.spec_from_file_location("compare_algorithms", ROOT / "benchmarks" / "compare_algorithms.py")
+def load_benchmark(name: str = "compare_algorithms"):  # type: ignore[no-untyped-def]  (a script, not a package)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = module  # type: ignore[union-attr]  (its dataclass looks itself up there)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -54,3 +55,15 @@ def test_resume_keeps_finished_runs(tmp_path: Path) -> None:
     second = bench.main(["--quick", "--methods", "random,base_lm", "--seeds", "1", "--out", str(tmp_path), "--resume"])
     assert [r["method"] for r in second["runs"]] == ["random", "base_lm"]
     assert second["runs"][0] == first["runs"][0]  # reused, not re-run
+
+
+def test_rollout_and_update_measures_every_figure(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("rollout_and_update")
+    out = tmp_path / "speed.json"
+    tiny = ["--model", str(tiny_model), "--max-prompt-tokens", "128", "--n-envs", "2", "--tokens", "4"]
+    bench.main([*tiny, "--skip-rss", "--out", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("rollout_tok_s", "generate_tok_s", "rollout_vs_generate", "update_epoch_s_T", "update_epoch_s_2T"):
+        assert result[key] > 0, key
+    assert result["rollout_vs_generate"] == pytest.approx(result["rollout_tok_s"] / result["generate_tok_s"])
+    assert "| rollout_vs_generate |" in out.with_suffix(".md").read_text()

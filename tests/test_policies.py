@@ -35,13 +35,16 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 from torch import nn
 
-from agents import policies
+from agents import cached_lm, policies
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.cached_lm import CachedLM
 from agents.evaluate import distinct_n, evaluate
 from agents.masks import TopPMask, top_p_mask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy, _shared_prefix_groups, export_pretrained
 from text_env.models import load_causal_lm
+
+# prompts whose tokens start alike, as a chat template and an instruction make them: their prefix is shared
+SHARED_PREFIX_PROMPTS = ["the movie was", "the movie was great and", "the movie i saw was", "the movie , sadly"]
 
 
 class CallSpy:
@@ -117,7 +120,7 @@ def test_algorithms_learn(
     tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path, name: str, buffer_class: type | None, bf16: bool
 ) -> None:
     algo, policy_class, extra = ALGORITHMS[name]
-    venv = make_env(tiny_env_kwargs, 4, reward_model=LengthReward())
+    venv = make_env(tiny_env_kwargs, 4, reward_model=LengthReward(), prompts=SHARED_PREFIX_PROMPTS)
     if algo is MaskablePPO:
         venv = TopPMask(venv, tiny_model, top_p=0.5, bf16=False)
     model = algo(
@@ -170,9 +173,6 @@ def test_training_mode_never_reads_a_stale_cache(tiny_env_kwargs: dict, tiny_mod
 
 
 # --- the KV cache and the grouped training pass are exact -----------------------------------------------------
-
-
-SHARED_PREFIX_PROMPTS = ["the movie was", "the movie was great and", "the movie i saw was", "the movie , sadly"]
 
 
 @pytest.mark.parametrize("prompts", [TINY_PROMPTS, SHARED_PREFIX_PROMPTS], ids=["distinct", "shared-prefix"])
@@ -305,8 +305,14 @@ def test_terminal_value_does_not_evict_the_rollout_cache(tiny_env_kwargs: dict, 
     torch.testing.assert_close(value, policy.predict_values(obs)[:1], atol=1e-5, rtol=0)
 
 
-def test_grouped_training_pass_matches_per_row_forwards(tiny_env_kwargs: dict, tiny_model: Path) -> None:
-    venv = make_env(tiny_env_kwargs, 3, seed=2)
+@pytest.mark.parametrize("prompts", [TINY_PROMPTS, SHARED_PREFIX_PROMPTS], ids=["distinct", "shared-prefix"])
+def test_grouped_training_pass_matches_per_row_forwards(
+    tiny_env_kwargs: dict, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, prompts: list[str]
+) -> None:
+    shared: list[int] = []  # prefix lengths the training passes shared
+    agreed = cached_lm._agreed_length
+    monkeypatch.setattr(cached_lm, "_agreed_length", lambda aligned: shared.append(agreed(aligned)) or shared[-1])
+    venv = make_env(tiny_env_kwargs, 3, seed=2, prompts=prompts)
     policy = lm_ppo(venv, tiny_model).policy
     steps = random_rollout(venv, 14, seed=2)
     obs = {k: np.concatenate([o[k] for o, _ in steps]) for k in steps[0][0]}  # (42, L): many shared prefixes
@@ -325,6 +331,14 @@ def test_grouped_training_pass_matches_per_row_forwards(tiny_env_kwargs: dict, t
     torch.testing.assert_close(log_prob, truth_logp.gather(1, actions_t[:, None]).squeeze(1), atol=1e-5, rtol=0)
     torch.testing.assert_close(values, policy.value_head(truth_hidden), atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, -(truth_logp.exp() * truth_logp).sum(-1), atol=1e-5, rtol=0)
+    assert (max(shared) > 0) is (prompts is SHARED_PREFIX_PROMPTS)  # the episodes' common prefix, encoded once
+    trainable = [*policy.lm.parameters(), *policy.value_head.parameters()]
+    grads = torch.autograd.grad(log_prob.sum() + values.sum(), trainable)
+    grad_logits, grad_hidden = unpadded_outputs.__wrapped__(policy.lm, obs)  # the same, with autograd
+    truth_loss = torch.log_softmax(grad_logits, -1).gather(1, actions_t[:, None]).sum()
+    truth_loss = truth_loss + policy.value_head(grad_hidden).sum()
+    for grad, truth in zip(grads, torch.autograd.grad(truth_loss, trainable), strict=True):
+        torch.testing.assert_close(grad, truth, atol=1e-4, rtol=1e-4)  # gradients flow through the shared prefix
     for row in range(0, len(actions), 7):  # a lone row is a plain forward
         one = {k: v[row : row + 1] for k, v in obs_t.items()}
         v1, lp1, _ = policy.evaluate_actions(one, actions_t[row : row + 1])
