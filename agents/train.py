@@ -33,7 +33,7 @@ ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")
 
 @dataclass
 class TrainConfig:
-    """Settings of ``textgen train``; the defaults fit a 2-core CPU in about 16 minutes and 4 GB on the default model.
+    """Settings of ``textgen train``; the defaults fit a 2-core CPU in about 13 minutes and 4 GB on the default model.
 
     :param total_timesteps: environment steps (= generated tokens) to train on.
     :param n_envs: episodes generated in parallel (rollout batch size).
