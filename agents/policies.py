@@ -198,10 +198,18 @@ class _CausalLMMixin:
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         if self.__dict__.get("_reference_lm") is not None:
             self._reference_lm._apply(fn, *args, **kwargs)
+        self._reset_caches()  # their keys/values and weight copies stay where they were
+        return result
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # what SB3's set_parameters / load use
+        result = super().load_state_dict(*args, **kwargs)  # type: ignore[misc]
+        self._reset_caches()
+        return result
+
+    def _reset_caches(self) -> None:
         for cache in (self.__dict__.get("_actor_cache"), self.__dict__.get("_reference_cache")):
             if cache is not None:
-                cache.reset()  # its keys/values and weight copies stay where they were
-        return result
+                cache.reset()
 
     # --- the forward passes ----------------------------------------------------------------------------------
     def _use_cache(self, cache: CachedLM, ids: torch.Tensor, frozen: bool = False) -> bool:
@@ -307,8 +315,9 @@ class _CausalLMMixin:
 
     def set_training_mode(self, mode: bool) -> None:
         super().set_training_mode(mode)  # type: ignore[misc]
-        self._actor_cache.reset()  # weights change between rollouts: cached keys/values go stale
-        self._reference_cache.reset()  # still valid, but free it to take the next rollout's batch shape
+        # Weights change between rollouts: the actor's keys/values and weight copies go stale. The reference's are
+        # still valid, but freeing them lets the next rollout's batch shape in.
+        self._reset_caches()
 
     def tokenizer(self) -> Any:
         """The LM's tokenizer (loaded on demand)."""

@@ -169,7 +169,10 @@ def test_training_mode_never_reads_a_stale_cache(tiny_env_kwargs: dict, tiny_mod
     policy.set_training_mode(False)  # a new rollout empties the cache
     with torch.no_grad():
         fresh = policy.get_distribution(obs).distribution.logits
-    assert not torch.equal(fresh, first)
+        assert not torch.equal(fresh, first)
+        state = {k: v + 0.05 for k, v in policy.state_dict().items()}
+        policy.load_state_dict(state)  # new weights, as SB3's set_parameters loads them: the cache follows
+        assert not torch.equal(policy.get_distribution(obs).distribution.logits, fresh)
 
 
 # --- the KV cache and the grouped training pass are exact -----------------------------------------------------
