@@ -53,15 +53,18 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _aligned_tokens(ids: torch.Tensor, mask: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each row's first valid slot ``(B,)`` and its first ``room`` tokens ``(B, room)``; ``None`` instead of the
-    tokens when a row is not one contiguous run of valid slots (left padding, as the env makes them) or is too
-    short."""
-    valid = mask > 0
-    lengths, first = valid.sum(1), valid.float().argmax(1)
+def _first_slots(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's first valid slot, ``(B,)``."""
+    return (mask > 0).float().argmax(1)
+
+
+def _aligned_tokens(ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, room: int) -> torch.Tensor | None:
+    """Each row's first ``room`` tokens ``(B, room)`` from its ``first`` valid slot; ``None`` when a row is not one
+    contiguous run of valid slots (left padding, as the env makes them) or is too short."""
+    lengths = (mask > 0).sum(1)
     if room < 1 or int(lengths.min()) < room or not bool((valid_ends(mask) - first == lengths).all()):
-        return first, None
-    return first, ids.gather(1, first[:, None] + torch.arange(room, device=ids.device))
+        return None
+    return ids.gather(1, first[:, None] + torch.arange(room, device=ids.device))
 
 
 def _agreed_length(aligned: torch.Tensor) -> int:
@@ -101,9 +104,9 @@ def forward_positions(
     :param positions: ``(R, K)`` slot indices to read per row.
     :return: logits ``(R, K, V)`` (float32) and hidden states ``(R, K, H)``.
     """
-    first = (attention_mask > 0).float().argmax(1)  # (R,)
+    first = _first_slots(attention_mask)  # (R,)
     room = int((positions - first[:, None]).min())  # every read slot must lie after the shared prefix
-    first, aligned = _aligned_tokens(input_ids, attention_mask, room)
+    aligned = _aligned_tokens(input_ids, attention_mask, first, room)
     shared = _agreed_length(aligned) if aligned is not None and input_ids.shape[0] > 1 else 0
     start = int(first.min())
     begin = start + shared  # the first slot the main pass runs on
@@ -210,9 +213,10 @@ class CachedLM:
         width = max(int(ends[rows].max()), 1)
         valid = mask[rows, :width] > 0  # (r, width)
         start = int(valid.any(0).float().argmax()) if valid.any() else 0  # first slot any row uses
-        shared = self._shared_prefix(rows, ids, mask)
+        first = _first_slots(mask[rows])  # (r,)
+        shared = self._shared_prefix(rows, ids, mask, first)
         if shared:
-            cache = _prefix_past(self.model.config, self.prefix_cache, valid.float().argmax(1), start)
+            cache = _prefix_past(self.model.config, self.prefix_cache, first, start)
         else:
             cache = DynamicCache(config=self.model.config)
         begin = start + shared  # the first slot this forward runs on
@@ -240,14 +244,14 @@ class CachedLM:
             self.keys[layer_idx][rows, :, start:width] = k.to(self.keys[layer_idx].dtype)
             self.values[layer_idx][rows, :, start:width] = v.to(self.values[layer_idx].dtype)
 
-    def _shared_prefix(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> int:
-        """Length ``k`` of a token prefix that every row starts with and whose keys/values are in
-        ``prefix_cache`` (the one held, or encoded now); 0 when there is none to share.
+    def _shared_prefix(self, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor) -> int:
+        """Length ``k`` of a token prefix that every row starts with (at its ``first`` valid slot) and whose
+        keys/values are in ``prefix_cache`` (the one held, or encoded now); 0 when there is none to share.
 
         Each row keeps at least its last token to encode (its logits come from it).
         """
         room = int((mask[rows] > 0).sum(1).min()) - 1
-        _, aligned = _aligned_tokens(ids[rows], mask[rows], room)
+        aligned = _aligned_tokens(ids[rows], mask[rows], first, room)
         if aligned is None:
             return 0
         held = self.prefix_ids

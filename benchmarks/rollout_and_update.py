@@ -62,7 +62,7 @@ def _median_seconds(*runs: Callable[[], object]) -> list[float]:
 
 
 def rollout(algo: PPO) -> Callable[[], object]:
-    """One ``collect_rollouts`` of ``n_steps * n_envs`` tokens."""
+    """One ``collect_rollouts`` of ``n_steps * n_envs`` tokens, set up as ``learn`` would."""
     _, callback = algo._setup_learn(10**9, callback=None)
     callback.init_callback(algo)
     return lambda: algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
@@ -92,9 +92,7 @@ def generate(algo: PPO, tokens: int) -> Callable[[], object]:
 
 def time_update(algo: PPO) -> float:
     """Seconds for one PPO epoch over a collected rollout (``train()`` re-reads the same buffer each time)."""
-    _, callback = algo._setup_learn(10**9, callback=None)
-    callback.init_callback(algo)
-    algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
+    rollout(algo)()
     return _median_seconds(algo.train)[0]
 
 
