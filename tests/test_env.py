@@ -37,6 +37,29 @@ class ConstReward:
         return np.full(len(prompts), self.value)
 
 
+class FailingReward:
+    """A reward model whose first ``failures`` calls raise, like a flaky remote judge; then it scores 1.0."""
+
+    def __init__(self, failures: int = 1) -> None:
+        self.failures = failures
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("judge unreachable")
+        return np.ones(len(prompts))
+
+
+class ReturnsReward:
+    """A broken reward model returning ``value`` whatever it is asked."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> object:
+        return self.value
+
+
 class WrongCountReward:
     """A broken reward model returning ``len(prompts) + extra`` scores."""
 
@@ -279,6 +302,39 @@ def test_reset_with_non_string_prompt_option(env: gym.Env) -> None:
         env.reset(options={"prompt": 3})
 
 
+@pytest.mark.parametrize("prompt", ["", "  \n"], ids=["empty", "whitespace"])
+def test_reset_with_empty_prompt_option(env: gym.Env, prompt: str) -> None:
+    with pytest.raises(ValueError, match=r"options\['prompt'\]: the prompt is empty or only whitespace"):
+        env.reset(options={"prompt": prompt})
+
+
+@pytest.mark.parametrize("options", [{"promt": "a film"}, {"prompt": "a film", "seed": 3}])
+def test_reset_with_unknown_option(env: gym.Env, options: dict) -> None:
+    env.reset(seed=0)
+    message = r"unknown reset option\(s\) \['(promt|seed)'\]; the allowed keys are \['prompt'\]"
+    with pytest.raises(ValueError, match=message):
+        env.reset(options=options)
+    with pytest.raises(RuntimeError, match=r"reset\(\)"):  # a failed reset does not continue the old episode
+        env.step(5)
+    with pytest.raises(TypeError, match=r"reset options must be a dict"):
+        env.reset(options=["prompt"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("prompts", [["the movie was", ""], ["the movie was", " \t"]], ids=["empty", "whitespace"])
+def test_empty_prompt_in_list_rejected_at_make(tiny_env_kwargs: dict, prompts: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"prompt 1 of the list: the prompt is empty or only whitespace"):
+        gym.make("TextGen-v0", **{**tiny_env_kwargs, "prompts": prompts})
+
+
+def test_observation_longer_than_model_positions(tiny_env_kwargs: dict) -> None:
+    """The tiny model attends to 256 positions: an observation of 200 + 100 tokens could never be scored."""
+    kwargs = {**tiny_env_kwargs, "max_prompt_tokens": 200, "max_new_tokens": 100}
+    message = r"200 \+ 100 = 300 is more than model .* can attend to \(max_position_embeddings=256\)"
+    with pytest.raises(ValueError, match=message):
+        gym.make("TextGen-v0", **kwargs)
+    gym.make("TextGen-v0", **{**kwargs, "max_new_tokens": 56})  # exactly 256 fits
+
+
 def test_render_ansi(tiny_env_kwargs: dict) -> None:
     env = gym.make("TextGen-v0", render_mode="ansi", **tiny_env_kwargs)
     _, info = env.reset(seed=0)
@@ -447,8 +503,39 @@ def test_non_finite_reward_names_the_prompt(tiny_env_kwargs: dict, value: float)
 def test_reward_with_wrong_number_of_scores(tiny_env_kwargs: dict, extra: int) -> None:
     env = gym.make("TextGen-v0", **{**tiny_env_kwargs, "reward_model": WrongCountReward(extra)})
     env.reset(seed=0)
-    with pytest.raises(ValueError, match=rf"returned {1 + extra} scores for 1 prompts; it must return one each"):
+    message = rf"reward_model WrongCountReward\.score returned {1 + extra} scores for 1 prompts; it must return one"
+    with pytest.raises(ValueError, match=message):
         env.step(env.unwrapped.tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [(None, "None"), ("0.5", "a str"), (["0.5"], "values are <U3"), ([None], "holds a NoneType"), ({}, "dict")],
+    ids=["none", "str", "str-list", "none-list", "dict"],
+)
+def test_reward_of_wrong_type(tiny_env_kwargs: dict, value: object, what: str) -> None:
+    env = gym.make("TextGen-v0", **{**tiny_env_kwargs, "reward_model": ReturnsReward(value)})
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match=rf"reward_model ReturnsReward\.score returned .*{what}.*one finite number"):
+        env.step(env.unwrapped.tokenizer.eos_token_id)
+
+
+def test_failing_reward_model_ends_the_episode_cleanly(tiny_env_kwargs: dict) -> None:
+    env = gym.make("TextGen-v0", **{**tiny_env_kwargs, "reward_model": FailingReward(failures=1)})
+    env.reset(seed=0)
+    eos = env.unwrapped.tokenizer.eos_token_id
+    with pytest.raises(ConnectionError, match="judge unreachable"):
+        env.step(eos)
+    message = r"episode is over \(scoring it raised ConnectionError: judge unreachable\): call reset\(\)"
+    with pytest.raises(RuntimeError, match=message):
+        env.step(eos)
+    env.reset()  # a reset makes it usable again
+    _, reward, terminated, _, info = env.step(eos)
+    assert terminated and reward == 1.0 == info["reward_model_score"]
+    env.reset()
+    env.step(eos)
+    with pytest.raises(RuntimeError, match=r"^the episode is over: call reset"):  # the failure is forgotten
+        env.step(eos)
 
 
 @pytest.mark.parametrize(
@@ -470,6 +557,9 @@ def test_invalid_render_mode(tiny_env_kwargs: dict, render_mode: str) -> None:
     message = re.escape(f"render_mode must be one of ['ansi', 'human'] or None, not {render_mode!r}")
     with pytest.raises(ValueError, match=message):
         TextGenEnv(render_mode=render_mode, **tiny_env_kwargs)
+    # also a TypeError, on which SB3's make_vec_env retries gym.make without its render_mode="rgb_array"
+    with pytest.raises(TypeError, match=message), pytest.warns(UserWarning, match="not in the possible render_modes"):
+        gym.make("TextGen-v0", render_mode=render_mode, **tiny_env_kwargs)
 
 
 def test_missing_local_model_directory(tiny_env_kwargs: dict) -> None:

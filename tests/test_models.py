@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
+from typing import ClassVar
 
+import huggingface_hub
 import pytest
 import tokenizers
 import torch
@@ -133,6 +136,50 @@ def test_missing_local_directory(name: str) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_causal_lm(name)
     assert issubclass(ModelLoadError, RuntimeError)
+
+
+@pytest.mark.parametrize("name", ["typo-dir/", "models/typo/dir", "my model"])
+def test_name_that_is_neither_directory_nor_hub_id(name: str) -> None:
+    with pytest.raises(ModelLoadError, match=re.escape(f"model directory {name!r} does not exist (no such directory")):
+        resolve_model(name)
+
+
+@pytest.mark.parametrize("name", ["no-such-org/no-such-model", "./typo-dir"])
+def test_unknown_model_fails_fast_and_says_what_to_do(name: str, monkeypatch) -> None:
+    """Without network a hub id used to wait ~50 s (retries with back-off for each file) before failing."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the real path: try the hub once
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"(?s)local directory.*'default'") as err:
+        load_tokenizer(name)
+    assert time.monotonic() - start < 10
+    assert name in str(err.value)
+
+
+def test_uncached_hub_id_in_offline_mode(monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("offline: must not ask the hub"))
+    with pytest.raises(ModelLoadError, match=r"'no-such-org/no-such-model' is not .* in the Hugging Face cache, and "
+                       r"HF_HUB_OFFLINE is set\. Pass a local directory"):  # fmt: skip
+        load_config("no-such-org/no-such-model")
+
+
+class FakeLoader:
+    """Stands in for ``AutoConfig``: only the copy in the local cache exists."""
+
+    calls: ClassVar[list[dict]] = []
+
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs: object) -> str:
+        cls.calls.append(kwargs)
+        if not kwargs.get("local_files_only"):
+            raise AssertionError("went online")
+        return f"cached {name}"
+
+
+def test_cached_hub_id_loads_without_the_hub(monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("cached: must not ask the hub"))
+    assert models._from_pretrained(FakeLoader, "org/cached-model", trust_remote_code=False) == "cached org/cached-model"
+    assert FakeLoader.calls == [{"local_files_only": True, "trust_remote_code": False}]
 
 
 @pytest.mark.parametrize(("loader", "what"), [(load_tokenizer, "AutoTokenizer"), (load_config, "AutoConfig")])

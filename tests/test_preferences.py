@@ -104,8 +104,24 @@ def test_empty_file_is_an_error(tmp_path: Path) -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl does not exist"):
         load_preferences(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match="does not exist"):  # a directory is not a preference file
+    with pytest.raises(IsADirectoryError, match=r"preference file .* is a directory; give a \.jsonl file"):
         load_preferences(tmp_path)
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_text(json.dumps({**VALID, "chosen": "très bien"}, ensure_ascii=False) + "\n", encoding="utf-8-sig")
+    assert load_preferences(path) == [PreferencePair("p", "très bien", "bad")]
+
+
+def test_latin1_file_names_line_and_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(VALID), json.dumps({**VALID, "chosen": "très bien"}, ensure_ascii=False)]
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    column = lines[1].index("è") + 1
+    message = rf"latin1\.jsonl:2: not UTF-8 text \(byte 0xe8 at column {column}\); save the preference file as UTF-8"
+    with pytest.raises(ValueError, match=message):
+        load_preferences(path)
 
 
 def test_hf_dataset_from_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

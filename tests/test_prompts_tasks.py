@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -86,6 +87,48 @@ def test_load_prompts_hf_local_dataset(tmp_path: Path, monkeypatch) -> None:
     assert (tmp_path / "hf-cache").is_dir()  # through the real datasets loader (kept out of ~/.cache)
     with pytest.raises(ValueError, match=r"has no column 'text'; its columns are \['prompt', 'label'\]"):
         load_prompts(f"hf:{data}", column="text")
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
+def test_load_prompts_accepts_a_utf8_bom(tmp_path: Path, name: str) -> None:
+    lines = PROMPTS if name.endswith(".txt") else [json.dumps({"prompt": p}) for p in PROMPTS]
+    path = tmp_path / name
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8-sig")  # as Windows Notepad saves it
+    assert load_prompts(path) == PROMPTS
+
+
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
+def test_load_prompts_not_utf8_names_file_line_and_byte(tmp_path: Path, name: str) -> None:
+    lines = ["the movie was", "a café film"] if name.endswith(".txt") else ['{"prompt": "ok"}', '{"prompt": "café"}']
+    path = tmp_path / name
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    column = lines[1].index("é") + 1
+    message = rf"{re.escape(name)}:2: not UTF-8 text \(byte 0xe9 at column {column}\); save the prompt file as UTF-8"
+    with pytest.raises(ValueError, match=message):
+        load_prompts(path)
+
+
+@pytest.mark.parametrize("name", ["prompts", "prompts.txt", "prompts.jsonl"])
+def test_load_prompts_directory(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"prompt file .*{name} is a directory; give a .txt or .jsonl file"):
+        load_prompts(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        (["the movie was", "", "ok"], "prompt 1 of the list"),
+        (["  "], "prompt 0 of the list"),
+        ([{"prompt": "ok"}, {"prompt": " \t "}], r"empty\.jsonl:2"),
+        ([{"prompt": "ok"}, {"text": ""}], r"empty\.jsonl:2"),
+    ],
+    ids=["list", "list-whitespace", "jsonl-whitespace", "jsonl-empty"],
+)
+def test_load_prompts_rejects_empty_prompts(tmp_path: Path, source: list, where: str) -> None:
+    given = write_jsonl(tmp_path / "empty.jsonl", source) if isinstance(source[0], dict) else source
+    with pytest.raises(ValueError, match=rf"{where}: the prompt is empty or only whitespace"):
+        load_prompts(given)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,11 @@ metrics, pickle-free save/load, and use as the env's reward."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gymnasium as gym
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_PROMPTS
+from safetensors.torch import save_file
 
 import text_env  # noqa: F401  (registers TextGen-v0)
-from text_env.models import ModelLoadError, load_causal_lm
+from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
 from text_env.rewards.preferences import PreferencePair
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
 from text_env.rewards.training import evaluate_reward_model, train_reward_model
@@ -191,6 +194,64 @@ def test_load_errors(tmp_path: Path) -> None:
         RewardModel.load(tmp_path)
     with pytest.raises(ModelLoadError, match="not a reward-model directory"):
         RewardModel.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda d: (d / "reward_model.json").write_text("{not json"), r"reward_model\.json is not valid JSON"),
+        (lambda d: (d / "reward_model.json").write_text("[]"), r"reward_model\.json must hold a JSON object"),
+        (
+            lambda d: _edit_json(d, pooling="mean", dropout=0.1),
+            r"unknown key\(s\) \['dropout'\]; the allowed keys are \['backbone', 'head_hidden'",
+        ),
+        (lambda d: _edit_json(d, head_hidden="8"), r"'head_hidden' must be int, got '8' \(str\)"),
+        (lambda d: _edit_json(d, mode="adapter"), r"mode must be one of \('head', 'lora', 'full'\), not 'adapter'"),
+        (lambda d: (d / "head.safetensors").write_bytes(b"\x00" * 7), r"head\.safetensors is not a valid safetensors"),
+        (
+            lambda d: save_file({"w": torch.zeros(2)}, d / "head.safetensors"),
+            r"holds no 'mean' tensor",
+        ),
+        (lambda d: _edit_json(d, head_hidden=8), r"does not fit the head described in .*\(head_hidden=8\)"),
+    ],
+    ids=["json", "not-object", "unknown-key", "wrong-type", "bad-mode", "head-bytes", "head-keys", "head-shape"],
+)
+def test_load_corrupted_directory(
+    head_model: tuple, tmp_path: Path, corrupt: Callable[[Path], object], message: str
+) -> None:
+    path = head_model[0].save(tmp_path / "rm")
+    corrupt(path)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        RewardModel.load(path)
+    assert str(path) in str(err.value) and ("RewardModel.save" in str(err.value) or "backbone" in str(err.value))
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    config = json.loads((path / "reward_model.json").read_text())
+    (path / "reward_model.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_load_head_of_another_backbone(head_model: tuple, tmp_path: Path) -> None:
+    """The head scores the tiny model's 32-dim features; a 16-dim backbone used to fail at the first episode end."""
+    path = head_model[0].save(tmp_path / "rm")
+    _edit_json(path, backbone=str(make_tiny_model(tmp_path / "narrow", hidden_size=16)))
+    message = r"head\.safetensors scores 32-dim features, but the backbone .*narrow' has hidden size 16"
+    with pytest.raises(ModelLoadError, match=message):
+        RewardModel.load(path)
+
+
+def test_load_relative_backbone_from_another_directory(head_model: tuple, tmp_path: Path, monkeypatch) -> None:
+    """A reward model shipped next to its backbone (``"backbone": "../lm"``) loads from any working directory."""
+    model = head_model[0]
+    shutil.copytree(model.config.backbone, tmp_path / "bundle" / "lm")
+    path = model.save(tmp_path / "bundle" / "rm")
+    _edit_json(path, backbone="../lm")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = RewardModel.load(path)
+    assert Path(loaded.config.backbone) == (tmp_path / "bundle" / "lm").resolve()
+    prompts, completions = ["the movie was", "a sad , dull"], ["it was wonderful", "so awful"]
+    np.testing.assert_allclose(loaded.score(prompts, completions), model.score(prompts, completions), atol=1e-6)
 
 
 @pytest.mark.parametrize(("field", "value"), [("mode", "x"), ("pooling", "y")])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import TINY_PROMPTS, LengthReward
 from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 import text_env  # noqa: F401  (registers TextGen-v0)
 from text_env.vec_env import TextGenVecEnv, make_text_vec_env
@@ -28,6 +29,19 @@ class CountingReward:
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         self.calls.append((list(prompts), list(completions)))
         return LengthReward().score(prompts, completions)
+
+
+class FailOnceReward(LengthReward):
+    """LengthReward whose first call raises, like a flaky remote judge."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("judge unreachable")
+        return super().score(prompts, completions)
 
 
 def token(venv: TextGenVecEnv, text: str) -> int:
@@ -123,6 +137,16 @@ def test_vec_env_reset_options(tiny_env_kwargs: dict) -> None:
     assert all(info["prompt"] in TINY_PROMPTS for info in venv.reset_infos)
 
 
+@pytest.mark.parametrize("options", [{"promt": "a film"}, [{"prompt": "a film"}, {"seed": 1}]], ids=["dict", "list"])
+def test_vec_env_unknown_reset_option(tiny_env_kwargs: dict, options: dict | list) -> None:
+    venv = make_text_vec_env(2, seed=0, **tiny_env_kwargs)
+    message = r"unknown reset option\(s\) \['(promt|seed)'\]; the allowed keys are \['prompt'\]"
+    with pytest.raises(ValueError, match=message):
+        venv.set_options(options)
+    venv.reset()  # nothing was stored
+    assert all(info["prompt"] in TINY_PROMPTS for info in venv.reset_infos)
+
+
 def test_vec_env_seed_is_deterministic(tiny_env_kwargs: dict) -> None:
     def prompts_after(seed: int) -> list[str]:
         venv = make_text_vec_env(3, **tiny_env_kwargs)
@@ -214,6 +238,33 @@ def test_equivalent_to_dummy_vec_env(tiny_env_kwargs: dict, seed: int) -> None:
     assert n_terminated > 0 and n_truncated > 0
 
 
+# --- SB3's own make_vec_env ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vec_env_cls", [DummyVecEnv, SubprocVecEnv])
+def test_sb3_make_vec_env(tiny_env_kwargs: dict, vec_env_cls: type[VecEnv]) -> None:
+    """The habitual ``make_vec_env("TextGen-v0", ...)``: SB3 asks for render_mode="rgb_array", which the env declines
+    with a TypeError, and SB3 makes it again without one."""
+    kwargs = {**tiny_env_kwargs, "reward_model": LengthReward(), "max_new_tokens": 3}
+    vec_env_kwargs = {"start_method": "fork"} if vec_env_cls is SubprocVecEnv else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not in the possible render_modes")
+        venv = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=kwargs, vec_env_cls=vec_env_cls,
+                            vec_env_kwargs=vec_env_kwargs)  # fmt: skip
+    try:
+        assert venv.get_attr("render_mode") == [None, None]
+        obs = venv.reset()
+        assert obs["input_ids"].shape == (2, MAX_PROMPT + 3)
+        a = venv.get_attr("tokenizer", [0])[0]("a", add_special_tokens=False)["input_ids"][0]
+        for t in range(3):
+            obs, rewards, dones, infos = venv.step(np.full(2, a))
+            assert dones.tolist() == [t == 2] * 2
+        assert rewards.tolist() == [1.0, 1.0]  # "aaa": every character is an 'a'
+        assert all(info["episode"]["r"] == 1.0 and info["TimeLimit.truncated"] for info in infos)
+    finally:
+        venv.close()
+
+
 # --- batched scoring ---------------------------------------------------------------------------------------------
 
 
@@ -242,6 +293,26 @@ def test_scoring_is_batched(tiny_env_kwargs: dict) -> None:
         max_batch = max(max_batch, len(prompts))
     assert max_batch == 3
     assert len(reward.calls) < sum(len(p) for p, _ in reward.calls)  # fewer calls than scored episodes
+
+
+def test_failing_reward_model_leaves_the_env_usable(tiny_env_kwargs: dict) -> None:
+    """A scorer that raises must not leave full rows behind: the next step would write past their end."""
+    venv = make_text_vec_env(3, seed=0, **{**tiny_env_kwargs, "reward_model": FailOnceReward()})
+    venv.reset()
+    a, eos = token(venv, "a"), venv.tokenizer.eos_token_id
+    for _ in range(MAX_NEW - 1):
+        venv.step(np.full(3, a))
+    with pytest.raises(ConnectionError, match="judge unreachable"):
+        venv.step(np.array([a, eos, a]))  # rows 0 and 2 truncate, row 1 terminates: all three are scored together
+    assert venv.core.n_new.tolist() == [0, 0, 0]  # their next episodes have started
+    for _ in range(MAX_NEW - 1):
+        _, _, dones, _ = venv.step(np.full(3, a))
+        assert not dones.any()
+    _, rewards, dones, infos = venv.step(np.full(3, a))
+    assert dones.all() and rewards.tolist() == [1.0, 1.0, 1.0]
+    assert [info["completion"] for info in infos] == ["a" * MAX_NEW] * 3
+    venv.reset()  # and reset works as ever
+    assert venv.step(np.full(3, a))[0]["attention_mask"][:, MAX_PROMPT].tolist() == [1, 1, 1]
 
 
 # --- stock SB3 PPO -------------------------------------------------------------------------------------------------

@@ -10,13 +10,30 @@ import numpy as np
 from gymnasium import spaces
 
 from text_env.models import DEFAULT_MODEL, load_config, load_tokenizer
-from text_env.prompts import PromptSource, encode_prompt, load_prompts
+from text_env.prompts import PromptSource, check_prompt, encode_prompt, load_prompts
 from text_env.rewards import Scorer, check_scores
 from text_env.tasks import Task, get_task
 
-__all__ = ["TextGenCore", "resolve_reward"]
+__all__ = ["RESET_OPTIONS", "TextGenCore", "check_options", "resolve_reward"]
 
 DEFAULT_TASK = "positive-review"
+RESET_OPTIONS = ("prompt",)
+"""The keys ``reset(options=...)`` understands."""
+
+
+def check_options(options: object) -> dict:
+    """Return ``options`` as a dict (``None``: empty); raise on anything but a dict of :data:`RESET_OPTIONS` keys.
+
+    A mistyped key would otherwise be ignored silently and the episode would run on a drawn prompt.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"reset options must be a dict (keys {list(RESET_OPTIONS)}) or None, not {options!r}")
+    unknown = sorted(set(options) - set(RESET_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {unknown}; the allowed keys are {list(RESET_OPTIONS)}")
+    return options
 
 
 def resolve_reward(reward_model: Scorer | str | os.PathLike[str] | None, task: Task) -> Scorer:
@@ -78,6 +95,13 @@ class TextGenCore:
         if self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
             raise ValueError("max_new_tokens and max_prompt_tokens must be at least 1")
         self.length = self.max_prompt_tokens + self.max_new_tokens
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and self.length > positions:  # else the first forward pass fails with an IndexError
+            raise ValueError(
+                f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens} + {self.max_new_tokens} = "
+                f"{self.length} is more than model {self.model_name!r} can attend to (max_position_embeddings="
+                f"{positions}); lower one of them so that their sum is at most {positions}"
+            )
         self.stop_strings = tuple(stop_strings if stop_strings is not None else self.task.stop_strings)
         self.chat = chat
         pad = self.tokenizer.pad_token_id
@@ -109,6 +133,8 @@ class TextGenCore:
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a rendered prompt; raises if it does not fit (prompts are never silently cut)."""
         ids = encode_prompt(self.tokenizer, prompt, self.task.instruction, self.chat)
+        if not ids:  # the policy needs at least one token to condition on
+            raise ValueError(f"prompt {prompt!r} renders to no tokens at all; give a prompt with some text")
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
                 f"prompt is {len(ids)} tokens once rendered, more than max_prompt_tokens={self.max_prompt_tokens}: "
@@ -118,10 +144,9 @@ class TextGenCore:
 
     def start(self, i: int, rng: np.random.Generator, options: dict | None = None) -> None:
         """Begin an episode in row ``i``: the prompt in ``options["prompt"]``, else one drawn with ``rng``."""
-        if options and "prompt" in options:
-            prompt = options["prompt"]
-            if not isinstance(prompt, str):
-                raise TypeError(f"options['prompt'] must be a string, got {type(prompt).__name__}")
+        options = check_options(options)
+        if "prompt" in options:
+            prompt = check_prompt(options["prompt"], "options['prompt']")
             ids = self.encode(prompt)
         else:
             k = int(rng.integers(len(self.prompts)))
@@ -172,10 +197,12 @@ class TextGenCore:
         """Reward-model and gold scores of the finished rows, each in one batched call."""
         prompts = [self.current_prompt[i] for i in rows]
         completions = [self.completion[i] for i in rows]
-        rewards = check_scores(self.reward_model.score(prompts, completions), prompts, "reward_model")
+        scorer = f"reward_model {type(self.reward_model).__name__}.score"
+        rewards = check_scores(self.reward_model.score(prompts, completions), prompts, scorer)
         if self.reward_model is self.gold:
             return rewards, rewards
-        return rewards, check_scores(self.gold.score(prompts, completions), prompts, "gold scorer")
+        gold = f"gold scorer {type(self.gold).__name__}.score"
+        return rewards, check_scores(self.gold.score(prompts, completions), prompts, gold)
 
     def info(self, i: int) -> dict:
         return {"prompt": self.current_prompt[i], "completion": self.completion[i]}

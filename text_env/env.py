@@ -15,14 +15,25 @@ from text_env.prompts import PromptSource
 from text_env.rewards import Scorer
 from text_env.tasks import Task
 
-__all__ = ["TextGenEnv"]
+__all__ = ["RenderModeError", "TextGenEnv"]
+
+
+class RenderModeError(ValueError, TypeError):
+    """A ``render_mode`` the env does not support.
+
+    Also a ``TypeError`` on purpose: SB3's ``make_vec_env("TextGen-v0", ...)`` asks ``gym.make`` for
+    ``render_mode="rgb_array"`` and makes the env again without it when that raises ``TypeError``. A text env has no
+    frame to draw, so declining is the honest answer; an "rgb_array" mode that returned no image would only break
+    video recorders later.
+    """
 
 
 class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     """Generate a completion for a prompt, one token per step; the reward judges the finished text.
 
     **Episode.** One episode is one prompt, drawn from the prompt set with ``self.np_random`` at ``reset`` (or
-    given as ``reset(options={"prompt": ...})``).
+    given as ``reset(options={"prompt": ...})``; ``"prompt"`` is the only option key, an empty prompt or another key
+    raises ``ValueError``).
 
     **Observation.** ``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
     ``L = max_prompt_tokens + max_new_tokens``: the prompt (rendered with the tokenizer's chat template when it has
@@ -36,7 +47,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
 
     **Reward.** 0 at every step but the last; at the last step, the reward model's score of
     ``(prompt, completion)``. A reward model is any object with a batched ``score(prompts, completions)``.
-    A NaN or infinite score raises ``ValueError`` naming the prompt.
+    A NaN or infinite score raises ``ValueError`` naming the prompt. When scoring raises, the episode is over:
+    ``step`` asks for a ``reset``, saying why.
 
     **Info.** ``prompt`` and ``completion`` (decoded text so far) at every step; at the last step also
     ``reward_model_score`` and ``gold_score`` (the task's gold scorer, the stand-in for a human judge).
@@ -57,7 +69,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         split: ``"train"`` or ``"eval"`` prompts of the task.
         stop_strings: texts that end the episode (default: the task's).
         chat: render prompts with the chat template (``None``: when the tokenizer has one).
-        render_mode: ``"ansi"`` returns the text, ``"human"`` prints it.
+        render_mode: ``"ansi"`` returns the text, ``"human"`` prints it; any other raises :class:`RenderModeError`.
 
     Example:
         >>> import gymnasium as gym
@@ -84,7 +96,9 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         trust_remote_code: bool = False,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, not {render_mode!r}")
+            raise RenderModeError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, not {render_mode!r}"
+            )
         self.core = TextGenCore(
             1, model, task, prompts, reward_model, max_new_tokens, max_prompt_tokens, split, stop_strings, chat,
             trust_remote_code,
@@ -93,6 +107,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         self.action_space = self.core.action_space
         self.render_mode = render_mode
         self._done = True
+        self._failure = ""  # why the last episode ended without a reward, for the next step()'s error
         self._shown = 0
 
     @property
@@ -109,8 +124,9 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
+        self._done = True  # until the new episode has started: a failed reset needs another one
         self.core.start(0, self.np_random, options)
-        self._done = False
+        self._done, self._failure = False, ""
         self._shown = 0
         if self.render_mode == "human":
             print(self.core.current_prompt[0], end="", flush=True)
@@ -118,14 +134,18 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         if self._done:
-            raise RuntimeError("the episode is over: call reset() before step()")
+            raise RuntimeError(f"the episode is over{self._failure}: call reset() before step()")
         token = self.core.check_action(action)
         terminated, truncated = self.core.append(0, token)
         info = self.core.info(0)
         reward = 0.0
         if terminated or truncated:
             self._done = True
-            rewards, gold = self.core.score([0])
+            try:
+                rewards, gold = self.core.score([0])
+            except Exception as err:
+                self._failure = f" (scoring it raised {type(err).__name__}: {err})"
+                raise
             reward = float(rewards[0])
             info["reward_model_score"], info["gold_score"] = reward, float(gold[0])
         if self.render_mode == "human":  # stream the new text, like a chat UI

@@ -134,12 +134,28 @@ def embedded_model_dir() -> Path:
     return converted
 
 
+def _is_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a hub id (``name`` or ``org/name``) rather than of a path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.sep != "/" and os.sep in text:  # a backslash path on Windows
+        return False
+    try:
+        validate_repo_id(text)  # rejects "./x", "~/x", "/x", "a/b/c", "x/" and names with spaces
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model(name: str | os.PathLike[str]) -> str:
     """Map a model name to what ``from_pretrained`` takes.
 
     :param name: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local directory, or a hub id.
     :return: a local directory path, or the hub id unchanged.
-    :raises ModelLoadError: a path that looks local (starts with ``.``, ``/`` or ``~``) but does not exist.
+    :raises ModelLoadError: ``name`` is not a directory and does not have the form of a hub id (``name`` or
+        ``org/name``): it starts with ``.``, ``/`` or ``~``, ends with a slash, has more than one slash, or names an
+        existing file. Such a typo fails here at once instead of being looked up on the hub.
     """
     text = os.fspath(name)
     if text.lower() in _ALIASES:
@@ -147,14 +163,65 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         return str(path)
-    if text.startswith((".", "/", "~")) or path.exists():
-        raise ModelLoadError(f"model directory {text!r} does not exist (give 'default', a local directory or a hub id)")
+    if path.exists() or not _is_hub_id(text):
+        under = "" if path.is_absolute() else f" under {os.getcwd()}"
+        raise ModelLoadError(
+            f"model directory {text!r} does not exist (no such directory{under}); give an existing local directory, "
+            "'default' (the embedded SmolLM2-135M-Instruct) or a hub id of the form 'org/name'"
+        )
     return text
 
 
-def _from_pretrained(loader: Any, name: str | os.PathLike[str], **kwargs: Any) -> Any:
+def _offline_advice(hub_id: str) -> str:
+    return (
+        f"Pass a local directory holding config.json and weights, or 'default' (the embedded "
+        f"SmolLM2-135M-Instruct); or, with network access and HF_HUB_OFFLINE unset (or 0), the hub id {hub_id!r} "
+        "is downloaded into the Hugging Face cache once."
+    )
+
+
+def _check_hub_id(hub_id: str, timeout: float) -> None:
+    """Fail fast, with advice, when a hub id that is not in the local cache cannot be fetched.
+
+    Without this, ``from_pretrained`` retries an unreachable hub with back-off for about half a minute per file.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if huggingface_hub.is_offline_mode():
+        raise ModelLoadError(
+            f"model {hub_id!r} is not a local directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
+            + _offline_advice(hub_id)
+        )
+    try:
+        huggingface_hub.model_info(hub_id, timeout=timeout)
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(
+            f"model {hub_id!r} is not a local directory, and the hub ({endpoint}) has no such model (or it is "
+            "private: log in with `hf auth login`). Check the spelling, or pass a local directory or 'default'."
+        ) from err
+    except HfHubHTTPError:
+        return  # the hub answered: let from_pretrained report what it finds
+    except Exception as err:  # the transport's error classes belong to the hub client's HTTP library (and version)
+        raise ModelLoadError(
+            f"model {hub_id!r} is not a local directory nor in the Hugging Face cache, and the hub ({endpoint}) "
+            f"cannot be reached: {err}. " + _offline_advice(hub_id)
+        ) from err
+
+
+def _from_pretrained(loader: Any, name: str | os.PathLike[str], hub_timeout: float = 10.0, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` on a resolved name; a hub id is taken from the local cache when it is there.
+
+    :param hub_timeout: seconds to wait for the hub when a hub id is not cached.
+    """
     where = resolve_model(name)
     try:
+        if not Path(where).is_dir():  # a hub id: the local cache first, then a quick check that the hub answers
+            try:
+                return loader.from_pretrained(where, local_files_only=True, **kwargs)
+            except (OSError, ValueError):
+                _check_hub_id(where, hub_timeout)
         return loader.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(

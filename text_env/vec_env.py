@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
 
-from text_env.core import TextGenCore
+from text_env.core import TextGenCore, check_options
 
 __all__ = ["TextGenVecEnv", "make_text_vec_env"]
 
@@ -55,6 +55,12 @@ class TextGenVecEnv(VecEnv):
         self._reset_options()
         return self._obs()
 
+    def set_options(self, options: list[dict] | dict | None = None) -> None:
+        """Options for the next ``reset()``: a dict for every env or one per env; keys from ``RESET_OPTIONS``."""
+        for opts in options if isinstance(options, list) else [options]:
+            check_options(opts)
+        super().set_options(options)
+
     def step_async(self, actions: np.ndarray) -> None:
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,) and actions.shape != (self.num_envs, 1):
@@ -62,6 +68,11 @@ class TextGenVecEnv(VecEnv):
         self._actions = np.array([self.core.check_action(a) for a in actions.reshape(self.num_envs)], dtype=np.int64)
 
     def step_wait(self) -> VecEnvStepReturn:
+        """Append the actions; score every episode that ended in one batched call, then auto-reset those rows.
+
+        If scoring raises, the finished rows start their next episodes before the error propagates (their scores are
+        lost), so that the env stays usable: the next ``step`` or ``reset`` works.
+        """
         n = self.num_envs
         rewards = np.zeros(n, dtype=np.float32)
         dones = np.zeros(n, dtype=bool)
@@ -76,7 +87,15 @@ class TextGenVecEnv(VecEnv):
                 finished.append(i)
             infos.append(info)
         if finished:
-            scores, gold = self.core.score(finished)
+            try:
+                scores, gold = self.core.score(finished)
+            except Exception:
+                # The finished rows are full (or ended): stepping them again would write past the row. Start their
+                # next episodes, as a successful step would have, so that the env stays usable; their scores are lost.
+                for i in finished:
+                    self.core.start(i, self._rngs[i])
+                    self.reset_infos[i] = self.core.info(i)
+                raise
             for k, i in enumerate(finished):
                 rewards[i] = scores[k]
                 infos[i]["reward_model_score"], infos[i]["gold_score"] = float(scores[k]), float(gold[k])

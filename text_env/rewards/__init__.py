@@ -24,16 +24,34 @@ class Scorer(Protocol):
 
 
 def check_scores(scores: object, prompts: Sequence[str], what: str = "reward") -> np.ndarray:
-    """Return ``scores`` as a float64 array of shape ``(len(prompts),)``; raise if it has the wrong shape or a NaN/inf.
+    """Return ``scores`` as a float64 array of shape ``(len(prompts),)``; raise if it is not numbers, has the wrong
+    shape, or holds a NaN/inf.
 
-    Non-finite rewards silently poison an RL run, so they stop it here, naming the prompt.
+    A scorer's mistakes would otherwise surface far from it (strings parse as floats, ``None`` becomes NaN) or
+    silently poison an RL run, so they stop here, naming the scorer (``what``) and, for a bad value, the prompt.
     """
-    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    expected = f"it must return one finite number per prompt ({len(prompts)} here), as an array or list"
+    if scores is None:
+        raise TypeError(f"{what} returned None; {expected}")
+    if isinstance(scores, (str, bytes)):
+        raise TypeError(f"{what} returned a {type(scores).__name__} ({scores!r:.60}); {expected}")
+    try:
+        raw = np.asarray(scores)
+        flat = raw.reshape(-1)
+        if raw.dtype == object:  # Python objects: numbers (floats, torch scalars) convert, None and text must not
+            wrong = [x for x in flat if x is None or isinstance(x, (str, bytes))]
+            if wrong:
+                raise TypeError(f"it holds a {type(wrong[0]).__name__}")
+        elif raw.dtype.kind not in "biuf":
+            raise TypeError(f"its values are {raw.dtype}")
+        arr = flat.astype(np.float64)
+    except (TypeError, ValueError) as err:  # ValueError: ragged nesting, or an object float() rejects
+        raise TypeError(f"{what} returned {scores!r:.80} ({type(scores).__name__}; {err}); {expected}") from err
     if arr.shape != (len(prompts),):
-        raise ValueError(f"{what} returned {arr.shape[0]} scores for {len(prompts)} prompts; it must return one each")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        i = int(bad[0])
+        raise ValueError(f"{what} returned {arr.shape[0]} scores for {len(prompts)} prompts; {expected}")
+    bad_rows = np.flatnonzero(~np.isfinite(arr))
+    if bad_rows.size:
+        i = int(bad_rows[0])
         raise ValueError(
             f"{what} returned a non-finite score ({arr[i]}) for prompt {prompts[i]!r}; scores must be finite"
         )

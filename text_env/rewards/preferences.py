@@ -57,7 +57,8 @@ def _parse(record: Any, where: str) -> PreferencePair:
 def load_preferences(source: str | os.PathLike[str], split: str = "train") -> list[PreferencePair]:
     """Read preference pairs from a JSONL file or ``"hf:NAME"`` (a ``datasets`` dataset with those columns).
 
-    :raises ValueError: on the first malformed line, naming the file, the line number and what is wrong.
+    :raises ValueError: on the first malformed line, naming the file, the line number and what is wrong; on a file
+        that is not UTF-8 (a UTF-8 byte-order mark is fine), naming the line and byte.
     """
     if isinstance(source, str) and source.startswith("hf:"):
         import datasets
@@ -65,9 +66,12 @@ def load_preferences(source: str | os.PathLike[str], split: str = "train") -> li
         dataset = datasets.load_dataset(source[3:], split=split)
         return [_parse(row, f"{source} row {i}") for i, row in enumerate(dataset)]
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
-    pairs = [_parse(record, where) for where, record in read_jsonl(path)]
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"preference file {path} is a directory; give a .jsonl file, or 'hf:{path}' for a directory of dataset "
+            "files"
+        )
+    pairs = [_parse(record, where) for where, record in read_jsonl(path, "preference file")]
     if not pairs:
         raise ValueError(f"{path} holds no preference pairs")
     return pairs

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -159,14 +160,25 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RewardModel:
-        """Load a saved reward model directory (no pickle involved)."""
+        """Load a saved reward model directory (no pickle involved).
+
+        A relative ``backbone`` in ``reward_model.json`` is taken relative to the reward-model directory when it
+        names a directory there, so that a reward model and its backbone can move together.
+
+        :raises ModelLoadError: a missing or corrupted file, or a head that does not fit the backbone, naming the
+            file and what to do.
+        """
         path = Path(path)
         if not (path / "reward_model.json").is_file() or not (path / "head.safetensors").is_file():
             raise ModelLoadError(
                 f"{path} is not a reward-model directory: it needs reward_model.json and head.safetensors "
                 "(write one with `textgen train-rm` or RewardModel.save)"
             )
-        config = RewardModelConfig(**json.loads((path / "reward_model.json").read_text()))
+        config = _read_config(path / "reward_model.json")
+        relative = Path(config.backbone).expanduser()
+        if not relative.is_absolute() and (path / relative).is_dir():
+            config.backbone = str((path / relative).resolve())
+        head = _read_head(path / "head.safetensors")
         backbone, tokenizer = None, None
         if config.mode == "full":
             backbone, tokenizer = load_causal_lm(path / "backbone"), load_tokenizer(path / "backbone")
@@ -175,7 +187,59 @@ class RewardModel(nn.Module):
 
             backbone = PeftModel.from_pretrained(load_causal_lm(config.backbone), path / "adapter")
         model = cls(config, backbone, tokenizer)
-        head = load_file(path / "head.safetensors")
-        model.head = RewardHead(head["mean"].numel(), config.head_hidden)
-        model.head.load_state_dict(head)
+        features, hidden = head["mean"].numel(), model.head.mean.numel()
+        if features != hidden:
+            raise ModelLoadError(
+                f"{path / 'head.safetensors'} scores {features}-dim features, but the backbone {config.backbone!r} "
+                f"has hidden size {hidden}: the head was trained on another backbone. Set 'backbone' in "
+                f"{path / 'reward_model.json'} to the model it was trained on."
+            )
+        try:
+            model.head.load_state_dict(head)
+        except RuntimeError as err:  # missing, extra or mis-shaped tensors (e.g. head_hidden edited)
+            raise ModelLoadError(
+                f"{path / 'head.safetensors'} does not fit the head described in {path / 'reward_model.json'} "
+                f"(head_hidden={config.head_hidden}): {err}. Re-save the reward model with RewardModel.save."
+            ) from err
         return model.eval()
+
+
+def _read_config(file: Path) -> RewardModelConfig:
+    """Parse ``reward_model.json``; anything but a JSON object of :class:`RewardModelConfig` fields raises."""
+    redo = "Re-save the reward model with RewardModel.save (or `textgen train-rm`), or fix the file by hand."
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{file} is not valid JSON ({err}). {redo}") from err
+    defaults = {f.name: f.default for f in fields(RewardModelConfig)}
+    if not isinstance(record, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object with keys {sorted(defaults)}. {redo}")
+    unknown = sorted(set(record) - set(defaults))
+    if unknown:
+        raise ModelLoadError(f"{file} has unknown key(s) {unknown}; the allowed keys are {sorted(defaults)}. {redo}")
+    for key, value in record.items():
+        expected = type(defaults[key])
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ModelLoadError(
+                f"{file}: {key!r} must be {expected.__name__}, got {value!r} ({type(value).__name__}). {redo}"
+            )
+    try:
+        return RewardModelConfig(**record)
+    except ValueError as err:
+        raise ModelLoadError(f"{file}: {err}. {redo}") from err
+
+
+def _read_head(file: Path) -> dict[str, torch.Tensor]:
+    """The head's tensors; an unreadable file raises, naming it."""
+    try:
+        head = load_file(file)
+    except SafetensorError as err:
+        raise ModelLoadError(
+            f"{file} is not a valid safetensors file ({err}); re-save the reward model with RewardModel.save"
+        ) from err
+    if "mean" not in head:
+        raise ModelLoadError(
+            f"{file} holds no 'mean' tensor (it has {sorted(head)}): it is not a reward-model head; re-save the "
+            "reward model with RewardModel.save"
+        )
+    return head
