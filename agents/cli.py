@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -11,53 +12,54 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+# Errors that mean the input was wrong, not the program: shown as one line. ModelLoadError is an OSError.
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from agents.train import ALGORITHMS, TrainConfig
+    """``textgen train``'s options are TrainConfig's fields (one source for every default and help text)."""
+    from agents.run import ALGORITHMS, BASELINES, PRESETS, TrainConfig
 
-    d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="RLHF-train an LM policy with an SB3 algorithm, then compare it with the base model",
         description="Train the LM on a task with reward-model score - beta * KL(policy || base model), evaluate "
-        "held-out prompts before and after, print a table and save the run (model.zip, report.md/json, plot).",
+        "held-out prompts before and after, print a table and save the run (model.zip, report.md/json, plot). "
+        "Ctrl-C saves a checkpoint; --resume RUN_DIR continues it. Defaults are --algo ppo's; other algorithms "
+        f"start from their presets ({'; '.join(f'{a}: {v}' for a, v in PRESETS.items())}).",
     )
-    p.add_argument("--task", default=d.task, help="task name (default: %(default)s)")
-    p.add_argument("--model", default=d.model, help="'default' (SmolLM2-135M-Instruct), a directory or a hub id")
-    p.add_argument("--algo", default=d.algo, choices=ALGORITHMS, help="SB3 algorithm (default: %(default)s)")
-    p.add_argument("--reward-model", default=d.reward_model, help="reward-model directory or 'gold' (default: task's)")
-    p.add_argument("--total-timesteps", type=int, default=d.total_timesteps, help="env steps = tokens (%(default)s)")
-    p.add_argument("--n-envs", type=int, default=d.n_envs, help="parallel episodes (%(default)s)")
-    p.add_argument("--n-steps", type=int, default=d.n_steps, help="steps per env per rollout (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch in tokens (%(default)s)")
-    p.add_argument("--n-epochs", type=int, default=d.n_epochs, help="PPO epochs per rollout (%(default)s)")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
-    p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (%(default)s)")
-    p.add_argument("--target-kl", type=float, default=d.target_kl, help="adaptive beta toward this KL per episode")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="episode length (task's default)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (task's default)")
-    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="held-out prompts (%(default)s)")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (%(default)s; 0: full fine-tuning)")
-    p.add_argument("--train-layers", type=int, default=None, help="with --lora-r 0: train only the top N blocks (TRPO)")
-    p.add_argument("--no-bf16", action="store_true", help="run in float32 (slower on CPU)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="runs directory (%(default)s)")
-    p.add_argument("--tensorboard", action="store_true", help="log to <out>/tensorboard")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "algo_kwargs":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        helptext = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        if f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
+            flag, helptext = (f"--no-{flag[2:]}", f"turn off: {f.metadata['help']}") if default else (flag, helptext)
+            p.add_argument(flag, dest=f.name, action="store_const", const=not default, help=helptext)
+        elif f.name == "algo":
+            p.add_argument(flag, choices=ALGORITHMS + BASELINES, help=helptext)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
+            p.add_argument(flag, type=kind, help=helptext)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings come from there)")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from agents.train import TrainConfig, train
+    from agents.run import TrainConfig
+    from agents.train import train
 
-    config = TrainConfig(
-        task=args.task, model=args.model, algo=args.algo, reward_model=args.reward_model,
-        total_timesteps=args.total_timesteps, n_envs=args.n_envs, n_steps=args.n_steps, batch_size=args.batch_size,
-        n_epochs=args.n_epochs, learning_rate=args.learning_rate, beta=args.beta, target_kl=args.target_kl,
-        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts,
-        bf16=not args.no_bf16,
-        lora={"r": args.lora_r} if args.lora_r else None, train_layers=args.train_layers, seed=args.seed,
-        out=args.out, tensorboard=args.tensorboard,
-    )  # fmt: skip
-    train(config)
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "algo_kwargs"]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.resume:
+        if given:
+            raise ValueError(
+                f"--resume takes every setting from {args.resume}/config.json; drop "
+                + ", ".join("--" + k.replace("_", "-") for k in given)
+            )
+        train(resume=args.resume)
+        return
+    train(TrainConfig.for_algo(given.pop("algo", "ppo"), **given))
 
 
 def _rollout(args: argparse.Namespace) -> None:
@@ -127,10 +129,10 @@ def _train_rm(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from agents.policies import export_pretrained
-    from agents.train import algorithm_class
+    from agents.run import algorithm_class
 
-    report = Path(args.model_zip).with_name("report.json")  # a model.zip does not name its algorithm
-    algo = args.algo or (json.loads(report.read_text())["config"]["algo"] if report.is_file() else "ppo")
+    config = Path(args.model_zip).with_name("config.json")  # a model.zip does not name its algorithm; its run does
+    algo = args.algo or (json.loads(config.read_text())["algo"] if config.is_file() else "ppo")
     policy = algorithm_class(algo).load(args.model_zip, device="cpu").policy
     print(f"exported to {export_pretrained(policy, args.out)}")
 
@@ -142,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="RLHF as ordinary RL: a token-level Gymnasium env (TextGen-v0), learned reward models and SB3 "
         "policies backed by causal LMs. Runs offline on the embedded SmolLM2-135M-Instruct.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    from agents.run import ALGORITHMS
 
     p = sub.add_parser("rollout", help="sample a few episodes of TextGen-v0 with the base model and show rewards")
     p.add_argument("--model", default="default", help="'default', a directory or a hub id")
@@ -180,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("export", help="write a trained policy's LM with save_pretrained (for transformers)")
     p.add_argument("model_zip", help="the model.zip of a run")
     p.add_argument("out", help="output directory")
-    p.add_argument("--algo", choices=["ppo", "a2c", "trpo", "maskable_ppo"], help="default: from the run's report")
+    p.add_argument("--algo", choices=ALGORITHMS, help="default: the run's (config.json beside model.zip), else ppo")
 
     args = parser.parse_args(argv)
     handlers = {
@@ -190,7 +195,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         "train-rm": _train_rm,
         "export": _export,
     }
-    handlers[args.command](args)
+    try:
+        handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("textgen: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        from agents.train import Interrupted
+
+        if isinstance(error, Interrupted):
+            print(f"textgen: {error}", file=sys.stderr)
+            raise SystemExit(130) from None
+        if args.debug or not isinstance(error, _USER_ERRORS):
+            raise
+        # A user's mistake (a bad option value, a missing file, an unloadable model) is one line, not a traceback.
+        print(f"textgen {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("textgen-rl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

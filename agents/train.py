@@ -1,173 +1,241 @@
-"""The main job: RLHF fine-tuning of an LM on a task with an SB3 algorithm, evaluated before and after."""
+"""The main job: RLHF fine-tuning of an LM on a task, evaluated before and after, resumable after an interruption.
+
+A run directory is made before anything else and holds, as they become known: ``config.json``, ``before.json``
+(the evaluation before training), ``checkpoint/`` (every ``checkpoint_every`` rollouts and on SIGINT/SIGTERM:
+the algorithm with its optimiser state, β, the metrics so far, the RNG state), and at the end ``model.zip``,
+``report.json``, ``report.md`` and ``training.png``. ``train(resume=RUN_DIR)`` (``textgen train --resume``)
+continues from the checkpoint to the same total number of steps; episodes in flight at the interruption are
+started again, and the report covers the whole run.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import random
 import resource
+import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.callbacks import TextMetrics
-from agents.evaluate import Evaluation, evaluate
-from agents.kl import KLPenalty
-from agents.masks import TopPMask
-from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
-from text_env.core import resolve_reward
-from text_env.models import DEFAULT_MODEL
-from text_env.tasks import get_task
-from text_env.vec_env import make_text_vec_env
+from agents.evaluate import Evaluation
+from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
 
-__all__ = ["ALGORITHMS", "TrainConfig", "algorithm_class", "make_algorithm", "train"]
+__all__ = ["ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "make_algorithm", "train"]
 
-ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")
+CHECKPOINT = "checkpoint"
 
 
-@dataclass
-class TrainConfig:
-    """Settings of ``textgen train``; the defaults fit a 2-core CPU in about 13 minutes and 4 GB on the default model.
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``run_dir`` resumes it."""
 
-    :param total_timesteps: environment steps (= generated tokens) to train on.
-    :param n_envs: episodes generated in parallel (rollout batch size).
-    :param n_steps: steps per env per rollout (a rollout is ``n_steps * n_envs`` tokens).
-    :param batch_size: PPO minibatch, in tokens (steps); whole episodes stay together.
-    :param beta: initial KL coefficient; ``target_kl`` makes it adaptive (nats per episode).
-    :param eval_prompts: how many held-out prompts the before/after evaluation uses.
-    :param lora: LoRA settings (``peft.LoraConfig`` keywords); ``None`` fine-tunes every weight (needs ~2 GB more
-        memory for gradients and Adam state, and a lower learning rate, e.g. 1e-5).
-    :param train_layers: instead of LoRA, fine-tune only the last N transformer blocks in full (what TRPO needs).
-    :param mask_top_p: for ``maskable_ppo``, the reference model's top-p set that actions are restricted to.
+    def __init__(self, run_dir: Path, timesteps: int) -> None:
+        super().__init__(
+            f"interrupted at {timesteps} steps; checkpoint saved. Continue with: textgen train --resume {run_dir}"
+        )
+        self.run_dir, self.timesteps = run_dir, timesteps
+
+
+class _Checkpointer(BaseCallback):
+    """Saves the run at rollout boundaries (after an update, before the next rollout) every ``every`` rollouts,
+    and stops training cleanly on SIGINT/SIGTERM: the rollout in progress is dropped, the last boundary saved.
+
+    A boundary is the only point where the weights, the optimiser and β agree with ``num_timesteps``: SB3 counts
+    steps as they are collected, but updates only after the rollout.
     """
 
-    task: str = "positive-review"
-    model: str = DEFAULT_MODEL
-    algo: str = "ppo"
-    reward_model: str | None = None
-    total_timesteps: int = 10240
-    n_envs: int = 16
-    n_steps: int = 32
-    batch_size: int = 128
-    n_epochs: int = 4
-    learning_rate: float = 1e-4
-    gamma: float = 1.0
-    beta: float = 0.05
-    target_kl: float | None = None
-    max_new_tokens: int | None = None
-    max_prompt_tokens: int | None = None
-    eval_prompts: int = 80
-    bf16: bool = True
-    lora: dict[str, Any] | None = field(default_factory=lambda: {"r": 16})
-    train_layers: int | None = None
-    mask_top_p: float = 0.9
-    seed: int = 0
-    out: str = "runs"
-    tensorboard: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, run: Run, run_dir: Path, every: int, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.run, self.run_dir, self.every, self.state = run, run_dir, every, state
+        self.stop_requested = False
+        self.boundary = 0
+        self.started = time.time()
+        self._rollouts = 0
+        self._saved_at = -1
+        self._previous: dict[int, Any] = {}
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now, without waiting for the step to finish
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping (again to quit at once)", flush=True)
+
+    def _on_training_start(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request_stop)
+
+    def _on_rollout_start(self) -> None:
+        self.boundary = self.num_timesteps
+        if self._rollouts and self.every and self._rollouts % self.every == 0:
+            self.save()
+        self._rollouts += 1
+
+    def _on_step(self) -> bool:
+        return not self.stop_requested
+
+    def _on_training_end(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def save(self) -> None:
+        if self._saved_at != self.boundary:
+            seconds = self.state["train_seconds"] + time.time() - self.started
+            peak = max(self.state["peak_rss_gb"], _peak_rss_gb())
+            record = {**self.state, "train_seconds": seconds, "peak_rss_gb": peak}
+            save_checkpoint(self.run, self.run_dir, self.boundary, record)
+            self._saved_at = self.boundary
 
 
-def algorithm_class(algo: str) -> type[BaseAlgorithm]:
-    """The SB3 class of an algorithm name in :data:`ALGORITHMS`."""
-    from sb3_contrib import TRPO, MaskablePPO
-    from stable_baselines3 import A2C, PPO
-
-    classes: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO, "maskable_ppo": MaskablePPO}
-    if algo not in classes:
-        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
-    return classes[algo]
-
-
-def make_algorithm(config: TrainConfig, env: Any) -> BaseAlgorithm:
-    """Build the SB3 algorithm named by ``config.algo`` with the causal-LM policy on ``env``."""
-    cls = algorithm_class(config.algo)
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'textgen-rl[tensorboard]'")
-    if config.algo == "trpo" and config.lora is not None:
-        raise ValueError(
-            "sb3_contrib.TRPO runs one double-backward pass through the LM per trainable tensor, hundreds with LoRA: "
-            "fine-tune the top blocks instead (lora=None, train_layers=2, or --lora-r 0 --train-layers 2)"
-        )
-    policy_kwargs = dict(model=config.model, bf16=config.bf16, lora=config.lora, train_layers=config.train_layers)
-    common: dict[str, Any] = dict(
-        learning_rate=config.learning_rate, gamma=config.gamma, n_steps=config.n_steps, seed=config.seed,
-        policy_kwargs=policy_kwargs, verbose=1,
-        tensorboard_log=str(Path(config.out) / "tensorboard") if config.tensorboard else None,
-    )  # fmt: skip
-    if config.algo != "a2c":  # A2C updates on the whole rollout at once
-        common["batch_size"] = config.batch_size
-    if config.algo in ("ppo", "maskable_ppo"):
-        common["n_epochs"] = config.n_epochs
-    policy, buffer = CausalLMPolicy, EpisodeRolloutBuffer
-    if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
-        env = TopPMask(env, config.model, top_p=config.mask_top_p, bf16=config.bf16)
-        policy, buffer = MaskableCausalLMPolicy, MaskableEpisodeRolloutBuffer
-    return cls(policy, env, rollout_buffer_class=buffer, **common, **config.extra)
+def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, Any]) -> None:
+    """Write ``run_dir/checkpoint`` atomically: a new directory is complete before it replaces the old one."""
+    new = run_dir / f"{CHECKPOINT}.new"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    run.algo.save(new / "model.zip")  # weights and optimiser state
+    torch.save({"torch": torch.get_rng_state()}, new / "rng.pt")
+    record = {
+        **state, "num_timesteps": timesteps, "n_updates": int(getattr(run.algo, "_n_updates", 0)),
+        "beta": run.kl.controller.beta, "history": run.metrics.history, "numpy_rng": _np_state(),
+        "python_rng": repr(random.getstate()),
+    }  # fmt: skip
+    (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: its presence marks a complete one
+    old = run_dir / CHECKPOINT
+    shutil.rmtree(old, ignore_errors=True)
+    new.rename(old)
 
 
-def _table(before: Evaluation, after: Evaluation, n_samples: int = 3) -> str:
+def _np_state() -> list[Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), pos, has_gauss, gauss]
+
+
+def _restore(run: Run, run_dir: Path) -> dict[str, Any]:
+    """Load ``run_dir``'s checkpoint into ``run``; return its state record (``{}`` when there is none)."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.new"):  # .new: complete if the rename was what got interrupted
+        path = run_dir / name
+        if (path / "state.json").is_file():
+            break
+    else:
+        return {}
+    state = json.loads((path / "state.json").read_text())
+    run.algo.set_parameters(str(path / "model.zip"), exact_match=True, device=run.algo.device)
+    run.algo.num_timesteps = state["num_timesteps"]
+    if hasattr(run.algo, "_n_updates"):
+        run.algo._n_updates = state["n_updates"]
+    run.kl.controller.beta = state["beta"]
+    run.metrics.history = state["history"]
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    run.env.seed(run.config.seed + state["num_timesteps"])  # fresh prompts, not a replay of the first rollouts
+    return state
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    base = Path(config.out) / f"{config.task}-{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, k = base, 1
+    while run_dir.exists():  # two runs started in the same second
+        run_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _evaluation_record(evaluation: Evaluation) -> dict[str, Any]:
+    return {"summary": evaluation.summary, "prompts": evaluation.prompts, "completions": evaluation.completions}
+
+
+def _table(before: dict[str, Any], after: dict[str, Any], n_samples: int = 3) -> str:
     rows = ["| metric | before | after |", "|---|---|---|"]
     for key in ("reward_model_score", "gold_score", "kl", "perplexity", "distinct_1", "distinct_2"):
-        rows.append(f"| {key} | {before.summary[key]:.3f} | {after.summary[key]:.3f} |")
+        rows.append(f"| {key} | {before['summary'][key]:.3f} | {after['summary'][key]:.3f} |")
     rows += ["", "| prompt | before | after |", "|---|---|---|"]
-    for i in range(min(n_samples, len(before.prompts))):
-        cells = [before.prompts[i], before.completions[i], after.completions[i]]
+    for i in range(min(n_samples, len(before["prompts"]))):
+        cells = [before["prompts"][i], before["completions"][i], after["completions"][i]]
         rows.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(rows)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate on held-out prompts before and after, save the run; return the report."""
+def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train, evaluate on held-out prompts before and after, save the run; return the report.
+
+    :param config: the run's settings (ignored with ``resume``, whose ``config.json`` is used).
+    :param resume: a run directory of an interrupted run: continue it from its last checkpoint.
+    :raises Interrupted: on SIGINT/SIGTERM, after saving a checkpoint.
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a textgen train run directory: it has no config.json")
+        if (run_dir / "report.json").is_file():
+            raise ValueError(f"{run_dir} already finished (report.json exists): nothing to resume")
+        config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    else:
+        config = config or TrainConfig()
+        run_dir = _new_run_dir(config)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     torch.manual_seed(config.seed)
-    task = get_task(config.task)
-    reward = resolve_reward(config.reward_model, task)  # built once, shared by the train and eval envs
-    env_kwargs = dict(
-        model=config.model, task=task, reward_model=reward, max_new_tokens=config.max_new_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
-    )  # fmt: skip
-    env = make_text_vec_env(config.n_envs, seed=config.seed, **env_kwargs)
-    eval_env = make_text_vec_env(config.n_envs, seed=config.seed, split="eval", **env_kwargs)
-    eval_prompts = task.eval_prompts[: config.eval_prompts]
+    run = build_run(config)
+    state = _restore(run, run_dir) if resume is not None else {}
+    state.setdefault("train_seconds", 0.0)
+    state["resumed"] = resume is not None
+    state["peak_rss_gb"] = max(state.get("peak_rss_gb", 0.0), _peak_rss_gb())
 
-    algo = make_algorithm(config, env)
-    started = time.time()
-    before = evaluate(algo.policy, eval_env, eval_prompts, seed=config.seed)
-    metrics = TextMetrics()
-    kl = KLPenalty(config.beta, config.target_kl)
-    algo.learn(config.total_timesteps, callback=CallbackList([kl, metrics]), progress_bar=_has_progress_bar())
-    train_seconds = time.time() - started
-    after = evaluate(algo.policy, eval_env, eval_prompts, seed=config.seed)
+    if (run_dir / "before.json").is_file():
+        before = json.loads((run_dir / "before.json").read_text())
+    else:
+        before = _evaluation_record(run.evaluate())
+        (run_dir / "before.json").write_text(json.dumps(before, indent=1))
 
-    run = Path(config.out) / f"{config.task}-{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.mkdir(parents=True, exist_ok=True)
-    algo.save(run / "model")
+    checkpointer = _Checkpointer(run, run_dir, config.checkpoint_every, state)
+    remaining = config.total_timesteps - run.algo.num_timesteps
+    if remaining > 0:
+        run.algo.learn(
+            remaining, callback=run.callbacks(checkpointer), reset_num_timesteps=resume is None,
+            progress_bar=_has_progress_bar(),
+        )  # fmt: skip
+    if checkpointer.stop_requested:
+        checkpointer.save()
+        raise Interrupted(run_dir, checkpointer.boundary)
+    state["train_seconds"] += time.time() - checkpointer.started
+
+    after = _evaluation_record(run.evaluate())
+    run.algo.save(run_dir / "model")
     table = _table(before, after)
     report = {
         "config": asdict(config),
-        "before": before.summary,
-        "after": after.summary,
-        "train_seconds": train_seconds,
-        "history": metrics.history,
-        "final_beta": kl.controller.beta,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "before": before["summary"],
+        "after": after["summary"],
+        "train_seconds": state["train_seconds"],
+        "resumed": state["resumed"],
+        "history": run.metrics.history,
+        "final_beta": run.kl.controller.beta,
+        "peak_rss_gb": max(state["peak_rss_gb"], _peak_rss_gb()),
         "samples": [
             {"prompt": p, "before": b, "after": a}
-            for p, b, a in zip(before.prompts, before.completions, after.completions, strict=True)
+            for p, b, a in zip(before["prompts"], before["completions"], after["completions"], strict=True)
         ],
-        "run_dir": str(run),
+        "run_dir": str(run_dir),
     }
-    (run / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-    (run / "report.md").write_text(table + "\n")
-    _plot(metrics.history, run / "training.png")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    (run_dir / "report.md").write_text(table + "\n")
+    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # model.zip supersedes it
+    _plot(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0])
     print(table)
-    print(f"\nsaved to {run} (load with {type(algo).__name__}.load('{run / 'model'}'))")
+    print(f"\nsaved to {run_dir} (load with {type(run.algo).__name__}.load('{run_dir / 'model'}'))")
     return report
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _jsonable(value: Any) -> Any:
@@ -183,7 +251,7 @@ def _has_progress_bar() -> bool:
     return True
 
 
-def _plot(history: list[dict[str, float]], path: Path) -> None:
+def _plot(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
     """Reward-model and gold score per rollout, as a PNG (skipped without matplotlib)."""
     try:
         import matplotlib
@@ -197,7 +265,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     steps = [h["timesteps"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [h["reward_model_score"] for h in history], label="reward model")
-    ax.plot(steps, [h["gold_score"] for h in history], label="gold (VADER)")
+    ax.plot(steps, [h["gold_score"] for h in history], label=f"gold ({getattr(gold, 'name', type(gold).__name__)})")
     ax.set_xlabel("environment steps (tokens)")
     ax.set_ylabel("mean score of finished episodes")
     ax.legend()

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,58 +59,21 @@ METRICS = ("reward_model_score", "gold_score", "kl", "distinct_1", "distinct_2",
 
 @dataclass
 class BenchConfig:
-    """What every method shares. ``timesteps`` is each learner's environment-step (token) budget."""
+    """What the methods share, as :class:`agents.run.TrainConfig` fields (each method starts from its preset:
+    ``TrainConfig.for_algo``), and per-method overrides. The default budget is a fifth of ``textgen train``'s."""
 
-    model: str = "default"
-    task: str = "positive-review"
-    reward_model: str | None = None  # None: the task's default (its shipped learned reward model)
-    timesteps: int = 2048
-    n_envs: int = 16
-    n_steps: int = 32
-    batch_size: int = 128
-    beta: float = 0.05
-    eval_prompts: int = 32
-    max_new_tokens: int | None = None
-    max_prompt_tokens: int | None = None
-    bf16: bool = True
-    # Per-method algorithm keyword overrides. TRPO's defaults (15 conjugate-gradient steps, 10 critic epochs per
-    # rollout) would make it 3x slower than PPO per step here; the cut is part of what is benchmarked.
-    extra: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"trpo": {"cg_max_steps": 5, "n_critic_updates": 2}}
-    )
+    shared: dict[str, Any] = field(default_factory=lambda: {"total_timesteps": 2048, "eval_prompts": 32})
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def config(self, method: str, seed: int = 0) -> Any:
+        """The run settings of ``method`` (non-learners: those of ``ppo``, for the env and the LM)."""
+        from agents.run import TrainConfig
+
+        algo = method if method in LM_LEARNERS + PRIORLESS_LEARNERS else "ppo"
+        return TrainConfig.for_algo(algo, seed=seed, **self.shared, **self.overrides.get(method, {}))
 
 
 # --- one run ---------------------------------------------------------------------------------------------------
-
-
-def _learner(method: str, env: Any, cfg: BenchConfig, seed: int) -> Any:
-    """The SB3 algorithm for ``method``."""
-    from sb3_contrib import RecurrentPPO
-    from stable_baselines3 import PPO
-
-    from agents.baselines import BagOfTokens, LastTokenEmbedding
-    from agents.train import TrainConfig, make_algorithm
-
-    extra = cfg.extra.get(method, {})
-    if method in LM_LEARNERS:
-        trpo = method == "trpo"  # one double-backward pass per trainable tensor: the top blocks, not LoRA
-        config = TrainConfig(
-            model=cfg.model, algo=method, total_timesteps=cfg.timesteps, n_envs=cfg.n_envs, n_steps=cfg.n_steps,
-            batch_size=cfg.batch_size, learning_rate=1e-5 if trpo else 1e-4, bf16=cfg.bf16,
-            lora=None if trpo else {"r": 16}, train_layers=2 if trpo else None, seed=seed, extra=extra,
-        )  # fmt: skip
-        algo = make_algorithm(config, env)
-        algo.verbose = 0
-        return algo
-    common = dict(n_steps=cfg.n_steps, learning_rate=3e-4, gamma=1.0, seed=seed, **extra)
-    if method == "ppo_bag_of_tokens":
-        kwargs = dict(features_extractor_class=BagOfTokens)
-        return PPO("MultiInputPolicy", env, batch_size=cfg.batch_size, policy_kwargs=kwargs, **common)
-    if method == "recurrent_ppo_lstm":
-        kwargs = dict(features_extractor_class=LastTokenEmbedding)
-        lstm = RecurrentPPO("MultiInputLstmPolicy", env, batch_size=cfg.batch_size, policy_kwargs=kwargs, **common)
-        return lstm
-    raise ValueError(f"{method} is not a learner")
 
 
 def _uniform(vocab: int) -> Any:
@@ -125,11 +88,13 @@ class Skipped(Exception):
     """A method that cannot run here (an optional package is missing); its row says why."""
 
 
-def _trl_grpo(cfg: BenchConfig, seed: int, spaces: tuple[Any, Any]) -> tuple[Any, list[dict[str, float]], float]:
+def _trl_grpo(cfg: Any, spaces: tuple[Any, Any]) -> tuple[Any, list[dict[str, float]], float]:
     """TRL's GRPO on the same model, reward model, prompts and token budget; returns the tuned policy for evaluate.
 
     Differences from the SB3 learners, by TRL's design: 8 completions per prompt with group-normalised rewards
     (no critic), and the KL term (beta = ``cfg.beta``, TRL's k3 estimator) sits in the loss, not in the reward.
+
+    :param cfg: the :class:`agents.run.TrainConfig` of ``ppo`` (model, reward model, budget, LoRA rank, lr).
     """
     try:
         import trl
@@ -163,15 +128,15 @@ def _trl_grpo(cfg: BenchConfig, seed: int, spaces: tuple[Any, Any]) -> tuple[Any
 
     with tempfile.TemporaryDirectory() as tmp:
         args = trl.GRPOConfig(
-            output_dir=tmp, learning_rate=1e-4, beta=cfg.beta, num_generations=generations,
+            output_dir=tmp, learning_rate=cfg.learning_rate, beta=cfg.beta, num_generations=generations,
             per_device_train_batch_size=batch, max_completion_length=new_tokens, temperature=1.0, top_k=0,
-            max_steps=max(1, math.ceil(cfg.timesteps / (batch * new_tokens))), seed=seed, use_cpu=True,
+            max_steps=max(1, math.ceil(cfg.total_timesteps / (batch * new_tokens))), seed=cfg.seed, use_cpu=True,
             bf16=cfg.bf16, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
             disable_tqdm=True,
         )  # fmt: skip
         trainer = trl.GRPOTrainer(
             model=load_causal_lm(cfg.model), reward_funcs=reward, args=args, processing_class=tokenizer,
-            train_dataset=Dataset.from_dict({"prompt": list(rendered)}), peft_config=LoraConfig(r=16),
+            train_dataset=Dataset.from_dict({"prompt": list(rendered)}), peft_config=LoraConfig(r=cfg.lora_r),
         )  # fmt: skip
         started = time.time()
         trainer.train()
@@ -185,58 +150,45 @@ def _trl_grpo(cfg: BenchConfig, seed: int, spaces: tuple[Any, Any]) -> tuple[Any
 
 def run_one(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
     """Train (learners) and evaluate one method with one seed; return its metrics and learning curve."""
-    from stable_baselines3.common.callbacks import CallbackList
-
-    from agents.callbacks import TextMetrics
     from agents.evaluate import evaluate
-    from agents.kl import KLPenalty
-    from agents.masks import TopPMask
     from agents.policies import CausalLMPolicy
-    from text_env.core import resolve_reward
+    from agents.run import build_run, make_env
     from text_env.tasks import get_task
-    from text_env.vec_env import make_text_vec_env
 
     torch.manual_seed(seed)
-    task = get_task(cfg.task)
-    env_kwargs = dict(
-        model=cfg.model, task=task, reward_model=resolve_reward(cfg.reward_model, task),
-        max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-    )  # fmt: skip
-    eval_env = make_text_vec_env(cfg.n_envs, seed=seed, split="eval", **env_kwargs)
-    prompts = task.eval_prompts[: cfg.eval_prompts]
+    config = cfg.config(method, seed)
     result: dict[str, Any] = {"method": method, "seed": seed, "curve": []}
     started = time.time()
     if method in LM_LEARNERS + PRIORLESS_LEARNERS:
-        env = make_text_vec_env(cfg.n_envs, seed=seed, **env_kwargs)
-        algo = _learner(method, env, cfg, seed)
-        metrics = TextMetrics()
-        algo.learn(cfg.timesteps, callback=CallbackList([KLPenalty(cfg.beta), metrics]))
+        run = build_run(config, verbose=0)  # the same envs, masks, policy, buffer and callbacks as textgen train
+        run.algo.learn(config.total_timesteps, callback=run.callbacks())
         result["train_seconds"] = time.time() - started
-        result["steps_per_second"] = cfg.timesteps / result["train_seconds"]
-        result["curve"] = metrics.history
-        if method == "maskable_ppo":
-            eval_env = TopPMask(eval_env, cfg.model, top_p=0.9, bf16=cfg.bf16)
-        evaluation = evaluate(algo.policy, eval_env, prompts, seed=seed)
-    elif method in EXTERNAL:
-        policy, result["curve"], result["train_seconds"] = _trl_grpo(
-            cfg, seed, (eval_env.observation_space, eval_env.action_space)
-        )
-        result["steps_per_second"] = result["curve"][-1]["timesteps"] / result["train_seconds"]  # at most
-        evaluation = evaluate(policy, eval_env, prompts, seed=seed, reference=cfg.model)  # KL to the base model
+        result["steps_per_second"] = config.total_timesteps / result["train_seconds"]
+        result["curve"] = run.metrics.history
+        evaluation = run.evaluate()
     else:
-        n = int(method.removeprefix("best_of_")) if method.startswith("best_of_") else 1
-        if method == "random":
-            policy: Any = _uniform(int(eval_env.action_space.n))  # type: ignore[attr-defined]
+        eval_env = make_env(config, "eval")
+        prompts = get_task(config.task).eval_prompts[: config.eval_prompts]
+        if method in EXTERNAL:
+            policy, result["curve"], result["train_seconds"] = _trl_grpo(
+                config, (eval_env.observation_space, eval_env.action_space)
+            )
+            result["steps_per_second"] = result["curve"][-1]["timesteps"] / result["train_seconds"]  # at most
+            evaluation = evaluate(policy, eval_env, prompts, seed=seed, reference=config.model)  # KL to the base
         else:
-            space = eval_env.observation_space, eval_env.action_space
-            policy = CausalLMPolicy(*space, lambda _: 0.0, model=cfg.model, bf16=cfg.bf16)
-        samples = evaluate(policy, eval_env, [p for p in prompts for _ in range(n)], seed=seed)
-        result["train_seconds"] = time.time() - started  # sampling is all the work these methods do
-        result["steps_per_second"] = float(samples.n_tokens.sum()) / result["train_seconds"]
-        best = samples.reward_model_score.reshape(len(prompts), n).argmax(1) + n * np.arange(len(prompts))
-        evaluation = samples.select(best)
-        if n > 1:  # KL of best-of-n to its base: log n - (n-1)/n (Stiennon et al. 2020)
-            evaluation.kl[:] = math.log(n) - (n - 1) / n
+            n = int(method.removeprefix("best_of_")) if method.startswith("best_of_") else 1
+            if method == "random":
+                policy: Any = _uniform(int(eval_env.action_space.n))  # type: ignore[attr-defined]
+            else:
+                space = eval_env.observation_space, eval_env.action_space
+                policy = CausalLMPolicy(*space, lambda _: 0.0, model=config.model, bf16=config.bf16)
+            samples = evaluate(policy, eval_env, [p for p in prompts for _ in range(n)], seed=seed)
+            result["train_seconds"] = time.time() - started  # sampling is all the work these methods do
+            result["steps_per_second"] = float(samples.n_tokens.sum()) / result["train_seconds"]
+            best = samples.reward_model_score.reshape(len(prompts), n).argmax(1) + n * np.arange(len(prompts))
+            evaluation = samples.select(best)
+            if n > 1:  # KL of best-of-n to its base: log n - (n-1)/n (Stiennon et al. 2020)
+                evaluation.kl[:] = math.log(n) - (n - 1) / n
     result.update(evaluation.summary)
     result["eval_samples"] = [
         {"prompt": p, "completion": c} for p, c in zip(evaluation.prompts[:3], evaluation.completions[:3], strict=True)
@@ -293,18 +245,22 @@ def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(summary: dict[str, dict[str, Any]], cfg: BenchConfig, command: str, machine: str, seeds: int) -> str:
+def markdown(
+    summary: dict[str, dict[str, Any]], cfg: BenchConfig, command: str, machine: str, seeds: int, model: str
+) -> str:
+    base, trpo = cfg.config("ppo"), cfg.config("trpo")
     lines = [
         "# Algorithms compared on TextGen-v0",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine}. Task `{cfg.task}`, model `{cfg.model}`, reward model "
-        f"`{cfg.reward_model or 'the task default'}`; every learner gets {cfg.timesteps} environment steps "
-        f"(tokens) in rollouts of {cfg.n_envs} envs x {cfg.n_steps} steps, KL penalty beta = {cfg.beta} to the "
-        f"same reference LM. LoRA r=16 at lr 1e-4 for the LM learners except TRPO, which fine-tunes the top 2 "
-        f"blocks (sb3-contrib TRPO runs a double-backward pass per trainable tensor) with "
-        f"{cfg.extra.get('trpo', {})}. Every method is evaluated on the same {cfg.eval_prompts} held-out prompts. "
+        f"Machine: {machine}. Task `{base.task}`, model `{model}`, reward model "
+        f"`{base.reward_model or 'the task default'}`; every learner gets {base.total_timesteps} environment steps "
+        f"(tokens) in rollouts of {base.n_envs} envs x {base.n_steps} steps, KL penalty beta = {base.beta} to the "
+        f"same reference LM. LoRA r={base.lora_r} at lr {base.learning_rate} for the LM learners except TRPO, "
+        f"which fine-tunes the top {trpo.train_layers} blocks at lr {trpo.learning_rate} (sb3-contrib TRPO runs a "
+        f"double-backward pass per trainable tensor) with {trpo.algo_kwargs}; settings: agents.run.PRESETS. "
+        f"Every method is evaluated on the same {base.eval_prompts} held-out prompts. "
         f"Mean ± std over {seeds} seeds. KL: nats per completion (best-of-n: the analytic log n - (n-1)/n); "
         "perplexity: of the completions under the reference LM; wall s: training (learners) or sampling "
         "(references) time; steps/s: environment steps (tokens) per second of that time; peak RSS: of the "
@@ -385,11 +341,13 @@ def _quick_config(tmp: Path) -> BenchConfig:
     from text_env.models import make_tiny_model
 
     model = make_tiny_model(tmp / "tiny-lm")
-    return BenchConfig(
-        model=str(model), reward_model="gold", timesteps=96, n_envs=4, n_steps=8, batch_size=16, eval_prompts=4,
-        max_new_tokens=6, max_prompt_tokens=128, bf16=False,
-        extra={"trpo": {"cg_max_steps": 2, "n_critic_updates": 1, "line_search_max_iter": 2}},
+    shared = dict(
+        model=str(model), reward_model="gold", total_timesteps=96, n_envs=4, n_steps=8, batch_size=16,
+        eval_prompts=4, max_new_tokens=6, max_prompt_tokens=128, bf16=False,
     )  # fmt: skip
+    return BenchConfig(
+        shared, {"trpo": {"algo_kwargs": {"cg_max_steps": 2, "n_critic_updates": 1, "line_search_max_iter": 2}}}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -427,16 +385,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         torch.set_num_threads(1)  # a tiny model is fastest on one thread
     cfg = _quick_config(Path(tmp.name)) if args.quick else BenchConfig()
-    for key in ("model", "reward_model", "timesteps", "eval_prompts"):
+    for key, field_name in (("model", "model"), ("reward_model", "reward_model"), ("timesteps", "total_timesteps"),
+                            ("eval_prompts", "eval_prompts")):  # fmt: skip
         if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+            cfg.shared[field_name] = getattr(args, key)
     seeds = args.seeds or (2 if args.quick else 3)
     in_process = args.in_process or args.quick
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("compare_algorithms_quick" if args.quick else "compare_algorithms")
 
-    config = asdict(cfg) | ({"model": "tiny random LM (make_tiny_model)"} if args.quick else {})
+    model = "tiny random LM (make_tiny_model)" if args.quick else cfg.shared.get("model", "default")
+    config = asdict(cfg) | {"shared": cfg.shared | {"model": model}}
     runs: list[dict[str, Any]] = []
     for earlier in (out / f"{name}.json", out / f"{name}.partial.json"):
         if args.resume and earlier.exists():
@@ -471,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}"
     )
-    table = markdown(summary, replace(cfg, model=config["model"]), command.strip(), machine, seeds)
+    table = markdown(summary, cfg, command.strip(), machine, seeds, model)
     (out / f"{name}.md").write_text(table)
     (out / f"{name}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     pngs = plot(runs, summary, out, name)

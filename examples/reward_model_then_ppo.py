@@ -9,14 +9,8 @@ gold score tells how much of the learned reward's gain is real.
 import argparse
 from pathlib import Path
 
-from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import CallbackList
-
-from agents import CausalLMPolicy
-from agents.buffers import EpisodeRolloutBuffer
-from agents.evaluate import evaluate
-from agents.kl import KLPenalty
-from text_env import get_task, load_causal_lm, load_tokenizer, make_text_vec_env
+from agents.run import TrainConfig, build_run
+from text_env import get_task, load_causal_lm, load_tokenizer
 from text_env.rewards.annotators import SimulatedAnnotator
 from text_env.rewards.preferences import generate_pairs
 from text_env.rewards.reward_model import RewardModelConfig
@@ -54,32 +48,17 @@ reward_model, report = train_reward_model(pairs, RewardModelConfig(backbone=args
 reward_model.save(out / "reward_model")
 print(f"reward model: held-out accuracy {report.accuracy:.3f}, vs gold {report.gold_accuracy:.3f}")
 
-# 3. PPO on that reward, leashed to the base LM.
-env_kwargs = dict(
-    model=args.model,
-    reward_model=out / "reward_model",
-    max_new_tokens=args.max_new_tokens,
-    max_prompt_tokens=args.max_prompt_tokens,
-)
-env = make_text_vec_env(args.n_envs, seed=0, **env_kwargs)
-model = PPO(
-    CausalLMPolicy,
-    env,
-    policy_kwargs=dict(model=args.model, lora={"r": 16}),
-    n_steps=32,
-    batch_size=128,
-    learning_rate=1e-4,
-    gamma=1.0,
-    rollout_buffer_class=EpisodeRolloutBuffer,
-    seed=0,
-)
-eval_env = make_text_vec_env(args.n_envs, seed=0, split="eval", **env_kwargs)
-prompts = task.eval_prompts[:32]
-before = evaluate(model.policy, eval_env, prompts)
-model.learn(args.timesteps, callback=CallbackList([KLPenalty(beta=0.05)]))
-after = evaluate(model.policy, eval_env, prompts)
+# 3. PPO on that reward, leashed to the base LM: `textgen train`'s settings, built the same way.
+config = TrainConfig(
+    model=args.model, reward_model=str(out / "reward_model"), total_timesteps=args.timesteps, n_envs=args.n_envs,
+    max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, eval_prompts=32,
+)  # fmt: skip
+run = build_run(config)  # PPO + CausalLMPolicy (LoRA), KL penalty, text metrics, train and held-out envs
+before = run.evaluate()
+run.algo.learn(config.total_timesteps, callback=run.callbacks())
+after = run.evaluate()
 
 # 4. The learned reward went up; did the gold score follow?
 for key in ("reward_model_score", "gold_score", "kl"):
     print(f"{key:>20}: {before.summary[key]:7.3f} -> {after.summary[key]:7.3f}")
-model.save(out / "ppo")
+run.algo.save(out / "ppo")

@@ -133,12 +133,15 @@ def test_preferences_and_train_rm(tiny_model: Path, rlhf_data: dict) -> None:
     assert scores.shape == (8,) and np.all(np.isfinite(scores))
 
 
-def test_rollout_positive_review_on_tiny_model(tiny_model: Path, rlhf_data: dict) -> None:
+def test_rollout_positive_review_on_tiny_model(
+    tiny_model: Path, rlhf_data: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     # positive-review openings are up to 89 tokens with the tiny tokenizer: more than the task's 72
     rm = rlhf_data["dir"] / "rm"
     argv = ["rollout", "--model", str(tiny_model), "--reward-model", str(rm), "--episodes", "1"]
-    with pytest.raises(ValueError, match="Raise max_prompt_tokens"):
+    with pytest.raises(SystemExit):
         run(argv)
+    assert "Raise max_prompt_tokens" in capsys.readouterr().err
     text = run([*argv, "--max-prompt-tokens", "128"])
     assert "prompt:" in text and "reward" in text
 
@@ -201,3 +204,90 @@ def test_train_then_export(tiny_model: Path, tmp_path: Path, tiny_task: str) -> 
     ids = torch.tensor([tokenizer("the movie was")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, policy_lm(ids).logits)  # the policy's LM, as transformers sees it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "trpo", "maskable_ppo", "ppo_bag_of_tokens", "recurrent_ppo_lstm"])
+def test_every_algo_trains_and_evaluates_through_the_cli(
+    tiny_model: Path, tmp_path: Path, tiny_task: str, algo: str
+) -> None:
+    """Each --algo from its preset (TRPO: no LoRA, top blocks) through before/after evaluation (masks for NLPO)."""
+    args = [*TRAIN_ARGS, "--total-timesteps", "32", "--algo", algo, "--out", str(tmp_path)]
+    text = run(["train", "--model", str(tiny_model), "--task", tiny_task, *args])
+    assert "| gold_score |" in text
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    expected = {"trpo": (0, 2), "ppo_bag_of_tokens": (0, None), "recurrent_ppo_lstm": (0, None)}.get(algo, (16, None))
+    assert config["algo"] == algo and (config["lora_r"], config["train_layers"]) == expected
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--resume", str(tmp_path), "--beta", "0.1"])
+    assert exit_.value.code == 1
+    assert "--resume takes every setting from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["train", "--n-envs", "0"], "n_envs must be at least 1"),
+     (["train", "--resume", "nowhere"], "nowhere is not a textgen train run directory"),
+     (["train-rm", "--data", "missing.jsonl", "--out", "x"], "missing.jsonl")],
+)  # fmt: skip
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(Exception, match=re.escape(message)):
+        main(["--debug", *argv])
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"textgen {version('textgen-rl')}"
+
+
+@pytest.mark.slow
+def test_interrupted_train_resumes_to_the_same_run(tiny_model: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) saves a checkpoint and exits 130; --resume finishes the same number of steps with the
+    same report keys as an uninterrupted run, and its history continues the interrupted one."""
+    import signal
+    import sys
+    import time
+
+    args = ["--model", str(tiny_model), *TRAIN_ARGS, "--total-timesteps", "320", "--max-prompt-tokens", "128",
+            "--checkpoint-every", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "agents.cli", "train", *args, "--out", str(tmp_path / "interrupted")]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "interrupted").glob("*/checkpoint/state.json")) and time.time() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err[-2000:]
+    (run_dir,) = (tmp_path / "interrupted").iterdir()
+    assert f"textgen train --resume {run_dir}" in err
+    checkpoint = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert 0 < checkpoint["num_timesteps"] < 320 and not (run_dir / "report.json").exists()
+
+    run(["train", "--resume", str(run_dir)])
+    resumed = json.loads((run_dir / "report.json").read_text())
+    run(["train", *args, "--out", str(tmp_path / "straight")])
+    (straight_dir,) = (tmp_path / "straight").iterdir()
+    straight = json.loads((straight_dir / "report.json").read_text())
+
+    assert set(resumed) == set(straight) and resumed["resumed"] and not straight["resumed"]
+    steps = [h["timesteps"] for h in resumed["history"]]
+    assert steps == [h["timesteps"] for h in straight["history"]] == [32.0 * (k + 1) for k in range(10)]
+    assert resumed["history"][: len(checkpoint["history"])] == checkpoint["history"]
+    assert resumed["before"] == json.loads((run_dir / "before.json").read_text())["summary"]
+    assert not (run_dir / "checkpoint").exists() and (run_dir / "model.zip").is_file()
+    with pytest.raises(SystemExit):  # a finished run is not resumed again
+        main(["train", "--resume", str(run_dir)])

@@ -1,4 +1,5 @@
-"""`agents.train.make_algorithm`: every algorithm of `textgen train --algo` builds and learns on a tiny env."""
+"""`agents.run.build_run`: every algorithm of `textgen train --algo` builds, learns and evaluates on a tiny env;
+settings have one source; an interrupted `textgen train` resumes to the same result shape."""
 
 from __future__ import annotations
 
@@ -8,30 +9,65 @@ import pytest
 from conftest import TINY_PROMPTS
 
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
-from agents.train import ALGORITHMS, TrainConfig, algorithm_class, make_algorithm
+from agents.run import ALGORITHMS, BASELINES, TrainConfig, algorithm_class, build_run, make_algorithm
 from text_env import make_text_vec_env
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_make_algorithm_learns(tiny_model: Path, algo: str) -> None:
-    env = make_text_vec_env(
-        2, seed=0, model=str(tiny_model), prompts=TINY_PROMPTS, reward_model="gold", max_new_tokens=4,
-        max_prompt_tokens=24,
+def tiny_config(tiny_model: Path) -> dict:
+    """TrainConfig fields for a run of seconds on the tiny LM and the gold reward."""
+    return dict(
+        model=str(tiny_model), reward_model="gold", n_envs=2, n_steps=8, batch_size=8, max_new_tokens=4,
+        max_prompt_tokens=128, eval_prompts=2, bf16=False,
     )  # fmt: skip
-    lora = None if algo == "trpo" else {"r": 4}  # TRPO needs every parameter trainable
-    config = TrainConfig(model=str(tiny_model), algo=algo, n_steps=8, batch_size=8, bf16=False, lora=lora)
-    model = make_algorithm(config, env)
-    assert isinstance(model, algorithm_class(algo))
-    expected = MaskableCausalLMPolicy if algo == "maskable_ppo" else CausalLMPolicy
-    assert type(model.policy) is expected
-    model.learn(16)
-    assert model.num_timesteps == 16
 
 
-def test_trpo_with_lora_says_what_to_do(tiny_model: Path) -> None:
-    env = make_text_vec_env(1, model=str(tiny_model), prompts=TINY_PROMPTS, reward_model="gold", max_prompt_tokens=24)
+@pytest.mark.parametrize("algo", ALGORITHMS + BASELINES)
+def test_build_run_learns_and_evaluates(tiny_model: Path, algo: str) -> None:
+    """One place builds every algorithm's run; its eval env carries what the policy needs (masks included)."""
+    config = TrainConfig.for_algo(
+        algo, **tiny_config(tiny_model), total_timesteps=16, lora_r=0 if algo == "trpo" else 4
+    )
+    run = build_run(config, verbose=0)
+    assert isinstance(run.algo, algorithm_class(algo))
+    if algo in ALGORITHMS:
+        expected = MaskableCausalLMPolicy if algo == "maskable_ppo" else CausalLMPolicy
+        assert type(run.algo.policy) is expected
+    assert hasattr(run.eval_env, "action_masks") == (algo == "maskable_ppo") == hasattr(run.env, "action_masks")
+    run.algo.learn(16, callback=run.callbacks())
+    assert run.algo.num_timesteps == 16 and run.metrics.history
+    assert set(run.evaluate().summary) >= {"reward_model_score", "gold_score", "kl"}
+
+
+def test_presets_are_the_one_source_of_settings() -> None:
+    trpo = TrainConfig.for_algo("trpo")
+    assert (trpo.lora_r, trpo.train_layers, trpo.learning_rate) == (0, 2, 1e-5)
+    assert TrainConfig.for_algo("trpo", learning_rate=3e-5).learning_rate == 3e-5  # overrides win
+    assert TrainConfig.for_algo("ppo") == TrainConfig()
+    from agents.zoo import hyperparams
+
+    for algo in ALGORITHMS:  # rl-zoo3's configs are the same settings
+        zoo = hyperparams(algo)["TextGen-v0"]
+        config = TrainConfig.for_algo(algo)
+        assert zoo["n_timesteps"] == config.total_timesteps and zoo["learning_rate"] == config.learning_rate
+        assert (
+            zoo["policy_kwargs"]["lora"] == config.lora
+            and zoo["callback"][0]["agents.kl.KLPenalty"]["beta"] == config.beta
+        )
+
+
+def test_trpo_with_lora_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="--lora-r 0"):
-        make_algorithm(TrainConfig(model=str(tiny_model), algo="trpo"), env)
+        TrainConfig(algo="trpo")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"algo": "dqn"}, "choose one of ppo, a2c, trpo, maskable_ppo, ppo_bag_of_tokens"),
+     ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta >= 0")],
+)  # fmt: skip
+def test_bad_settings_are_refused_when_made(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
 
 
 def test_unknown_algorithm_lists_the_choices() -> None:

@@ -8,20 +8,38 @@ which its YAML files cannot name::
     python -m agents.zoo train --algo maskable_ppo $ZOO -conf agents.zoo.maskable_ppo
     python -m rl_zoo3.enjoy --algo ppo $ZOO -f logs/ --no-render          # agents.zoo enjoy for maskable_ppo
 
-Every config leashes the policy to its reference LM with :class:`agents.kl.KLPenalty` (β = 0.05) and logs
-reward-model and gold scores with :class:`agents.callbacks.TextMetrics`. Override anything with rl-zoo3's
-``--env-kwargs`` / ``-params`` (e.g. ``-params policy_kwargs:"dict(model='my/lm')"`` with
-``--env-kwargs model:"'my/lm'"``: the policy's LM and the env's must be the same).
+Every config is ``textgen train``'s settings for that algorithm (:func:`hyperparams`, from
+:class:`agents.run.TrainConfig` and its presets), leashes the policy to its reference LM with
+:class:`agents.kl.KLPenalty` and logs reward-model and gold scores with :class:`agents.callbacks.TextMetrics`.
+Override anything with rl-zoo3's ``--env-kwargs`` / ``-params`` (e.g.
+``-params policy_kwargs:"dict(model='my/lm')"`` with ``--env-kwargs model:"'my/lm'"``: the policy's LM and the
+env's must be the same).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CALLBACKS", "register"]
+__all__ = ["hyperparams", "register"]
 
-# rl-zoo3 builds callbacks from names: the KL leash of every algorithm, and text metrics.
-CALLBACKS: list[Any] = [{"agents.kl.KLPenalty": {"beta": 0.05}}, "agents.callbacks.TextMetrics"]
+
+def hyperparams(algo: str) -> dict[str, Any]:
+    """rl-zoo3's ``hyperparams`` for ``TextGen-v0`` with ``algo``: ``textgen train``'s settings
+    (:func:`agents.run.algorithm_kwargs` of ``TrainConfig.for_algo(algo)``), the KL leash and text metrics."""
+    from agents.run import TrainConfig, algorithm_kwargs
+
+    config = TrainConfig.for_algo(algo)
+    kwargs = algorithm_kwargs(config)
+    if isinstance(kwargs["policy"], type):  # rl-zoo3 imports dotted names
+        kwargs["policy"] = f"{kwargs['policy'].__module__}.{kwargs['policy'].__qualname__}"
+    kwargs.update(
+        n_envs=config.n_envs, n_timesteps=config.total_timesteps,
+        callback=[{"agents.kl.KLPenalty": {"beta": config.beta, "target_kl": config.target_kl}},
+                  "agents.callbacks.TextMetrics"],
+    )  # fmt: skip
+    if algo == "maskable_ppo":  # the env LM's top-p masks, through a VecEnv wrapper that gives action_masks()
+        kwargs["vec_env_wrapper"] = [{"agents.masks.TopPMask": {"top_p": config.mask_top_p}}]
+    return {"TextGen-v0": kwargs}
 
 
 def register() -> None:

@@ -1,0 +1,244 @@
+"""One place that builds a run: its settings (:class:`TrainConfig`), envs, algorithm, policy, buffer and callbacks.
+
+``textgen train``, ``benchmarks/compare_algorithms.py``, the examples and the rl-zoo3 configs all build through
+:func:`build_run` (or, for rl-zoo3, :func:`algorithm_kwargs`), and every default lives once, in
+:class:`TrainConfig` and :data:`PRESETS`. A setting changed here changes everywhere.
+
+Example:
+    >>> from agents.run import TrainConfig, build_run
+    >>> run = build_run(TrainConfig.for_algo("maskable_ppo", total_timesteps=1024))
+    >>> before = run.evaluate()
+    >>> run.algo.learn(1024, callback=run.callbacks())
+    >>> after = run.evaluate()  # the eval env carries the same top-p masks as the training env
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.vec_env import VecEnv
+
+from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
+from agents.callbacks import TextMetrics
+from agents.evaluate import Evaluation, evaluate
+from agents.kl import KLPenalty
+from text_env.core import resolve_reward
+from text_env.models import DEFAULT_MODEL
+from text_env.rewards import Scorer
+from text_env.tasks import get_task
+from text_env.vec_env import make_text_vec_env
+
+__all__ = [
+    "ALGORITHMS",
+    "BASELINES",
+    "PRESETS",
+    "Run",
+    "TrainConfig",
+    "algorithm_class",
+    "algorithm_kwargs",
+    "build_run",
+    "make_algorithm",
+    "make_env",
+    "policy_kwargs",
+]
+
+ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")  # with the causal-LM policy
+BASELINES = ("ppo_bag_of_tokens", "recurrent_ppo_lstm")  # without an LM prior: how much the pretrained LM matters
+
+# What differs from TrainConfig's defaults per algorithm. sb3-contrib TRPO runs one double-backward pass through
+# the LM per trainable tensor: every weight of SmolLM2 took > 24 GB, LoRA's hundreds of adapters would take hours,
+# so it trains the top 2 blocks; its conjugate-gradient and critic loops are cut to PPO's cost per step. Baselines
+# learn their embeddings from scratch, hence a larger learning rate.
+PRESETS: dict[str, dict[str, Any]] = {
+    "trpo": {
+        "lora_r": 0, "train_layers": 2, "learning_rate": 1e-5,
+        "algo_kwargs": {"cg_max_steps": 5, "n_critic_updates": 2},
+    },
+    "ppo_bag_of_tokens": {"lora_r": 0, "learning_rate": 3e-4},
+    "recurrent_ppo_lstm": {"lora_r": 0, "learning_rate": 3e-4},
+}  # fmt: skip
+
+
+def _help(text: str) -> Any:
+    """A dataclass field's help text, which ``textgen train --help`` shows (the CLI is derived from the fields)."""
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a run; the defaults are ``textgen train``'s (about 13 minutes and 4 GB on a 2-core CPU).
+
+    Each field is also a ``textgen train --<field>`` option (``--no-bf16`` for ``bf16=False``), with the help
+    text in its metadata. Use :meth:`for_algo` to start from an algorithm's preset (:data:`PRESETS`).
+    """
+
+    task: str = field(default="positive-review", metadata=_help("task name"))
+    model: str = field(default=DEFAULT_MODEL, metadata=_help("'default' (embedded SmolLM2), a directory or a hub id"))
+    algo: str = field(default="ppo", metadata=_help(f"algorithm: {', '.join(ALGORITHMS + BASELINES)}"))
+    reward_model: str | None = field(
+        default=None, metadata=_help("reward-model directory or 'gold' (default: the task's reward model)")
+    )
+    total_timesteps: int = field(default=10240, metadata=_help("environment steps (= generated tokens) to train on"))
+    n_envs: int = field(default=16, metadata=_help("episodes generated in parallel (the rollout batch)"))
+    n_steps: int = field(default=32, metadata=_help("steps per env per rollout (a rollout is n_steps * n_envs)"))
+    batch_size: int = field(default=128, metadata=_help("minibatch in tokens; whole episodes stay together"))
+    n_epochs: int = field(default=4, metadata=_help("PPO epochs per rollout"))
+    learning_rate: float = field(default=1e-4, metadata=_help("optimizer step size"))
+    gamma: float = field(default=1.0, metadata=_help("discount (1: the reward of a completion counts in full)"))
+    beta: float = field(default=0.05, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
+    target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
+    max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
+    max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
+    eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
+    bf16: bool = field(default=True, metadata=_help("bfloat16 autocast (weights stay float32)"))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank; 0 fine-tunes every weight (or --train-layers)"))
+    train_layers: int | None = field(default=None, metadata=_help("with lora_r 0: train only the top N blocks"))
+    mask_top_p: float = field(default=0.9, metadata=_help("maskable_ppo: actions outside the reference's top-p"))
+    seed: int = field(default=0, metadata=_help("seed of the policy, the sampling and the prompts"))
+    out: str = field(default="runs", metadata=_help("directory for runs"))
+    tensorboard: bool = field(default=False, metadata=_help("log to <out>/tensorboard"))
+    checkpoint_every: int = field(default=5, metadata=_help("save a resumable checkpoint every N rollouts (0: never)"))
+    algo_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help("more keyword arguments of the algorithm"))
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS + BASELINES:
+            raise ValueError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS + BASELINES)}")
+        for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_r < 0 or self.checkpoint_every < 0 or self.learning_rate <= 0 or self.beta < 0:
+            raise ValueError("lora_r and checkpoint_every must be >= 0, learning_rate > 0 and beta >= 0")
+        if self.algo == "trpo" and self.lora_r:
+            raise ValueError(
+                "sb3_contrib.TRPO runs one double-backward pass through the LM per trainable tensor, hundreds with "
+                "LoRA: fine-tune the top blocks instead (TrainConfig.for_algo('trpo'), or --lora-r 0 --train-layers 2)"
+            )
+
+    @classmethod
+    def for_algo(cls, algo: str, **overrides: Any) -> TrainConfig:
+        """The defaults, then ``algo``'s preset from :data:`PRESETS`, then ``overrides``."""
+        return cls(**{"algo": algo, **PRESETS.get(algo, {}), **overrides})
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The policy's ``lora`` keyword: ``{"r": lora_r}``, or ``None`` without LoRA."""
+        return {"r": self.lora_r} if self.lora_r else None
+
+
+def algorithm_class(algo: str) -> type[BaseAlgorithm]:
+    """The SB3 class of an algorithm name in :data:`ALGORITHMS` or :data:`BASELINES`."""
+    from sb3_contrib import TRPO, MaskablePPO, RecurrentPPO
+    from stable_baselines3 import A2C, PPO
+
+    classes: dict[str, type[BaseAlgorithm]] = {
+        "ppo": PPO, "a2c": A2C, "trpo": TRPO, "maskable_ppo": MaskablePPO, "ppo_bag_of_tokens": PPO,
+        "recurrent_ppo_lstm": RecurrentPPO,
+    }  # fmt: skip
+    if algo not in classes:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS + BASELINES)}")
+    return classes[algo]
+
+
+def policy_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The policy's keyword arguments (JSON-able, so ``model.zip`` can rebuild the policy)."""
+    from agents.baselines import BagOfTokens, LastTokenEmbedding
+
+    if config.algo == "ppo_bag_of_tokens":
+        return {"features_extractor_class": BagOfTokens}
+    if config.algo == "recurrent_ppo_lstm":
+        return {"features_extractor_class": LastTokenEmbedding}
+    return {"model": config.model, "bf16": config.bf16, "lora": config.lora, "train_layers": config.train_layers}
+
+
+def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """Everything the algorithm's constructor gets besides the env: policy, buffer and hyperparameters."""
+    from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
+
+    policy: Any = {
+        "maskable_ppo": MaskableCausalLMPolicy, "ppo_bag_of_tokens": "MultiInputPolicy",
+        "recurrent_ppo_lstm": "MultiInputLstmPolicy",
+    }.get(config.algo, CausalLMPolicy)  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "policy": policy, "policy_kwargs": policy_kwargs(config), "learning_rate": config.learning_rate,
+        "gamma": config.gamma, "n_steps": config.n_steps,
+    }  # fmt: skip
+    if config.algo in ALGORITHMS:  # whole episodes per minibatch: one forward pass per sequence
+        kwargs["rollout_buffer_class"] = (
+            MaskableEpisodeRolloutBuffer if config.algo == "maskable_ppo" else EpisodeRolloutBuffer
+        )
+    if config.algo != "a2c":  # A2C updates on the whole rollout at once
+        kwargs["batch_size"] = config.batch_size
+    if config.algo in ("ppo", "maskable_ppo", "ppo_bag_of_tokens", "recurrent_ppo_lstm"):
+        kwargs["n_epochs"] = config.n_epochs
+    return {**kwargs, **config.algo_kwargs}
+
+
+def make_algorithm(config: TrainConfig, env: VecEnv, verbose: int = 1) -> BaseAlgorithm:
+    """The SB3 algorithm of ``config`` on ``env`` (an env from :func:`make_env`, masks included)."""
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'textgen-rl[tensorboard]'")
+    kwargs = algorithm_kwargs(config)
+    return algorithm_class(config.algo)(
+        env=env, seed=config.seed, verbose=verbose,
+        tensorboard_log=str(Path(config.out) / "tensorboard") if config.tensorboard else None, **kwargs,
+    )  # fmt: skip
+
+
+def make_env(
+    config: TrainConfig, split: str = "train", reward: Scorer | None = None, seed: int | None = None
+) -> VecEnv:
+    """The batched TextGen env of ``config`` on a prompt ``split``, with the top-p masks ``maskable_ppo`` needs.
+
+    :param reward: a scorer already built (e.g. shared by the train and eval envs); default: ``config``'s.
+    :param seed: prompt seed (default ``config.seed``).
+    """
+    task = get_task(config.task)
+    env: VecEnv = make_text_vec_env(
+        config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
+        reward_model=reward if reward is not None else resolve_reward(config.reward_model, task),
+        max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
+    )  # fmt: skip
+    if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
+        from agents.masks import TopPMask
+
+        env = TopPMask(env, config.model, top_p=config.mask_top_p, bf16=config.bf16)
+    return env
+
+
+@dataclass
+class Run:
+    """A built run: what :func:`build_run` returns."""
+
+    config: TrainConfig
+    env: VecEnv
+    eval_env: VecEnv
+    algo: BaseAlgorithm
+    kl: KLPenalty
+    metrics: TextMetrics
+    eval_prompts: list[str]
+
+    def callbacks(self, *more: Any) -> CallbackList:
+        """The KL leash and the text metrics (plus ``more``), for ``algo.learn(callback=...)``."""
+        return CallbackList([self.kl, self.metrics, *more])
+
+    def evaluate(self) -> Evaluation:
+        """The policy on the held-out prompts, measured by :func:`agents.evaluate.evaluate`."""
+        return evaluate(self.algo.policy, self.eval_env, self.eval_prompts, seed=self.config.seed)
+
+
+def build_run(config: TrainConfig, verbose: int = 1) -> Run:
+    """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
+    task = get_task(config.task)
+    reward = resolve_reward(config.reward_model, task)  # built once, shared by the train and eval envs
+    env = make_env(config, "train", reward)
+    eval_env = make_env(config, "eval", reward)
+    algo = make_algorithm(config, env, verbose)
+    return Run(
+        config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl), TextMetrics(),
+        list(task.eval_prompts[: config.eval_prompts]),
+    )  # fmt: skip
