@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,23 @@ class LengthReward:
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         return np.array([c.count("a") / max(1, len(c)) for c in completions], dtype=np.float64)
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (``CI`` set, as .ci/run's runner does) a skipped test fails the run: ``.[dev]`` installs everything
+    the suite uses, so a skip there means a missing dependency, not an optional one."""
+    if _SKIPPED and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"CI: {len(_SKIPPED)} skipped test(s), which CI does not allow: {', '.join(_SKIPPED)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True, scope="session")
