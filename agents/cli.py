@@ -108,22 +108,28 @@ def _train_rm(args: argparse.Namespace) -> None:
     from text_env.tasks import get_task
 
     pairs = load_preferences(args.data)
+    layer = None if args.layer == 0 else args.layer
     config = RewardModelConfig(
-        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden
+        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=layer
     )
     gold = get_task(args.task).gold if args.task else None
     model, report = train_reward_model(
         pairs, config, gold=gold, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        seed=args.seed,
+        validation=args.validation, test=args.test, seed=args.seed,
     )  # fmt: skip
     model.save(args.out)
     # NaN (e.g. gold accuracy when every held-out pair ties on gold) is not JSON: write null instead.
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.__dict__.items()}
+    record["split"] = {  # text_env.rewards.training.split_pairs: train fits, validation chooses, test reports
+        "validation": args.validation, "test": args.test, "seed": args.seed
+    }  # fmt: skip
     (Path(args.out) / "report.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     print(
-        f"held-out pairwise accuracy {report.accuracy:.3f} (labels), {report.gold_accuracy:.3f} (noise-free gold); "
-        f"Spearman vs gold {report.spearman:.3f}; {report.n_train} train / {report.n_heldout} held-out pairs; "
-        f"{report.seconds:.0f} s. Saved to {args.out}"
+        f"test split ({report.n_heldout} pairs, never used to fit or choose): pairwise accuracy {report.accuracy:.3f} "
+        f"(labels), {report.gold_accuracy:.3f} (noise-free gold), {report.gold_accuracy_large_gap:.3f} on the "
+        f"{report.n_large_gap} pairs whose gold differs by >= 0.5; Spearman vs gold {report.spearman:.3f}. "
+        f"Validation accuracy {report.validation_accuracy:.3f} ({report.n_validation} pairs); {report.n_train} "
+        f"train pairs; {report.seconds:.0f} s. Saved to {args.out}"
     )
 
 
@@ -169,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="generation batch (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
+    from text_env.rewards.reward_model import RewardModelConfig
+
     p = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry)")
     p.add_argument("--data", required=True, help="JSONL file of prompt/chosen/rejected, or hf:NAME")
     p.add_argument("--out", required=True, help="directory to save the reward model")
@@ -176,7 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mode", choices=["head", "lora", "full"], default="head", help="what is trained (%(default)s)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--head-hidden", type=int, default=0, help="hidden width of the head (0: linear)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--layer", type=int, default=RewardModelConfig.layer or 0,
+        help="score hidden states after this many blocks (0: the last; default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--validation", type=float, default=0.1, help="fraction of pairs that choose (%(default)s)")
+    p.add_argument("--test", type=float, default=0.2, help="fraction of pairs only reported on (%(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="lora/full: most epochs (%(default)s)")
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--task", default="positive-review", help="task whose gold scorer grades the held-out pairs")

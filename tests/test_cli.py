@@ -119,13 +119,14 @@ def test_preferences_and_train_rm(tiny_model: Path, rlhf_data: dict) -> None:
 
     rm = work / "rm"
     assert {"reward_model.json", "head.safetensors", "report.json"} <= {p.name for p in rm.iterdir()}
-    assert "held-out pairwise accuracy" in rlhf_data["train-rm"] and f"Saved to {rm}" in rlhf_data["train-rm"]
+    assert "test split (2 pairs, never used to fit or choose)" in rlhf_data["train-rm"] and f"Saved to {rm}" in rlhf_data["train-rm"]
 
     def no_nan(constant: str) -> None:
         raise AssertionError(f"report.json holds {constant}, which is not JSON")
 
     report = json.loads((rm / "report.json").read_text(), parse_constant=no_nan)
-    assert report["n_train"] + report["n_heldout"] == 8 and report["epochs"] == len(report["history"]) <= 2
+    assert (report["n_train"], report["n_validation"], report["n_heldout"]) == (5, 1, 2)
+    assert report["split"] == {"validation": 0.1, "test": 0.2, "seed": 0}
     assert 0.0 <= report["accuracy"] <= 1.0
     model = RewardModel.load(rm)
     assert model.config.mode == "head" and model.config.backbone == str(tiny_model)

@@ -21,7 +21,13 @@ import text_env  # noqa: F401  (registers TextGen-v0)
 from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
 from text_env.rewards.preferences import PreferencePair
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
-from text_env.rewards.training import evaluate_reward_model, train_reward_model
+from text_env.rewards.training import (
+    WEIGHT_DECAYS,
+    _spearman,
+    evaluate_reward_model,
+    split_pairs,
+    train_reward_model,
+)
 
 PROMPTS = [*TINY_PROMPTS, "this review is about", "my friends said", "last week i saw", "the director made"]
 FILLER = ["the plot", "it was", "a story", "and the acting", "this film", "overall", "with my family", "so"]
@@ -67,17 +73,16 @@ def config(tiny_model: Path, mode: str = "head", **kwargs: object) -> RewardMode
 @pytest.fixture(scope="module")
 def head_model(tiny_model: Path) -> tuple[RewardModel, object]:
     """A head-mode reward model trained on the sentiment pairs (trained once for the module)."""
-    return train_reward_model(
-        sentiment_pairs(200, seed=0), config(tiny_model, pooling="mean"), gold=WordGold(), epochs=30,
-        learning_rate=1e-2, progress=False,
-    )  # fmt: skip
+    return train_reward_model(sentiment_pairs(200, seed=0), config(tiny_model, pooling="mean"), gold=WordGold(),
+                              progress=False)  # fmt: skip
 
 
 def test_head_mode_learns_a_learnable_preference(head_model: tuple) -> None:
     model, report = head_model
-    assert report.n_train == 180 and report.n_heldout == 20
+    assert (report.n_train, report.n_validation, report.n_heldout) == (140, 20, 40)
     assert report.accuracy >= 0.9 and report.gold_accuracy >= 0.9 and report.spearman > 0.5
-    assert 1 <= report.epochs == len(report.history) <= 30
+    assert report.gold_accuracy_large_gap >= 0.9 and report.n_large_gap == 40  # every pair differs by 4 words
+    assert report.epochs == len(report.history) == len(WEIGHT_DECAYS) and report.weight_decay in WEIGHT_DECAYS
     # pairs never seen in training or early stopping
     fresh = evaluate_reward_model(model, sentiment_pairs(60, seed=1), gold=WordGold())
     assert fresh.accuracy >= 0.9, fresh
@@ -95,7 +100,7 @@ def trained(tiny_model: Path, head_model: tuple) -> dict[str, tuple[RewardModel,
     for mode in ("lora", "full"):
         models[mode] = train_reward_model(
             pairs, config(tiny_model, mode, pooling="last"), gold=WordGold(), epochs=2, learning_rate=1e-2,
-            batch_size=4, heldout=0.3, progress=False,
+            batch_size=4, validation=0.2, test=0.2, progress=False,
         )  # fmt: skip
     return models
 
@@ -103,7 +108,8 @@ def trained(tiny_model: Path, head_model: tuple) -> dict[str, tuple[RewardModel,
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_lora_and_full_modes_train(trained: dict, tiny_model: Path, mode: str) -> None:
     model, report = trained[mode]
-    assert report.n_train == 7 and report.n_heldout == 3 and report.epochs == len(report.history) == 2
+    assert (report.n_train, report.n_validation, report.n_heldout) == (6, 2, 2)
+    assert report.epochs == len(report.history) == 2
     for value in (report.accuracy, report.gold_accuracy, report.spearman, report.seconds, *report.history):
         assert math.isfinite(value)
     assert 0.0 <= report.accuracy <= 1.0 and 0.0 <= report.gold_accuracy <= 1.0 and -1.0 <= report.spearman <= 1.0
@@ -121,6 +127,59 @@ def test_lora_and_full_modes_train(trained: dict, tiny_model: Path, mode: str) -
 def test_train_needs_four_pairs(tiny_model: Path) -> None:
     with pytest.raises(ValueError, match="at least 4 preference pairs"):
         train_reward_model(sentiment_pairs(3, 0), config(tiny_model), progress=False)
+
+
+def test_split_is_fixed_and_disjoint() -> None:
+    pairs = sentiment_pairs(50, seed=3)
+    train, val, test = split_pairs(pairs, validation=0.1, test=0.2, seed=7)
+    assert (len(train), len(val), len(test)) == (35, 5, 10)
+    ids = [{id(p) for p in part} for part in (train, val, test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]) and len(set.union(*ids)) == 50
+    assert split_pairs(pairs, 0.1, 0.2, seed=7) == (train, val, test)  # the same settings, the same split
+    with pytest.raises(ValueError, match="sum below 1"):
+        split_pairs(pairs, validation=0.5, test=0.5)
+
+
+def test_normalised_scale_on_the_samples_it_was_fitted_on(head_model: tuple) -> None:
+    """The output scale makes the train split's completions score mean 0 and std 1, without changing the order."""
+    model = head_model[0]
+    train, _, _ = split_pairs(sentiment_pairs(200, seed=0), 0.1, 0.2, seed=0)
+    prompts, texts = [p.prompt for p in train] * 2, [p.chosen for p in train] + [p.rejected for p in train]
+    scores = model.score(prompts, texts)
+    assert abs(scores.mean()) < 1e-4 and abs(scores.std() - 1.0) < 1e-4
+    with torch.no_grad():
+        raw = model.head.raw(model.features(prompts[:8], texts[:8])).double().numpy()
+    assert np.array_equal(np.argsort(raw), np.argsort(scores[:8])) and float(model.head.out_gain) > 0
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_layer_features_stop_the_backbone_at_that_block(tiny_model: Path, layer: int) -> None:
+    model = RewardModel(config(tiny_model, layer=layer))
+    ids, mask, _ = model.encode(["the movie was"], ["good"])
+    with torch.no_grad():
+        expected = model.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        calls = []
+        hooks = [b.register_forward_hook(lambda *a, k=k: calls.append(k)) for k, b in enumerate(model._blocks())]
+        try:
+            got = model.hidden_states(ids, mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    if layer < 2:  # HF's last hidden state has the final norm applied; a block's own output does not
+        torch.testing.assert_close(got, expected)
+    assert calls == list(range(layer))  # no block above the chosen one ran
+    with pytest.raises(ValueError, match=r"has 2 blocks: choose 1\.\.2"):
+        RewardModel(config(tiny_model, layer=3))
+    with pytest.raises(ValueError, match="layer must be None"):
+        RewardModelConfig(layer=0)
+
+
+def test_saved_layer_and_scale_round_trip(tiny_model: Path, tmp_path: Path) -> None:
+    model, _ = train_reward_model(sentiment_pairs(40, 1), config(tiny_model, layer=1), progress=False)
+    loaded = RewardModel.load(model.save(tmp_path / "rm"))
+    assert loaded.config.layer == 1 and float(loaded.head.out_gain) == float(model.head.out_gain) != 1.0
+    texts = ["it was wonderful", "so awful and bad"]
+    np.testing.assert_allclose(loaded.score(["p", "p"], texts), model.score(["p", "p"], texts), atol=1e-6)
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
@@ -288,14 +347,21 @@ def test_reward_model_directory_as_env_reward(trained: dict, tiny_model: Path, t
 @pytest.mark.default_model
 @pytest.mark.slow
 def test_default_reward_model_is_reproducible(tmp_path: Path) -> None:
-    """The two commands in pretrained/positive-review/HOW_MADE.md still work, and on half the shipped pairs
-    `train-rm` gives a model that ranks the other pairs about as well as the shipped one."""
+    """The commands in pretrained/positive-review/HOW_MADE.md still work, and `train-rm` re-run on the shipped
+    pairs ranks the untouched test split like the shipped model, within the binomial standard error.
+
+    The property holds on any CPU: the split is fixed and disjoint (``split_pairs``: the test pairs chose
+    nothing), and the head is fitted to convergence (no epoch picked on a noisy metric), so the bf16 kernels of
+    different CPUs (AMX or AVX-512) only nudge the features; a 3-sigma tolerance covers that with room to spare.
+    """
     from agents.cli import main
     from text_env.rewards.preferences import load_preferences
     from text_env.tasks import get_task
 
     task = get_task("positive-review")
     shipped_dir = Path(task.reward_model)
+    shipped_config = json.loads((shipped_dir / "reward_model.json").read_text())
+    split = json.loads((shipped_dir / "report.json").read_text())["split"]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a real 135M model, unlike the rest of the suite
     try:
@@ -304,14 +370,21 @@ def test_default_reward_model_is_reproducible(tmp_path: Path) -> None:
             ["preferences", "--task", "positive-review", "--pairs", "8", "--out", str(fresh_pairs), "--batch-size", "8"]
         )
         assert len(load_preferences(fresh_pairs)) == 8
-        lines = (shipped_dir / "prefs.jsonl").read_text().splitlines()
-        (tmp_path / "train.jsonl").write_text("\n".join(lines[:1000]) + "\n")
-        (tmp_path / "heldout.jsonl").write_text("\n".join(lines[-200:]) + "\n")
-        main(["train-rm", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "rm")])
-        heldout = load_preferences(tmp_path / "heldout.jsonl")
-        reproduced = evaluate_reward_model(RewardModel.load(tmp_path / "rm"), heldout, task.gold)
-        shipped = evaluate_reward_model(RewardModel.load(shipped_dir), heldout, task.gold)
+        main(["train-rm", "--data", str(shipped_dir / "prefs.jsonl"), "--out", str(tmp_path / "rm"),
+              "--layer", str(shipped_config["layer"] or 0), "--validation", str(split["validation"]),
+              "--test", str(split["test"]), "--seed", str(split["seed"])])  # fmt: skip
+        _, _, test = split_pairs(load_preferences(shipped_dir / "prefs.jsonl"), **split)
+        reproduced_model = RewardModel.load(tmp_path / "rm")
+        reproduced = evaluate_reward_model(reproduced_model, test, task.gold)
+        shipped_model = RewardModel.load(shipped_dir)
+        shipped = evaluate_reward_model(shipped_model, test, task.gold)
+        prompts, texts = [p.prompt for p in test], [p.chosen for p in test]
+        agreement = _spearman(reproduced_model.score(prompts, texts), shipped_model.score(prompts, texts))
     finally:
         torch.set_num_threads(threads)
-    assert reproduced.gold_accuracy > 0.55  # it learned the direction of the gold preference
-    assert reproduced.gold_accuracy >= shipped.gold_accuracy - 0.1  # in the shipped model's range
+    assert len(test) >= 400 and reproduced.n_heldout == shipped.n_heldout == len(test)
+    p = shipped.gold_accuracy
+    se = math.sqrt(p * (1 - p) / len(test))  # binomial standard error of an accuracy over the test pairs
+    assert abs(reproduced.gold_accuracy - shipped.gold_accuracy) <= 3 * se, (reproduced, shipped, se)
+    assert reproduced.gold_accuracy >= 0.5 + 3 * math.sqrt(0.25 / len(test))  # clearly above chance
+    assert agreement > 0.9  # the two models rank the same texts alike

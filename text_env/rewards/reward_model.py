@@ -26,6 +26,12 @@ from text_env.models import DEFAULT_MODEL, ModelLoadError, load_causal_lm, load_
 __all__ = ["RewardHead", "RewardModel", "RewardModelConfig"]
 
 MODES = ("head", "lora", "full")
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end the backbone's pass at the block whose output is the feature."""
+
+
 POOLINGS = ("mean", "last")
 
 
@@ -39,6 +45,9 @@ class RewardModelConfig:
     :param pooling: ``"mean"`` of the completion's hidden states, or the ``"last"`` token's.
     :param head_hidden: width of the head's hidden layer (0: a linear head).
     :param max_length: prompt + completion tokens kept (the completion's end is kept; the prompt is cut from the left).
+    :param layer: score the hidden states after this many transformer blocks (``None``: the last block's, after
+        the final norm). Middle layers often carry more of what a task's judge looks at than the last, which is
+        shaped for next-token prediction; the backbone then stops at that block, so scoring is faster too.
     """
 
     backbone: str = DEFAULT_MODEL
@@ -46,29 +55,44 @@ class RewardModelConfig:
     pooling: str = "mean"
     head_hidden: int = 0
     max_length: int = 128
+    layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 1):
+            raise ValueError(f"layer must be None (the last) or a block count >= 1, not {self.layer!r}")
 
 
 class RewardHead(nn.Module):
-    """Standardise features, then a linear layer or a one-hidden-layer MLP to a scalar."""
+    """Standardise features, then a linear layer or a one-hidden-layer MLP to a scalar, then an affine output
+    scale (``out_gain * x + out_bias``).
+
+    The output scale is what Ziegler et al. (2019) call normalising the reward model: ``train-rm`` sets it so that
+    the base policy's samples score mean 0 and standard deviation 1, so that a KL coefficient β means the same for
+    every reward model and task. It does not change the ranking.
+    """
 
     def __init__(self, dim: int, hidden: int = 0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("out_gain", torch.ones(()))
+        self.register_buffer("out_bias", torch.zeros(()))
         if hidden == 0:
             self.net: nn.Module = nn.Linear(dim, 1)
         else:
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores before the output scale, ``(B,)`` (what training fits)."""
+        return self.net((features.float() - self.mean) / self.std).squeeze(-1)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """:param features: ``(B, H)``. :return: ``(B,)`` scores."""
-        return self.net((features.float() - self.mean) / self.std).squeeze(-1)
+        return self.out_gain * self.raw(features) + self.out_bias
 
 
 class RewardModel(nn.Module):
@@ -94,9 +118,14 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.backbone)
         self.head = RewardHead(int(lm.config.get_text_config().hidden_size), config.head_hidden)
         self.bf16 = True
+        if config.layer is not None and config.layer > len(self._blocks()):
+            raise ValueError(
+                f"layer={config.layer}, but the backbone {config.backbone!r} has {len(self._blocks())} blocks: "
+                f"choose 1..{len(self._blocks())} or None (the last)"
+            )
 
     # --- features --------------------------------------------------------------------------------------------
-    def _encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, ...]:
         """Right-padded ids ``(B, T)``, attention mask and completion mask (what ``mean`` pooling averages)."""
         tok = self.tokenizer
         p_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
@@ -113,14 +142,49 @@ class RewardModel(nn.Module):
         completion = torch.tensor([r[1] + [0] * (width - len(r[1])) for r in rows])  # (B, T)
         return ids, mask, completion
 
-    def features(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """Pooled last hidden states ``(B, H)`` (differentiable unless the backbone is frozen)."""
-        device = next(self.backbone.parameters()).device
-        ids, mask, completion = (t.to(device) for t in self._encode(prompts, completions))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, T, H)`` after ``config.layer`` blocks (the last, normalised, when ``None``).
+
+        For a given layer the forward pass stops right after that block (a hook raises out of it), so blocks
+        above it cost nothing; the shared frozen backbone itself is never modified.
+        """
+        if self.config.layer is None:
             out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1].float()  # (B, T, H)
-        last = hidden[torch.arange(ids.shape[0], device=device), mask.sum(1) - 1]  # (B, H)
+            return out.hidden_states[-1]
+        captured: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, inputs: object, output: object) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
+            raise _StopForward
+
+        handle = self._blocks()[self.config.layer - 1].register_forward_hook(stop)
+        try:
+            self.backbone(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def _blocks(self) -> nn.ModuleList:
+        """The backbone's transformer blocks (the ``...layers`` ModuleList of a decoder, peft-wrapped or not)."""
+        for name, module in self.backbone.named_modules():
+            if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
+                return module
+        raise ValueError(f"cannot find the transformer blocks of {type(self.backbone).__name__}: use layer=None")
+
+    def features(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Pooled hidden states ``(B, H)`` (differentiable unless the backbone is frozen)."""
+        device = next(self.backbone.parameters()).device
+        ids, mask, completion = (t.to(device) for t in self.encode(prompts, completions))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.hidden_states(ids, mask)  # (B, T, H)
+        return self.pool(hidden, mask, completion)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H)`` hidden states -> ``(B, H)`` by ``config.pooling`` (float32)."""
+        hidden = hidden.float()
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1) - 1]  # (B, H)
         if self.config.pooling == "last":
             return last
         weights = completion.float().unsqueeze(-1)  # (B, T, 1)
@@ -194,6 +258,8 @@ class RewardModel(nn.Module):
                 f"has hidden size {hidden}: the head was trained on another backbone. Set 'backbone' in "
                 f"{path / 'reward_model.json'} to the model it was trained on."
             )
+        head.setdefault("out_gain", torch.ones(()))  # heads saved before the output scale existed
+        head.setdefault("out_bias", torch.zeros(()))
         try:
             model.head.load_state_dict(head)
         except RuntimeError as err:  # missing, extra or mis-shaped tensors (e.g. head_hidden edited)
@@ -218,7 +284,9 @@ def _read_config(file: Path) -> RewardModelConfig:
     if unknown:
         raise ModelLoadError(f"{file} has unknown key(s) {unknown}; the allowed keys are {sorted(defaults)}. {redo}")
     for key, value in record.items():
-        expected = type(defaults[key])
+        expected = type(defaults[key]) if defaults[key] is not None else int  # layer: an int or null
+        if value is None and defaults[key] is None:
+            continue
         if not isinstance(value, expected) or isinstance(value, bool):
             raise ModelLoadError(
                 f"{file}: {key!r} must be {expected.__name__}, got {value!r} ({type(value).__name__}). {redo}"
