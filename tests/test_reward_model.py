@@ -346,6 +346,7 @@ def test_reward_model_directory_as_env_reward(trained: dict, tiny_model: Path, t
 
 @pytest.mark.default_model
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~4 min alone on 2 cores: features of 4000 texts through 20 blocks of a 135M model
 def test_default_reward_model_is_reproducible(tmp_path: Path) -> None:
     """The commands in pretrained/positive-review/HOW_MADE.md still work, and `train-rm` re-run on the shipped
     pairs ranks the untouched test split like the shipped model, within the binomial standard error.
