@@ -19,22 +19,89 @@ Autocast's own cast cache lasts one autocast region (here: one call, i.e. one to
 (LoRA's base, the reference model), so without this every rollout step would re-cast all weights: ~40 % of a
 decode step of SmolLM2-135M at batch 16. Autocast passes an already-bf16 weight through unchanged, so results
 are bit-identical.
+
+Under bf16 on CPU, every matmul *shape* also costs memory: oneDNN compiles a kernel per shape, and two caches of 1024
+entries each (PyTorch's ``LRU_CACHE_CAPACITY``, oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) keep it, 0.5-2 MB a
+shape on SmolLM2's layers. Re-encodes and training passes see ever new row counts (rows x tokens): the default
+``textgen train`` settings on a tiny LM grew by ~150 MB per rollout and update, without end in sight. Their
+``nn.Linear`` calls therefore run on rows padded to a few sizes (:func:`bucket_rows`); decode steps have at most
+``n_envs`` rows and are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, PreTrainedModel
 
 from text_env.models import load_frozen_causal_lm
 
-__all__ = ["CachedLM", "forward_positions", "reference_log_probs", "token_log_probs", "valid_ends"]
+__all__ = [
+    "CachedLM",
+    "bucket_rows",
+    "bucketed_matmul_rows",
+    "cache_keyword",
+    "forward_positions",
+    "reference_log_probs",
+    "token_log_probs",
+    "valid_ends",
+]
+
+_MIN_ROWS = 16  # an AMX tile's rows: fewer cost about as much
+_STEPS_PER_OCTAVE = 2  # row buckets per doubling of rows; 4 pads less (<= 25 %) but leaves twice the shapes
+
+
+def bucket_rows(rows: int) -> int:
+    """The row count a matmul of ``rows`` rows is padded to: at least 16, else the next multiple of
+    ``2**e / _STEPS_PER_OCTAVE`` where ``2**e < rows <= 2**(e+1)``: 16, 24, 32, 48, 64, 96, ... (<= 50 % more rows,
+    ~17 % on average; 17 sizes up to 4096 rows)."""
+    if rows <= _MIN_ROWS:
+        return _MIN_ROWS
+    step = (1 << ((rows - 1).bit_length() - 1)) // _STEPS_PER_OCTAVE
+    return -(-rows // step) * step
+
+
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    """Whether a matmul on ``x`` runs oneDNN's bf16 kernels (bf16 input, or CPU autocast to bf16)."""
+    if x.device.type != "cpu":
+        return False
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast or x.dtype == torch.bfloat16
+
+
+class _BucketedMatmulRows(TorchFunctionMode):
+    """Runs ``F.linear`` on CPU bf16 inputs with their rows zero-padded to :func:`bucket_rows`, output cut back.
+
+    Each output row depends on its input row only, so the padding changes no value (it may change the kernel that
+    oneDNN picks, i.e. bf16 rounding, as any change of batch size does); gradients flow through the pad and the
+    cut, so backward matmuls see the padded row counts too.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.linear or not _cpu_bf16(args[0]):
+            return func(*args, **kwargs)
+        x = args[0]  # (..., K)
+        rows = x.numel() // x.shape[-1]
+        padded = bucket_rows(rows)
+        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))  # (padded, K)
+        out = func(flat, *args[1:], **kwargs)[:rows]  # (rows, N)
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
+
+
+def bucketed_matmul_rows() -> contextlib.AbstractContextManager[Any]:
+    """Within it, CPU bf16 ``F.linear`` calls run on rows padded to :func:`bucket_rows`: a forward pass over a
+    batch of ever-changing shape compiles and caches a bounded set of oneDNN kernels (see the module docstring)."""
+    return _BucketedMatmulRows()
 
 
 def valid_ends(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -73,10 +140,29 @@ def _agreed_length(aligned: torch.Tensor) -> int:
     return aligned.shape[1] if bool(agree.all()) else int((~agree).long().argmax())
 
 
-def _encode_prefix(forward: Callable[..., Any], config: Any, tokens: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Keys and values ``(1, h_kv, k, d)`` per layer of the ``(k,)`` tokens, encoded on one row."""
-    out = forward(input_ids=tokens[None], past_key_values=DynamicCache(config=config), use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` in transformers 5 releases that renamed
+    ``past_key_values`` (which then warns, and goes in 5.40), ``past_key_values`` in those before.
+
+    The ``DynamicCache`` passed in is filled in place, so its keys/values are read from it, never from the output.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the transformers model
+    return _cache_keyword(type(base))
+
+
+def _encode_prefix(
+    forward: Callable[..., Any], model: nn.Module, tokens: torch.Tensor
+) -> list[tuple[torch.Tensor, ...]]:
+    """Keys and values ``(1, h_kv, k, d)`` per layer of the ``(k,)`` tokens, encoded on one row by ``forward``
+    (``model`` or a functional call of it)."""
+    cache = DynamicCache(config=model.config)
+    forward(input_ids=tokens[None], use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _prefix_past(config: Any, prefix: list[tuple[torch.Tensor, ...]], first: torch.Tensor, start: int) -> DynamicCache:
@@ -111,18 +197,19 @@ def forward_positions(
     start = int(first.min())
     begin = start + shared  # the first slot the main pass runs on
     past = None
-    if shared:
-        past = _prefix_past(model.config, _encode_prefix(model, model.config, aligned[0, :shared]), first, start)
     keep = torch.unique(positions)  # (U,) only these columns go through the LM head
-    out = model(
-        input_ids=input_ids[:, begin:],
-        attention_mask=attention_mask[:, start:],
-        position_ids=_position_ids(attention_mask[:, start:])[:, shared:],
-        past_key_values=past,
-        output_hidden_states=True,
-        use_cache=past is not None,
-        logits_to_keep=keep - begin,
-    )
+    with bucketed_matmul_rows():
+        if shared:
+            past = _prefix_past(model.config, _encode_prefix(model, model, aligned[0, :shared]), first, start)
+        out = model(
+            input_ids=input_ids[:, begin:],
+            attention_mask=attention_mask[:, start:],
+            position_ids=_position_ids(attention_mask[:, start:])[:, shared:],
+            output_hidden_states=True,
+            use_cache=past is not None,
+            logits_to_keep=keep - begin,
+            **{cache_keyword(model): past},
+        )
     column = torch.searchsorted(keep, positions)  # (R, K) index into the kept columns
     logits = torch.gather(out.logits, 1, column.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1]))  # (R, K, V)
     hidden = out.hidden_states[-1]  # (R, E - begin, H)
@@ -149,6 +236,7 @@ class CachedLM:
         self.model = model
         self.context = context
         self.autocast_dtype = autocast_dtype
+        self.cache_keyword = cache_keyword(model)
         self.reset()
 
     def reset(self) -> None:
@@ -194,9 +282,10 @@ class CachedLM:
             }
         with self.context():
             if decode.numel():
-                self._decode(decode, input_ids, old_ends)
+                self._decode(decode, input_ids, old_ends)  # at most n rows: a bounded set of matmul shapes
             if prefill.numel():
-                self._prefill(prefill, input_ids, attention_mask, ends)
+                with bucketed_matmul_rows():
+                    self._prefill(prefill, input_ids, attention_mask, ends)
         self.ids, self.mask = input_ids.clone(), attention_mask.clone()
         assert self.logits is not None and self.hidden is not None
         return self.logits.clone(), self.hidden.clone()
@@ -226,15 +315,15 @@ class CachedLM:
             input_ids=ids[rows, begin:width],
             attention_mask=mask[rows, start:width],
             position_ids=_position_ids(mask[rows, start:width])[:, shared:],
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=keep,
+            **{self.cache_keyword: cache},
         )
         r = torch.arange(rows.numel(), device=rows.device)
         logits = out.logits[r, torch.searchsorted(keep, last)]  # (r, V)
         self._store_outputs(rows, logits, out.hidden_states[-1][r, last])
-        for layer_idx, layer in enumerate(out.past_key_values.layers):
+        for layer_idx, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values  # (r, h_kv, width - start, d)
             if len(self.keys) <= layer_idx:
                 n, length = self.ids.shape  # type: ignore[union-attr]
@@ -260,7 +349,7 @@ class CachedLM:
         k = _agreed_length(aligned) if rows.numel() > 1 else 0
         if k:
             self.prefix_ids = aligned[0, :k].clone()
-            self.prefix_cache = _encode_prefix(self._forward, self.model.config, self.prefix_ids)
+            self.prefix_cache = _encode_prefix(self._forward, self.model, self.prefix_ids)
         return k
 
     def _decode(self, rows: torch.Tensor, ids: torch.Tensor, old_ends: torch.Tensor) -> None:
@@ -279,12 +368,12 @@ class CachedLM:
             input_ids=ids[rows, slot].unsqueeze(1),  # (r, 1)
             attention_mask=torch.cat([old_mask, torch.ones_like(old_mask[:, :1])], dim=1),  # (r, L + 1)
             position_ids=old_mask.sum(1, keepdim=True),  # (r, 1)
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
+            **{self.cache_keyword: cache},
         )
         self._store_outputs(rows, out.logits[:, -1], out.hidden_states[-1][:, -1])
-        for layer_idx, layer in enumerate(out.past_key_values.layers):
+        for layer_idx, layer in enumerate(cache.layers):
             self.keys[layer_idx][rows, :, slot] = layer.keys[r, :, -1].to(self.keys[layer_idx].dtype)
             self.values[layer_idx][rows, :, slot] = layer.values[r, :, -1].to(self.values[layer_idx].dtype)
 

@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.utils import obs_as_tensor
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
 
@@ -103,7 +104,7 @@ class _Stepper:
 @torch.no_grad()
 def evaluate(
     policy: BasePolicy | Sampler,
-    env: VecEnv,
+    env: VecEnv | gym.Env,
     prompts: Sequence[str],
     deterministic: bool = False,
     seed: int = 0,
@@ -111,12 +112,17 @@ def evaluate(
 ) -> Evaluation:
     """Run one episode per prompt in ``env`` (batches of ``env.num_envs``) with ``policy``.
 
+    :param env: a TextGen ``VecEnv``, or a single env (``gym.make("TextGen-v0", ...)``), which is wrapped in a
+        ``DummyVecEnv`` as SB3's ``evaluate_policy`` does.
+
     :param policy: an SB3 policy (``algo.policy``: LM, maskable — then ``env`` must give ``action_masks()`` —,
         recurrent, or any ``ActorCriticPolicy``), or a function ``obs -> (actions, log_probs)``.
     :param reference: the LM that KL and perplexity are measured against. ``None``: the policy's own frozen
         reference when it has one (LM policies; no extra copy), else the env's model.
     """
     torch.manual_seed(seed)
+    if not isinstance(env, VecEnv):
+        env = DummyVecEnv([lambda single=env: single])  # type: ignore[misc]
     if isinstance(policy, BasePolicy):
         policy.set_training_mode(False)
     device = getattr(policy, "device", torch.device("cpu"))

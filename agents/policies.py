@@ -6,13 +6,14 @@
 Example:
     >>> from stable_baselines3 import PPO
     >>> from agents import CausalLMPolicy
-    >>> model = PPO(CausalLMPolicy, env, policy_kwargs=dict(model="default"), learning_rate=1e-5)
+    >>> model = PPO(CausalLMPolicy, env, learning_rate=1e-5)  # the env's LM; or policy_kwargs=dict(model=...)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +22,23 @@ from typing import Any
 import torch
 from gymnasium import spaces
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agents.cached_lm import CachedLM, forward_positions, token_log_probs, valid_ends
 from agents.masks import top_p_mask
-from text_env.models import DEFAULT_MODEL, load_causal_lm, load_frozen_causal_lm, load_tokenizer
+from text_env.models import ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer, resolve_model
 
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
 
 _GROUP_CHUNK = 64  # rows compared at once when grouping shared prefixes (bounds memory to chunk x B x L)
+_FRAMES_TO_ALGORITHM = 8  # the policy's __init__ chain up to the algorithm's _setup_model, with room to spare
+_LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
 def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,74 @@ def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return reps
 
 
+def _building_algorithm() -> BaseAlgorithm | None:
+    """The SB3 algorithm constructing a policy right now: the ``self`` of a frame up the stack (its ``_setup_model``
+    calls ``policy_class(observation_space, action_space, lr_schedule, **policy_kwargs)``); ``None`` outside one."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(_FRAMES_TO_ALGORITHM):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, BaseAlgorithm):
+                return owner
+        return None
+    finally:
+        del frame  # a frame holds its locals: no reference cycle
+
+
+def _env_model(env: VecEnv | None) -> str | None:
+    """The ``model_name`` a TextGen env (vectorised, wrapped or not) was built on; ``None`` for other envs."""
+    if env is None:
+        return None
+    try:
+        return os.fspath(env.get_attr("model_name")[0])
+    except AttributeError:
+        return None
+
+
+def _refuse_normalised_token_ids(env: VecEnv | None) -> None:
+    """``VecNormalize(norm_obs=True)`` turns token ids into floats that no longer name tokens."""
+    while isinstance(env, VecEnvWrapper):
+        if isinstance(env, VecNormalize) and env.norm_obs:
+            keys = env.norm_obs_keys if env.norm_obs_keys is not None else ["input_ids", "attention_mask"]
+            if {"input_ids", "attention_mask"} & set(keys):
+                raise ValueError(
+                    "VecNormalize(norm_obs=True) normalises the token ids an LM policy reads: wrap the env with "
+                    "VecNormalize(env, norm_obs=False, norm_reward=True) to normalise rewards only"
+                )
+        env = env.venv
+
+
+def _lora_settings(lora: dict[str, Any] | bool | None) -> dict[str, Any] | None:
+    """``lora`` as ``peft.LoraConfig`` keywords over :data:`_LORA_DEFAULTS` (``True``: the defaults; ``False``:
+    none)."""
+    if lora is None or lora is False:
+        return None
+    if lora is True:
+        return {}
+    if not isinstance(lora, dict):
+        raise TypeError(
+            f"lora takes a dict of peft.LoraConfig keyword arguments (e.g. {{'r': 16}}) or True, got {lora!r}"
+        )
+    return lora
+
+
+def _token_ids(obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask ``(B, L)`` as integers (SB3's buffers store observations as floats), checked."""
+    ids, mask = obs["input_ids"], obs["attention_mask"]  # type: ignore[index]
+    if ids.is_floating_point() and not torch.equal(ids, ids.round()):
+        raise ValueError(
+            "the observations' input_ids are not token ids (not integers; normalised?): normalise rewards only, "
+            "with VecNormalize(env, norm_obs=False, norm_reward=True)"
+        )
+    empty = torch.nonzero(mask.sum(1) == 0).flatten()
+    if empty.numel():
+        raise ValueError(f"observation rows {empty.tolist()} hold no token (an empty prompt?): every row needs one")
+    return ids.long(), mask.long()
+
+
 def _sample(distribution: Distribution) -> torch.Tensor:
     """Draw from the categorical distribution by the Gumbel-max trick.
 
@@ -73,14 +146,20 @@ def _sample(distribution: Distribution) -> torch.Tensor:
 class _CausalLMMixin:
     """The shared implementation: LM actor, value head on the LM's last hidden state, KV-cached rollouts.
 
-    :param model: ``"default"`` (embedded SmolLM2-135M-Instruct), a local directory or a hub id.
+    :param model: ``"default"`` (embedded SmolLM2-135M-Instruct), a local directory or a hub id; ``None``: the LM
+        of the env (its ``model_name``), whose tokens the actions are. SB3 builds a policy from the spaces alone, so
+        the policy finds the algorithm building it up the call stack (SB3's ``_setup_model``) and asks its env, as
+        ``KLPenalty`` and ``TopPMask`` do; the name is then written into the algorithm's ``policy_kwargs``, so that
+        ``model.zip`` names the LM. A policy on another LM must share the env's tokenizer (checked when the
+        algorithm has an env: same vocabulary size, same tokens).
     :param bf16: run forward and backward passes under bfloat16 autocast (weights stay float32).
     :param temperature: the policy samples from ``softmax(logits / temperature)``; PPO's ratio uses the same.
     :param top_k: keep only the ``top_k`` most likely tokens (0: all).
     :param top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (1.0: all).
     :param kv_cache: reuse keys/values across rollout steps (exact; turn off only to compare).
-    :param lora: ``None`` for full fine-tuning, or ``peft.LoraConfig`` keyword arguments (e.g. ``{"r": 16}``);
-        the reference model is then the same network with adapters disabled (no second copy).
+    :param lora: ``None`` for full fine-tuning, or ``peft.LoraConfig`` keyword arguments (e.g. ``{"r": 16}``) over
+        the defaults ``r=16, lora_alpha=32, target_modules="all-linear"``; ``True`` means those defaults. The
+        reference model is then the same network with adapters disabled (no second copy).
     :param train_layers: fine-tune only the last ``train_layers`` transformer blocks (and the final norm);
         ``None``: every weight (or the adapters, with ``lora``). What sb3-contrib TRPO needs on a real LM: it
         runs one double-backward pass per trainable tensor, which for all of SmolLM2 took more than 24 GB.
@@ -92,17 +171,18 @@ class _CausalLMMixin:
         observation_space: spaces.Space,
         action_space: spaces.Space,
         lr_schedule: Schedule,
-        model: str = DEFAULT_MODEL,
+        model: str | os.PathLike[str] | None = None,
         bf16: bool = True,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
         kv_cache: bool = True,
-        lora: dict[str, Any] | None = None,
+        lora: dict[str, Any] | bool | None = None,
         train_layers: int | None = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> None:
+        lora = _lora_settings(lora)
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"an LM policy needs a Discrete action space (token ids), got {action_space}")
         if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
@@ -111,7 +191,22 @@ class _CausalLMMixin:
             raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
         if train_layers is not None and lora is not None:
             raise ValueError("lora and train_layers are alternatives: adapters everywhere, or the top blocks in full")
+        algorithm = _building_algorithm()
+        env = algorithm.env if algorithm is not None else None
+        _refuse_normalised_token_ids(env)
+        self.env_model = _env_model(env)  # for the checks in _build; None when built without a TextGen env
+        if model is None:
+            if self.env_model is None:
+                raise ValueError(
+                    "no model given and no TextGen env to take it from: pass policy_kwargs=dict(model=...) "
+                    "('default', a local directory or a hub id; the env's model_name)"
+                )
+            model = self.env_model
+            assert algorithm is not None
+            algorithm.policy_kwargs = {**algorithm.policy_kwargs, "model": model}  # saved in model.zip
         self.lm_name = os.fspath(model)
+        self._check_base_model(algorithm)
+        self._check_tokenizer(env, trust_remote_code)
         self.bf16, self.temperature, self.top_k, self.top_p = bf16, temperature, top_k, top_p
         self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
         self.train_layers = train_layers
@@ -119,17 +214,51 @@ class _CausalLMMixin:
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
 
     # --- construction ----------------------------------------------------------------------------------------
+    def _check_base_model(self, algorithm: BaseAlgorithm | None) -> None:
+        """A missing base model most often means a ``model.zip`` whose base model moved: say how to point at it."""
+        try:
+            resolve_model(self.lm_name)
+        except ModelLoadError as err:
+            saved = {**(algorithm.policy_kwargs if algorithm is not None else {}), "model": "NEW_PATH"}
+            loader = type(algorithm).__name__ if algorithm is not None else "PPO"
+            raise ModelLoadError(
+                f"the policy's base model {self.lm_name!r} was not found. A model.zip stores the path of the base "
+                "model it was trained from (the zip holds the trained weights; the architecture, the tokenizer and, "
+                "without LoRA, the KL reference come from the base model): if it moved, load with "
+                f"{loader}.load(path, env=env, custom_objects={{'policy_kwargs': {saved!r}}}), or put it back at "
+                f"{self.lm_name!r}"
+            ) from err
+
+    def _check_tokenizer(self, env: VecEnv | None, trust_remote_code: bool) -> None:
+        """An LM on another tokenizer would read the env's token ids as different tokens."""
+        if self.env_model is None or resolve_model(self.env_model) == resolve_model(self.lm_name):
+            return
+        env_tokens = env.get_attr("tokenizer")[0].get_vocab()  # type: ignore[union-attr]
+        tokens = load_tokenizer(self.lm_name, trust_remote_code=trust_remote_code).get_vocab()
+        if tokens != env_tokens:
+            raise ValueError(
+                f"the policy's LM {self.lm_name!r} has another tokenizer ({len(tokens)} tokens) than the env's LM "
+                f"{self.env_model!r} ({len(env_tokens)} tokens): its actions would be other tokens. Build the env "
+                "on the policy's LM, or omit policy_kwargs['model'] to use the env's"
+            )
+
     def _build(self, lr_schedule: Schedule) -> None:
         lm = load_causal_lm(self.lm_name, trust_remote_code=self.trust_remote_code)
         vocab = lm.get_output_embeddings().weight.shape[0]
-        if vocab < self.action_space.n:  # type: ignore[attr-defined]
-            raise ValueError(f"the model has {vocab} output tokens but the env's action space has {self.action_space}")
+        if vocab != self.action_space.n:  # type: ignore[attr-defined]
+            env = f"the env's LM {self.env_model!r}" if self.env_model is not None else "the env"
+            raise ValueError(
+                f"the policy's LM {self.lm_name!r} has {vocab} output tokens but {env} has "
+                f"{self.action_space.n} actions (tokens): the policy must use the env's tokenizer and vocabulary"  # type: ignore[attr-defined]
+            )
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
-            lm = get_peft_model(
-                lm, LoraConfig(**{"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **self.lora})
-            )
+            try:
+                config = LoraConfig(**{**_LORA_DEFAULTS, **self.lora})
+            except TypeError as err:
+                raise TypeError(f"lora takes peft.LoraConfig keyword arguments, e.g. {{'r': 16}}: {err}") from err
+            lm = get_peft_model(lm, config)
             self._reference_lm = None  # adapters disabled = the base model
         else:
             # The pretrained weights, frozen and shared (e.g. with a head-only reward model's backbone); not a
@@ -225,7 +354,7 @@ class _CausalLMMixin:
 
     def _logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits ``(B, V)`` and values ``(B, 1)`` for a batch of observations."""
-        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()  # (B, L); SB3 stores obs as floats
+        ids, mask = _token_ids(obs)  # (B, L)
         if self._use_cache(self._actor_cache, ids):
             logits, hidden = self._actor_cache(ids, mask)  # (B, V), (B, H)
         else:
@@ -234,7 +363,7 @@ class _CausalLMMixin:
             with self._autocast(), sdpa_kernel(SDPBackend.MATH):
                 logits, hidden = self._grouped_forward(self.lm, ids, mask)
         values = self.value_head(hidden.float())  # (B, 1)
-        return logits[:, : self.action_space.n], values  # type: ignore[attr-defined]
+        return logits, values
 
     @staticmethod
     def _grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,11 +432,11 @@ class _CausalLMMixin:
     @torch.no_grad()
     def reference_logits(self, obs: PyTorchObs) -> torch.Tensor:
         """Next-token logits ``(B, V)`` of the frozen starting model (float32), KV-cached like the actor's."""
-        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        ids, mask = _token_ids(obs)  # (B, L)
         if self._use_cache(self._reference_cache, ids, frozen=True):
-            return self._reference_cache(ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
+            return self._reference_cache(ids, mask)[0]
         with self._reference_context():
-            return self._grouped_forward(self._reference_model(), ids, mask)[0][:, : self.action_space.n]  # type: ignore[attr-defined]
+            return self._grouped_forward(self._reference_model(), ids, mask)[0]
 
     def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor) -> torch.Tensor:
         """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``."""

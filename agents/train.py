@@ -11,6 +11,7 @@ started again, and the report covers the whole run.
 from __future__ import annotations
 
 import json
+import platform
 import random
 import resource
 import shutil
@@ -28,7 +29,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from agents.evaluate import Evaluation
 from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
 
-__all__ = ["ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "make_algorithm", "train"]
+__all__ = [
+    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "cpu_kind", "make_algorithm", "train",
+]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
 
@@ -219,6 +222,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         "history": run.metrics.history,
         "final_beta": run.kl.controller.beta,
         "peak_rss_gb": max(state["peak_rss_gb"], _peak_rss_gb()),
+        "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "samples": [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in zip(before["prompts"], before["completions"], after["completions"], strict=True)
@@ -232,6 +236,23 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     print(table)
     print(f"\nsaved to {run_dir} (load with {type(run.algo).__name__}.load('{run_dir / 'model'}'))")
     return report
+
+
+def cpu_kind() -> str:
+    """The CPU model and its bf16 support (what decides which matmul kernels bf16 autocast runs)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    bf16 = [label for flag, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
 
 
 def _peak_rss_gb() -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.train import cpu_kind
 from text_env.rewards.preferences import load_preferences
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
 from text_env.rewards.training import LARGE_GAP, _spearman, fit_head, split_pairs
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": data, "split": {"train": n, "validation": n_val, "test": total - n - n_val, "seed": 0},
         "chosen_layer": best["layer"], "chosen_test": best["_test"], "last_layer_test": last["_test"],
         "layers": [{k: v for k, v in r.items() if k != "_test"} for r in rows], "seconds": time.time() - started,
-        "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,10 @@ def test_preferences_and_train_rm(tiny_model: Path, rlhf_data: dict) -> None:
 
     rm = work / "rm"
     assert {"reward_model.json", "head.safetensors", "report.json"} <= {p.name for p in rm.iterdir()}
-    assert "test split (2 pairs, never used to fit or choose)" in rlhf_data["train-rm"] and f"Saved to {rm}" in rlhf_data["train-rm"]
+    assert (
+        "test split (2 pairs, never used to fit or choose)" in rlhf_data["train-rm"]
+        and f"Saved to {rm}" in rlhf_data["train-rm"]
+    )
 
     def no_nan(constant: str) -> None:
         raise AssertionError(f"report.json holds {constant}, which is not JSON")

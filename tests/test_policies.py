@@ -3,11 +3,18 @@ filters, NLPO masks, save/load, export, LoRA, evaluation and a small learning ru
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import logging
+import re
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -33,15 +40,18 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from agents import cached_lm, policies
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.cached_lm import CachedLM
 from agents.evaluate import distinct_n, evaluate
+from agents.kl import KLPenalty
 from agents.masks import TopPMask, top_p_mask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy, _shared_prefix_groups, export_pretrained
-from text_env.models import load_causal_lm
+from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
 
 # prompts whose tokens start alike, as a chat template and an instruction make them: their prefix is shared
 SHARED_PREFIX_PROMPTS = ["the movie was", "the movie was great and", "the movie i saw was", "the movie , sadly"]
@@ -645,3 +655,195 @@ def test_train_layers_is_checked(tiny_env_kwargs: dict, tiny_model: Path) -> Non
         lm_ppo(venv, tiny_model, train_layers=3)
     with pytest.raises(ValueError, match="lora and train_layers are alternatives"):
         lm_ppo(venv, tiny_model, train_layers=1, lora={"r": 2})
+
+
+# --- the policy's LM is the env's; clear errors ----------------------------------------------------------------
+
+
+def test_policy_defaults_to_the_env_model(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    venv = make_env(tiny_env_kwargs, 2)
+    model = PPO(CausalLMPolicy, venv, n_steps=4, batch_size=8, policy_kwargs=dict(bf16=False))
+    assert model.policy.lm_name == str(tiny_model) and model.policy_kwargs == {"bf16": False, "model": str(tiny_model)}
+    model.save(tmp_path / "model")
+    assert PPO.load(tmp_path / "model").policy.lm_name == str(tiny_model)  # model.zip names the LM, no env needed
+    plain = PPO(CausalLMPolicy, DummyVecEnv([lambda: gym.make("TextGen-v0", **tiny_env_kwargs)]), n_steps=4)
+    assert plain.policy.lm_name == str(tiny_model)  # a single env, as SB3 wraps it
+    spaces_ = (venv.observation_space, venv.action_space, lambda _: 0.0)
+    with pytest.raises(ValueError, match="no model given and no TextGen env"):
+        CausalLMPolicy(*spaces_)  # outside an algorithm there is no env to ask
+    assert CausalLMPolicy(*spaces_, model=str(tiny_model)).lm_name == str(tiny_model)
+
+
+def test_policy_refuses_an_lm_on_another_vocabulary(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    bigger = make_tiny_model(tmp_path / "bigger", vocab_size=160)
+    message = rf"'{bigger}' has another tokenizer \(160 tokens\) than the env's LM '{tiny_model}' \(128 tokens\)"
+    with pytest.raises(ValueError, match=message):
+        lm_ppo(make_env(tiny_env_kwargs, 1), bigger)
+    with pytest.raises(ValueError, match=r"\(128 tokens\) than the env's LM .* \(160 tokens\)"):
+        lm_ppo(make_env(tiny_env_kwargs, 1, model=str(bigger)), tiny_model)
+    venv = make_env(tiny_env_kwargs, 1)  # built without an algorithm, the policy checks its LM against the spaces
+    with pytest.raises(ValueError, match=rf"'{bigger}' has 160 output tokens but the env has 128 actions"):
+        CausalLMPolicy(venv.observation_space, venv.action_space, lambda _: 0.0, model=str(bigger))
+    # same size, other tokens: two token ids swapped
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_model, swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = "e", "t"
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=rf"'{swapped}' has another tokenizer \(128 tokens\) than the env's LM"):
+        lm_ppo(make_env(tiny_env_kwargs, 1), swapped)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)  # another directory, the same tokenizer: a fine-tuned start, say
+    assert lm_ppo(make_env(tiny_env_kwargs, 1), copy).policy.lm_name == str(copy)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+def test_lora_true_means_the_defaults_and_bad_lora_is_explained(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    venv = make_env(tiny_env_kwargs, 1)
+    policy = lm_ppo(venv, tiny_model, lora=True).policy
+    assert policy.lora == {} and policy.lm.peft_config["default"].r == 16
+    assert lm_ppo(venv, tiny_model, lora=False).policy.lora is None
+    with pytest.raises(TypeError, match=r"lora takes a dict of peft.LoraConfig keyword arguments \(e.g. \{'r': 16\}\)"):
+        lm_ppo(venv, tiny_model, lora=16)
+    with pytest.raises(TypeError, match=r"lora takes peft\.LoraConfig keyword arguments.*rank"):
+        lm_ppo(venv, tiny_model, lora={"rank": 4})
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_observation_without_tokens_is_refused(tiny_env_kwargs: dict, tiny_model: Path, cached: bool) -> None:
+    venv = make_env(tiny_env_kwargs, 2)
+    policy = lm_ppo(venv, tiny_model, kv_cache=cached).policy
+    policy.set_training_mode(False)
+    obs = as_tensors(venv.reset())
+    obs["attention_mask"][1] = 0
+    with (
+        pytest.raises(ValueError, match=r"observation rows \[1\] hold no token \(an empty prompt\?\)"),
+        torch.no_grad(),
+    ):
+        policy(obs)
+    with pytest.raises(ValueError, match=r"rows \[1\] hold no token"):
+        policy.reference_log_prob(obs, torch.zeros(2, dtype=torch.long))
+
+
+def test_normalised_token_ids_are_refused(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match=r"VecNormalize\(env, norm_obs=False, norm_reward=True\)"):
+        lm_ppo(VecNormalize(make_env(tiny_env_kwargs, 2)), tiny_model)  # type: ignore[arg-type]
+    venv = VecNormalize(make_env(tiny_env_kwargs, 2), norm_obs=False, norm_reward=True)
+    model = lm_ppo(venv, tiny_model)  # type: ignore[arg-type]
+    model.learn(8)  # rewards only: fine
+    obs = as_tensors(venv.reset())
+    obs["input_ids"] = (obs["input_ids"].float() - 60.0) / 30.0  # what norm_obs=True would hand the policy
+    with pytest.raises(ValueError, match="input_ids are not token ids"), torch.no_grad():
+        model.policy(obs)
+
+
+def test_a_moved_base_model_is_explained_on_load(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    venv = make_env(tiny_env_kwargs, 2)
+    model = lm_ppo(venv, base)
+    model.save(tmp_path / "model")
+    moved = base.rename(tmp_path / "moved")
+    saved = {"model": "NEW_PATH", "bf16": False}
+    message = (
+        rf"the policy's base model '{base}' was not found\. A model\.zip stores the path of the base model .* "
+        rf"PPO\.load\(path, env=env, custom_objects=\{{'policy_kwargs': {re.escape(repr(saved))}\}}\), or put it back"
+    )
+    with pytest.raises(ModelLoadError, match=message):
+        PPO.load(tmp_path / "model", env=venv)
+    loaded = PPO.load(tmp_path / "model", env=venv, custom_objects={"policy_kwargs": {**saved, "model": str(moved)}})
+    saved_state, restored = model.policy.state_dict(), loaded.policy.state_dict()
+    assert all(torch.equal(saved_state[k], restored[k]) for k in saved_state)
+
+
+def test_rollouts_and_training_use_no_deprecated_transformers_api(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """transformers 5 renamed the ``past_key_values`` keyword to ``cache``: the old one warns (FutureWarning) and
+    logs once per process, so the log's once-only memory is cleared first."""
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", FutureWarning)
+            venv = make_env(tiny_env_kwargs, 3, prompts=SHARED_PREFIX_PROMPTS)  # shared-prefix encodes too
+            model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=24, n_epochs=1, policy_kwargs=lm_kwargs(tiny_model),
+                        rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+            model.learn(48, callback=KLPenalty(0.1))  # rollouts (prefill, decode), reference and training passes
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+
+
+def test_evaluate_accepts_a_single_gymnasium_env(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    venv = make_env(tiny_env_kwargs, 1)
+    policy = lm_ppo(venv, tiny_model).policy
+    single = evaluate(policy, gym.make("TextGen-v0", **tiny_env_kwargs), TINY_PROMPTS, seed=2)
+    vectorised = evaluate(policy, venv, TINY_PROMPTS, seed=2)
+    assert single.completions == vectorised.completions and len(single.completions) == len(TINY_PROMPTS)
+    np.testing.assert_allclose(single.reference_log_prob, vectorised.reference_log_prob, atol=1e-5)
+
+
+# --- bf16 matmuls run on a bounded set of row counts -----------------------------------------------------------
+
+
+def test_bucket_rows() -> None:
+    sizes = [cached_lm.bucket_rows(rows) for rows in range(1, 4097)]
+    assert sizes[:16] == [16] * 16 and all(rows <= size for rows, size in enumerate(sizes, 1))
+    assert sorted(set(sizes))[:12] == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]
+    assert len(set(sizes)) == 17 and max(size / rows for rows, size in enumerate(sizes, 1) if rows > 16) <= 1.5
+
+
+def test_bucketed_linear_changes_no_value_and_no_gradient() -> None:
+    linear = nn.Linear(8, 5)
+    x = torch.randn(3, 7, 8, requires_grad=True)  # 21 rows: padded to 24
+    seen: list[int] = []
+
+    class Rows(TorchFunctionMode):  # what reaches the kernels, beneath the bucketing
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            if func is torch.nn.functional.linear:
+                seen.append(args[0].numel() // args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for bucketed in (False, True):
+        x.grad, linear.weight.grad = None, None
+        bucketing = cached_lm.bucketed_matmul_rows() if bucketed else contextlib.nullcontext()
+        with Rows(), bucketing, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, linear.weight.grad))
+    assert seen == [21, 24] and results[1][0].shape == (3, 7, 5)
+    for plain, bucketed in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(bucketed, plain, atol=0.02, rtol=0.02)  # bf16 rounding of another kernel at most
+    with Rows(), cached_lm.bucketed_matmul_rows():  # float32: untouched
+        linear(x)
+    assert seen[-1] == 21
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+def test_bf16_rollouts_and_updates_run_matmuls_on_bucketed_rows(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """Each bf16 matmul shape costs a cached oneDNN kernel: re-encodes and training passes pad their rows to
+    bucket_rows, decode steps have at most n_envs rows (see also tests/test_soak.py, which measures the RSS)."""
+    n_envs = 4
+    venv = make_env(tiny_env_kwargs, n_envs, prompts=[" ".join(["the movie was good"] * k) for k in range(1, 5)],
+                    max_prompt_tokens=80)  # fmt: skip
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=16, n_epochs=1, rollout_buffer_class=EpisodeRolloutBuffer,
+                policy_kwargs=dict(bf16=True, lora={"r": 4}))  # fmt: skip
+    rows: set[int] = set()
+
+    class Rows(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            if func is torch.nn.functional.linear and torch.is_autocast_enabled("cpu"):
+                rows.add(args[0].numel() // args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    with Rows():
+        model.learn(64, callback=KLPenalty(0.1))
+    buckets = {cached_lm.bucket_rows(r) for r in range(1, 4096)}
+    assert rows - set(range(1, n_envs + 1)) and rows <= buckets | set(range(1, n_envs + 1)), sorted(rows)
