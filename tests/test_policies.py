@@ -3,7 +3,6 @@ filters, NLPO masks, save/load, export, LoRA, evaluation and a small learning ru
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -51,7 +50,7 @@ from agents.evaluate import distinct_n, evaluate
 from agents.kl import KLPenalty
 from agents.masks import TopPMask, top_p_mask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy, _shared_prefix_groups, export_pretrained
-from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
+from text_env.models import ModelLoadError, bucket_rows, load_causal_lm, make_tiny_model
 
 # prompts whose tokens start alike, as a chat template and an instruction make them: their prefix is shared
 SHARED_PREFIX_PROMPTS = ["the movie was", "the movie was great and", "the movie i saw was", "the movie , sadly"]
@@ -792,40 +791,6 @@ def test_evaluate_accepts_a_single_gymnasium_env(tiny_env_kwargs: dict, tiny_mod
 # --- bf16 matmuls run on a bounded set of row counts -----------------------------------------------------------
 
 
-def test_bucket_rows() -> None:
-    sizes = [cached_lm.bucket_rows(rows) for rows in range(1, 4097)]
-    assert sizes[:16] == [16] * 16 and all(rows <= size for rows, size in enumerate(sizes, 1))
-    assert sorted(set(sizes))[:12] == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]
-    assert len(set(sizes)) == 17 and max(size / rows for rows, size in enumerate(sizes, 1) if rows > 16) <= 1.5
-
-
-def test_bucketed_linear_changes_no_value_and_no_gradient() -> None:
-    linear = nn.Linear(8, 5)
-    x = torch.randn(3, 7, 8, requires_grad=True)  # 21 rows: padded to 24
-    seen: list[int] = []
-
-    class Rows(TorchFunctionMode):  # what reaches the kernels, beneath the bucketing
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            if func is torch.nn.functional.linear:
-                seen.append(args[0].numel() // args[0].shape[-1])
-            return func(*args, **(kwargs or {}))
-
-    results = []
-    for bucketed in (False, True):
-        x.grad, linear.weight.grad = None, None
-        bucketing = cached_lm.bucketed_matmul_rows() if bucketed else contextlib.nullcontext()
-        with Rows(), bucketing, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = linear(x)
-        out.float().square().sum().backward()
-        results.append((out, x.grad, linear.weight.grad))
-    assert seen == [21, 24] and results[1][0].shape == (3, 7, 5)
-    for plain, bucketed in zip(results[0], results[1], strict=True):
-        torch.testing.assert_close(bucketed, plain, atol=0.02, rtol=0.02)  # bf16 rounding of another kernel at most
-    with Rows(), cached_lm.bucketed_matmul_rows():  # float32: untouched
-        linear(x)
-    assert seen[-1] == 21
-
-
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 def test_bf16_rollouts_and_updates_run_matmuls_on_bucketed_rows(tiny_env_kwargs: dict, tiny_model: Path) -> None:
     """Each bf16 matmul shape costs a cached oneDNN kernel: re-encodes and training passes pad their rows to
@@ -845,5 +810,5 @@ def test_bf16_rollouts_and_updates_run_matmuls_on_bucketed_rows(tiny_env_kwargs:
 
     with Rows():
         model.learn(64, callback=KLPenalty(0.1))
-    buckets = {cached_lm.bucket_rows(r) for r in range(1, 4096)}
+    buckets = {bucket_rows(r) for r in range(1, 4096)}
     assert rows - set(range(1, n_envs + 1)) and rows <= buckets | set(range(1, n_envs + 1)), sorted(rows)

@@ -389,3 +389,23 @@ def test_default_reward_model_is_reproducible(tmp_path: Path) -> None:
     assert abs(reproduced.gold_accuracy - shipped.gold_accuracy) <= 3 * se, (reproduced, shipped, se)
     assert reproduced.gold_accuracy >= 0.5 + 3 * math.sqrt(0.25 / len(test))  # clearly above chance
     assert agreement > 0.9  # the two models rank the same texts alike
+
+
+def test_scoring_runs_bf16_matmuls_on_bucketed_rows(head_model: tuple) -> None:
+    """Episode-end scoring sees batches of every rows x tokens; each bf16 matmul shape would cost a cached oneDNN
+    kernel, so the reward model's forward pads rows to bucket_rows like the policy's re-encodes."""
+    from torch.overrides import TorchFunctionMode
+
+    from text_env.models import bucket_rows
+
+    seen: list[int] = []
+
+    class Rows(TorchFunctionMode):  # what reaches the kernels, beneath the bucketing
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.linear and torch.is_autocast_enabled("cpu"):  # the head runs in float32
+                seen.append(args[0].numel() // args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    with Rows():
+        head_model[0].score(["the movie was", "a sad , dull", "great"], ["it was good", "", "so awful and bad ok"])
+    assert seen and all(rows == bucket_rows(rows) for rows in seen), seen

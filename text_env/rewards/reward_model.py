@@ -21,7 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from text_env.models import DEFAULT_MODEL, ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer
+from text_env.models import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    bucketed_matmul_rows,
+    load_causal_lm,
+    load_frozen_causal_lm,
+    load_tokenizer,
+)
 
 __all__ = ["RewardHead", "RewardModel", "RewardModelConfig"]
 
@@ -177,8 +184,8 @@ class RewardModel(nn.Module):
         """Pooled hidden states ``(B, H)`` (differentiable unless the backbone is frozen)."""
         device = next(self.backbone.parameters()).device
         ids, mask, completion = (t.to(device) for t in self.encode(prompts, completions))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.hidden_states(ids, mask)  # (B, T, H)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16), bucketed_matmul_rows():
+            hidden = self.hidden_states(ids, mask)  # (B, T, H): batches of every shape, a few kernel shapes
         return self.pool(hidden, mask, completion)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
