@@ -11,9 +11,8 @@ which its YAML files cannot name::
 Every config is ``textgen train``'s settings for that algorithm (:func:`hyperparams`, from
 :class:`agents.run.TrainConfig` and its presets), leashes the policy to its reference LM with
 :class:`agents.kl.KLPenalty` and logs reward-model and gold scores with :class:`agents.callbacks.TextMetrics`.
-Override anything with rl-zoo3's ``--env-kwargs`` / ``-params`` (e.g.
-``-params policy_kwargs:"dict(model='my/lm')"`` with ``--env-kwargs model:"'my/lm'"``: the policy's LM and the
-env's must be the same).
+Override anything with rl-zoo3's ``--env-kwargs`` / ``-params``; ``--env-kwargs model:"'my/lm'"`` alone changes
+the LM, as the policy takes the env's.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ def hyperparams(algo: str) -> dict[str, Any]:
     kwargs = algorithm_kwargs(config)
     if isinstance(kwargs["policy"], type):  # rl-zoo3 imports dotted names
         kwargs["policy"] = f"{kwargs['policy'].__module__}.{kwargs['policy'].__qualname__}"
+    kwargs["policy_kwargs"].pop("model", None)  # the LM policy takes the env's (--env-kwargs model:...)
     kwargs.update(
         n_envs=config.n_envs, n_timesteps=config.total_timesteps,
         callback=[{"agents.kl.KLPenalty": {"beta": config.beta, "target_kl": config.target_kl}},
