@@ -67,3 +67,16 @@ def test_rollout_and_update_measures_every_figure(tiny_model: Path, tmp_path: Pa
         assert result[key] > 0, key
     assert result["rollout_vs_generate"] == pytest.approx(result["rollout_tok_s"] / result["generate_tok_s"])
     assert "| rollout_vs_generate |" in out.with_suffix(".md").read_text()
+
+
+def test_textgen_train_seeds_reports_mean_and_worst(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("textgen_train_seeds")
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--total-timesteps", "32", "--n-envs", "2",
+            "--n-steps", "16", "--batch-size", "16", "--eval-prompts", "2", "--no-bf16", "--max-new-tokens", "4",
+            "--max-prompt-tokens", "128"]  # fmt: skip
+    bench.main(["--seeds", "2", "--out", str(tmp_path), "--name", "seeds", "--", *tiny])
+    reports = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["config"]["seed"] for r in reports] == [0, 1]
+    table = (tmp_path / "seeds.md").read_text()
+    assert "| **mean** |" in table and "| **worst** |" in table and "--seeds 2" in table
+    assert (tmp_path / "seeds.png").stat().st_size > 10_000

@@ -1,0 +1,112 @@
+"""``textgen train`` over several seeds: the main job's held-out gain, judged by its mean and its worst seed.
+
+Each seed is a separate ``textgen train`` process (its own peak memory), with the default settings unless
+options say otherwise. Run::
+
+    python benchmarks/textgen_train_seeds.py                 # 3 seeds of the default job (~40 min here)
+    python benchmarks/textgen_train_seeds.py --seeds 3 -- --beta 0.1   # anything after -- goes to textgen train
+
+Writes ``<out>/<name>.md`` (per seed and mean/worst: gold and reward-model score before/after, KL, distinct-2,
+wall time, peak RSS), ``<name>.json`` (every report) and ``<name>.png`` (gold and reward-model score per rollout,
+every seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.train import cpu_kind
+
+
+def run_seed(seed: int, extra: list[str], runs: Path) -> dict[str, Any]:
+    """One ``textgen train --seed SEED`` in its own process; its report.json."""
+    out = runs / f"seed{seed}"
+    command = [sys.executable, "-m", "agents.cli", "train", "--seed", str(seed), "--out", str(out), *extra]
+    subprocess.run(command, check=True)
+    (report,) = out.glob("*/report.json")
+    return json.loads(report.read_text())
+
+
+def summarize(reports: list[dict[str, Any]]) -> list[dict[str, float]]:
+    rows = []
+    for r in reports:
+        b, a = r["before"], r["after"]
+        rows.append({
+            "seed": r["config"]["seed"], "gold_before": b["gold_score"], "gold_after": a["gold_score"],
+            "gold_gain": a["gold_score"] - b["gold_score"], "rm_before": b["reward_model_score"],
+            "rm_after": a["reward_model_score"], "kl": a["kl"], "distinct_2": a["distinct_2"],
+            "minutes": r["train_seconds"] / 60, "peak_rss_gb": r["peak_rss_gb"],
+        })  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict[str, float]], command: str, machine: str) -> str:
+    keys = ["gold_before", "gold_after", "gold_gain", "rm_before", "rm_after", "kl", "distinct_2", "minutes",
+            "peak_rss_gb"]  # fmt: skip
+    lines = [
+        "# `textgen train` over seeds", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
+        "Held-out: the task's first 80 evaluation prompts, before and after training. KL: nats per completion to "
+        "the base model. minutes: training only (the evaluations before and after are not counted). Worst: the "
+        "lowest gold gain, the highest KL and peak RSS, the lowest distinct-2.", "",
+        "| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+    ]  # fmt: skip
+    for row in rows:
+        lines.append(f"| {row['seed']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    worst = {"kl": max, "minutes": max, "peak_rss_gb": max}
+    lines.append("| **mean** | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k in keys) + " |")
+    lines.append("| **worst** | " + " | ".join(f"{worst.get(k, min)(r[k] for r in rows):.3f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(reports: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for r in reports:
+        steps = [h["timesteps"] for h in r["history"]]
+        seed = r["config"]["seed"]
+        axes[0].plot(steps, [h["gold_score"] for h in r["history"]], label=f"seed {seed}")
+        axes[1].plot(steps, [h["reward_model_score"] for h in r["history"]], label=f"seed {seed}")
+    for ax, title in zip(axes, ("gold score", "reward-model score"), strict=True):
+        ax.set_title(f"{title} of the training episodes, per rollout", fontsize=9)
+        ax.set_xlabel("environment steps (tokens)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="textgen_train_seeds")
+    args = parser.parse_args(ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = [run_seed(seed, extra, Path(tmp)) for seed in range(args.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/textgen_train_seeds.py " + " ".join(argv)
+    table = markdown(summarize(reports), command.strip(), reports[0].get("machine", cpu_kind()))
+    (out / f"{args.name}.md").write_text(table + f"\n![gold and reward-model score per rollout]({args.name}.png)\n")
+    (out / f"{args.name}.json").write_text(json.dumps(reports, indent=1))
+    plot(reports, out / f"{args.name}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
