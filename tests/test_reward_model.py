@@ -1,5 +1,5 @@
 """Reward models on the tiny backbone: learning a learnable preference, the three training modes, evaluation
-metrics, pickle-free save/load, and use as the env's reward."""
+metrics, pickle-free save/load, ensembles and their aggregation, and use as the env's reward."""
 
 from __future__ import annotations
 
@@ -15,12 +15,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_PROMPTS
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-import text_env  # noqa: F401  (registers TextGen-v0)
+import text_env  # registers TextGen-v0
 from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
-from text_env.rewards.preferences import PreferencePair
-from text_env.rewards.reward_model import RewardModel, RewardModelConfig
+from text_env.rewards.preferences import PreferencePair, append_pairs
+from text_env.rewards.reward_model import (
+    AGGREGATES,
+    RewardModel,
+    RewardModelConfig,
+    _read_config,
+    _read_heads,
+    aggregate_scores,
+)
 from text_env.rewards.training import (
     WEIGHT_DECAYS,
     _spearman,
@@ -262,7 +269,7 @@ def test_load_errors(tmp_path: Path) -> None:
         (lambda d: (d / "reward_model.json").write_text("[]"), r"reward_model\.json must hold a JSON object"),
         (
             lambda d: _edit_json(d, pooling="mean", dropout=0.1),
-            r"unknown key\(s\) \['dropout'\]; the allowed keys are \['backbone', 'head_hidden'",
+            r"unknown key\(s\) \['dropout'\]; the allowed keys are \['backbone', 'ensemble', 'head_hidden'",
         ),
         (lambda d: _edit_json(d, head_hidden="8"), r"'head_hidden' must be int, got '8' \(str\)"),
         (lambda d: _edit_json(d, mode="adapter"), r"mode must be one of \('head', 'lora', 'full'\), not 'adapter'"),
@@ -317,6 +324,188 @@ def test_load_relative_backbone_from_another_directory(head_model: tuple, tmp_pa
 def test_invalid_config(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=rf"{field} must be one of .*'{value}'"):
         RewardModelConfig(**{field: value})
+
+
+# --- ensembles ----------------------------------------------------------------------------------------------------
+
+ENSEMBLE_PAIRS = 120  # 84 train / 12 validation / 24 test pairs
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_model: Path) -> tuple[RewardModel, object]:
+    """Three heads on the tiny backbone's features, each fitted on a bootstrap of the train split."""
+    pairs = sentiment_pairs(ENSEMBLE_PAIRS, seed=0)
+    return train_reward_model(pairs, config(tiny_model, ensemble=3), gold=WordGold(), progress=False)
+
+
+def train_texts(n_pairs: int) -> tuple[list[str], list[str]]:
+    """The completions the scale is normalised on: the train split's chosen, then rejected (as train_reward_model)."""
+    train, _, _ = split_pairs(sentiment_pairs(n_pairs, seed=0), 0.1, 0.2, seed=0)
+    return [p.prompt for p in train] * 2, [p.chosen for p in train] + [p.rejected for p in train]
+
+
+def test_aggregation_math_hand_computed() -> None:
+    members = torch.tensor([[0.0, 1.0], [3.0, 1.0], [6.0, 4.0]])  # 3 members x 2 texts
+    # mean [3, 2]; population variance [(9 + 0 + 9) / 3, (1 + 1 + 4) / 3] = [6, 2]; min [0, 1]
+    assert aggregate_scores(members, "mean").tolist() == [3.0, 2.0]
+    assert aggregate_scores(members, "min").tolist() == [0.0, 1.0]
+    assert aggregate_scores(members, "mean_minus_var", lam=0.5).tolist() == [0.0, 1.0]
+    assert aggregate_scores(members, "mean_minus_var", lam=0.0).tolist() == [3.0, 2.0]
+    one = torch.tensor([[0.25, -1.5]])  # a single member: every aggregation is the member itself
+    for how in AGGREGATES:
+        assert torch.equal(aggregate_scores(one, how, lam=3.0), one[0])
+
+
+def test_ensemble_trains_and_reports_each_member(ensemble: tuple) -> None:
+    model, report = ensemble
+    assert len(model.heads) == report.ensemble == len(report.members) == 3
+    assert report.accuracy >= 0.9 and report.gold_accuracy_large_gap >= 0.9 and report.spearman > 0.5
+    assert math.isnan(report.weight_decay) and report.history == []  # each member chose its own decay
+    for member in report.members:
+        assert (member.n_train, member.n_validation, member.n_heldout) == (84, 12, 24)
+        assert member.weight_decay in WEIGHT_DECAYS and len(member.history) == len(WEIGHT_DECAYS)
+        assert 0.0 <= member.accuracy <= 1.0 and -1.0 <= member.spearman <= 1.0 and member.members == []
+    weights = [head.net.weight.detach() for head in model.heads]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])  # bootstraps differ
+    # the report's ensemble numbers are those of model.score (the mean aggregation)
+    _, _, test = split_pairs(sentiment_pairs(ENSEMBLE_PAIRS, seed=0), 0.1, 0.2, seed=0)
+    again = evaluate_reward_model(model, test, WordGold())
+    assert (again.accuracy, again.spearman) == (report.accuracy, report.spearman)
+
+
+@pytest.mark.parametrize(("aggregate", "lam"), [("mean", 0.5), ("min", 0.5), ("mean_minus_var", 2.0)])
+def test_ensemble_normalised_for_each_aggregation(ensemble: tuple, aggregate: str, lam: float) -> None:
+    """Each member and the aggregated score score mean 0, std 1 on the samples the scale was fitted on."""
+    model = ensemble[0]
+    prompts, texts = train_texts(ENSEMBLE_PAIRS)
+    members = model.member_scores(prompts, texts)
+    assert members.shape == (3, len(texts)) and members.dtype == np.float64
+    assert model.member_scores([], []).shape == (3, 0) and model.score([], []).shape == (0,)
+    np.testing.assert_allclose(members.mean(1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(members.std(1), 1.0, atol=1e-4)
+    model.set_aggregate(aggregate, lam)
+    try:
+        scores = model.score(prompts, texts)
+        unscaled = aggregate_scores(torch.from_numpy(members), aggregate, lam).numpy()
+    finally:
+        model.set_aggregate("mean")
+    assert abs(scores.mean()) < 1e-4 and abs(scores.std() - 1.0) < 1e-4
+    if aggregate != "mean":  # without the aggregate's own scale, min and mean - var would shift the mean
+        assert unscaled.mean() < -1e-3
+    assert np.array_equal(np.argsort(unscaled, kind="stable"), np.argsort(scores, kind="stable"))
+
+
+def test_single_head_normalised_and_aggregation_free(head_model: tuple) -> None:
+    """One head: member_scores is its score, and every aggregation scores the same as before ensembles existed."""
+    model = head_model[0]
+    prompts, texts = train_texts(200)
+    scores = model.score(prompts, texts)
+    assert abs(scores.mean()) < 1e-4 and abs(scores.std() - 1.0) < 1e-4
+    assert np.array_equal(model.member_scores(prompts[:8], texts[:8]), scores[None, :8])
+    with torch.no_grad():
+        expected = model.head(model.features(prompts[:8], texts[:8])).double().numpy()
+    for aggregate in AGGREGATES:
+        model.set_aggregate(aggregate, lam=5.0)
+        assert np.array_equal(model.score(prompts[:8], texts[:8]), expected)
+    model.set_aggregate("mean")
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_ensemble_save_load_identical(ensemble: tuple, tmp_path: Path, aggregate: str) -> None:
+    model = ensemble[0]
+    path = model.save(tmp_path / "rm")
+    assert sorted(p.name for p in path.iterdir()) == ["head.safetensors", "reward_model.json"]  # one directory
+    assert json.loads((path / "reward_model.json").read_text())["ensemble"] == 3
+    keys = set(load_file(path / "head.safetensors"))
+    assert {"0.mean", "2.net.weight", "calibration"} <= keys and "mean" not in keys  # K heads, one backbone
+    loaded = RewardModel.load(path, aggregate=aggregate, lam=0.7)
+    assert (loaded.aggregate, loaded.lam, len(loaded.heads)) == (aggregate, 0.7, 3)
+    prompts, completions = ["the movie was", "great acting and", "a sad , dull"], ["it was wonderful", "", "so bad"]
+    model.set_aggregate(aggregate, lam=0.7)
+    try:
+        assert np.array_equal(loaded.score(prompts, completions), model.score(prompts, completions))
+    finally:
+        model.set_aggregate("mean")
+    assert np.array_equal(loaded.member_scores(prompts, completions), model.member_scores(prompts, completions))
+
+
+def test_single_head_saves_as_before(head_model: tuple, tmp_path: Path) -> None:
+    """K = 1 writes the files of earlier versions (no 'ensemble' key, unprefixed tensors), byte for byte again."""
+    first = head_model[0].save(tmp_path / "a")
+    assert "ensemble" not in json.loads((first / "reward_model.json").read_text())
+    assert set(load_file(first / "head.safetensors")) == {"mean", "std", "out_gain", "out_bias", "net.weight",
+                                                          "net.bias"}  # fmt: skip
+    second = RewardModel.load(first).save(tmp_path / "b")
+    for name in ("reward_model.json", "head.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    _edit_json(first, ensemble=1)  # written explicitly, it means the same
+    assert RewardModel.load(first).config == head_model[0].config
+    # the shipped default reward model's files still parse as one head (its backbone is not loaded here)
+    shipped = Path(text_env.get_task("positive-review").reward_model)
+    assert _read_config(shipped / "reward_model.json").ensemble == 1
+    members, calibration = _read_heads(shipped / "head.safetensors", 1)
+    assert len(members) == 1 and calibration is None and "net.weight" in members[0]
+
+
+def test_ensemble_bad_input(ensemble: tuple, tiny_model: Path, tmp_path: Path) -> None:
+    allowed = r"aggregate must be one of \('mean', 'min', 'mean_minus_var'\), not 'median'"
+    with pytest.raises(ValueError, match=allowed):
+        aggregate_scores(torch.zeros(2, 3), "median")
+    with pytest.raises(ValueError, match=allowed):  # before anything is loaded
+        RewardModel.load(tmp_path / "missing", aggregate="median")
+    with pytest.raises(ValueError, match=r"lam .* must be a finite number >= 0, not -1"):
+        ensemble[0].set_aggregate("mean_minus_var", lam=-1)
+    with pytest.raises(ValueError, match=r"ensemble must be a number of heads >= 1, not 0"):
+        RewardModelConfig(ensemble=0)
+    with pytest.raises(ValueError, match=r"ensemble=2 needs mode='head'"):
+        RewardModelConfig(mode="lora", ensemble=2)
+    path = ensemble[0].save(tmp_path / "rm")
+    _edit_json(path, ensemble=2)  # the file holds three members
+    with pytest.raises(ModelLoadError, match=r"holds '2\.mean', but reward_model\.json says ensemble=2"):
+        RewardModel.load(path)
+    _edit_json(path, ensemble=4)
+    with pytest.raises(ModelLoadError, match=r"lacks member\(s\) \[3\] of the ensemble of 4 heads"):
+        RewardModel.load(path)
+
+
+def test_ensemble_as_env_reward_with_aggregation(ensemble: tuple, tiny_model: Path, tmp_path: Path) -> None:
+    path = ensemble[0].save(tmp_path / "rm")
+    kwargs = dict(model=str(tiny_model), prompts=TINY_PROMPTS, max_new_tokens=3, max_prompt_tokens=24)
+    env = gym.make("TextGen-v0", reward_model=str(path), reward_kwargs={"aggregate": "min"}, **kwargs)
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    reference = RewardModel.load(path, aggregate="min")
+    assert reward == pytest.approx(reference.score([info["prompt"]], [info["completion"]])[0], abs=1e-6)
+    env.close()
+    venv = text_env.make_text_vec_env(2, reward_model=str(path), reward_kwargs={"aggregate": "mean_minus_var",
+                                                                                  "lam": 1.5}, **kwargs)  # fmt: skip
+    assert (venv.core.reward_model.aggregate, venv.core.reward_model.lam) == ("mean_minus_var", 1.5)
+    with pytest.raises(ValueError, match=r"reward_kwargs .* apply to a reward-model directory.*'gold'"):
+        gym.make("TextGen-v0", reward_model="gold", reward_kwargs={"aggregate": "min"}, **kwargs)
+
+
+def test_train_rm_ensemble_command(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agents.cli import main
+
+    data, out = tmp_path / "prefs.jsonl", tmp_path / "rm"
+    append_pairs(data, sentiment_pairs(40, seed=4))
+    main(["train-rm", "--data", str(data), "--out", str(out), "--backbone", str(tiny_model), "--ensemble", "3"])
+    printed = capsys.readouterr().out
+    assert "ensemble of 3 heads, scored above by their mean" in printed and printed.count("weight decay") == 3
+    report = json.loads((out / "report.json").read_text())  # NaN (the shared weight decay) is written as null
+    assert report["ensemble"] == 3 and report["weight_decay"] is None and len(report["members"]) == 3
+    assert all(0.0 <= m["accuracy"] <= 1.0 and m["weight_decay"] in WEIGHT_DECAYS for m in report["members"])
+    model = RewardModel.load(out, aggregate="min")
+    assert len(model.heads) == 3 and model.score(["the movie was"], ["good"]).shape == (1,)
+    for bad, message in [("0", "ensemble must be a number of heads >= 1, not 0"), ("2 --mode lora", "needs mode")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train-rm", "--data", str(data), "--out", str(out), "--backbone", str(tiny_model), "--ensemble",
+                  *bad.split()])  # fmt: skip
+        assert exit_.value.code == 1 and message in capsys.readouterr().err
 
 
 # --- as the env's reward --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -36,21 +37,33 @@ def check_options(options: object) -> dict:
     return options
 
 
-def resolve_reward(reward_model: Scorer | str | os.PathLike[str] | None, task: Task) -> Scorer:
+def resolve_reward(
+    reward_model: Scorer | str | os.PathLike[str] | None, task: Task, reward_kwargs: dict[str, Any] | None = None
+) -> Scorer:
     """Turn the env's ``reward_model`` argument into a scorer.
 
     ``None``: the task's default (its learned reward model if it ships one, else its gold scorer); ``"gold"``: the
     task's gold scorer; a path: a saved reward model directory; any object with ``score(prompts, completions)``
     is used as it is.
+
+    :param reward_kwargs: keyword arguments of :meth:`RewardModel.load <text_env.rewards.reward_model.RewardModel.load>`
+        for a learned reward model, e.g. ``{"aggregate": "min"}`` or ``{"aggregate": "mean_minus_var", "lam": 1.0}``
+        for an ensemble; an error for ``"gold"`` or a scorer object, which have nothing to load.
     """
     if reward_model is None:
         reward_model = task.reward_model or "gold"
+    if reward_kwargs and (reward_model == "gold" or not isinstance(reward_model, (str, os.PathLike))):
+        shown = reward_model if isinstance(reward_model, str) else type(reward_model).__name__
+        raise ValueError(
+            f"reward_kwargs {reward_kwargs} apply to a reward-model directory (RewardModel.load's keywords), but the "
+            f"reward model is {shown!r}: drop reward_kwargs, or pass RewardModel.load(dir, ...) as reward_model"
+        )
     if reward_model == "gold":
         return task.gold
     if isinstance(reward_model, (str, os.PathLike)):
         from text_env.rewards.reward_model import RewardModel
 
-        return RewardModel.load(reward_model)
+        return RewardModel.load(reward_model, **(reward_kwargs or {}))
     if not callable(getattr(reward_model, "score", None)):
         raise TypeError(
             f"reward_model must be None, 'gold', a reward-model directory, or an object with a batched "
@@ -82,6 +95,7 @@ class TextGenCore:
         stop_strings: Sequence[str] | None = None,
         chat: bool | None = None,
         trust_remote_code: bool = False,
+        reward_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.task = get_task(task)
         self.model_name = os.fspath(model)
@@ -111,7 +125,7 @@ class TextGenCore:
 
         self.prompts = load_prompts(prompts) if prompts is not None else list(self.task.prompts(split))
         self.prompt_ids = [self.encode(p) for p in self.prompts]  # validates every length up front
-        self.reward_model = resolve_reward(reward_model, self.task)
+        self.reward_model = resolve_reward(reward_model, self.task, reward_kwargs)
         self.gold = self.task.gold
 
         self.observation_space = spaces.Dict(

@@ -64,6 +64,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         task: a registered task name or a :class:`~text_env.tasks.Task`.
         prompts: prompts replacing the task's (a list, a ``.txt``/``.jsonl`` file or ``"hf:NAME"``).
         reward_model: ``None`` (the task's default), ``"gold"``, a reward-model directory, or a scorer object.
+        reward_kwargs: keyword arguments of ``RewardModel.load`` for a learned reward model, e.g. an ensemble's
+            ``{"aggregate": "min"}`` or ``{"aggregate": "mean_minus_var", "lam": 0.5}`` (default: mean).
         max_new_tokens: episode length limit (default: the task's).
         max_prompt_tokens: room for the rendered prompt (default: the task's).
         split: ``"train"`` or ``"eval"`` prompts of the task.
@@ -94,6 +96,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         chat: bool | None = None,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        reward_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise RenderModeError(
@@ -101,7 +104,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             )
         self.core = TextGenCore(
             1, model, task, prompts, reward_model, max_new_tokens, max_prompt_tokens, split, stop_strings, chat,
-            trust_remote_code,
+            trust_remote_code, reward_kwargs,
         )  # fmt: skip
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space

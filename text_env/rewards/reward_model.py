@@ -4,13 +4,20 @@
 ``AutoModelForSequenceClassification(num_labels=1)``. A saved reward model is a directory of JSON and
 safetensors (no pickle): ``reward_model.json``, ``head.safetensors`` and, when the backbone was trained, its
 weights (``backbone/``) or LoRA adapter (``adapter/``).
+
+An **ensemble** (``RewardModelConfig(ensemble=K)``, Coste et al. 2023) is ``K`` heads on the same frozen features:
+the backbone runs once per text, the heads cost a dot product each. Its ``head.safetensors`` holds member ``i``'s
+tensors as ``"{i}.mean"``, ``"{i}.net.weight"``, ... plus ``"calibration"``, the members' scores of the samples the
+scale was normalised on, from which the aggregated score's scale is set for the aggregation chosen at load time.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,9 +37,21 @@ from text_env.models import (
     load_tokenizer,
 )
 
-__all__ = ["RewardHead", "RewardModel", "RewardModelConfig"]
+__all__ = [
+    "AGGREGATES",
+    "DEFAULT_LAMBDA",
+    "RewardHead",
+    "RewardModel",
+    "RewardModelConfig",
+    "aggregate_scores",
+    "check_aggregate",
+]
 
 MODES = ("head", "lora", "full")
+AGGREGATES = ("mean", "min", "mean_minus_var")
+"""How an ensemble's member scores become one score: their ``mean``, the worst case (``min``), or the mean less
+``lam`` times their variance (``mean_minus_var``: Coste et al.'s uncertainty-weighted optimisation)."""
+DEFAULT_LAMBDA = 0.5  # weight of the members' variance in "mean_minus_var" (in units of a member's normalised scale)
 
 
 class _StopForward(Exception):
@@ -55,6 +74,8 @@ class RewardModelConfig:
     :param layer: score the hidden states after this many transformer blocks (``None``: the last block's, after
         the final norm). Middle layers often carry more of what a task's judge looks at than the last, which is
         shaped for next-token prediction; the backbone then stops at that block, so scoring is faster too.
+    :param ensemble: number of heads (``head`` mode only): ``K > 1`` heads on the same frozen features, combined by
+        the aggregation chosen at load time (:data:`AGGREGATES`). A reward model of one head saves as it always did.
     """
 
     backbone: str = DEFAULT_MODEL
@@ -63,6 +84,7 @@ class RewardModelConfig:
     head_hidden: int = 0
     max_length: int = 128
     layer: int | None = None
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +93,38 @@ class RewardModelConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 1):
             raise ValueError(f"layer must be None (the last) or a block count >= 1, not {self.layer!r}")
+        if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, int) or self.ensemble < 1:
+            raise ValueError(f"ensemble must be a number of heads >= 1, not {self.ensemble!r}")
+        if self.ensemble > 1 and self.mode != "head":
+            raise ValueError(
+                f"ensemble={self.ensemble} needs mode='head' (K heads on one frozen backbone), not {self.mode!r}: "
+                "an ensemble of trained backbones would cost K backbones"
+            )
+
+
+def check_aggregate(aggregate: str, lam: float) -> None:
+    """Raise ``ValueError`` naming what is allowed, for an unknown aggregation or a negative or non-finite ``lam``."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the variance weight of 'mean_minus_var') must be a finite number >= 0, not {lam!r}")
+
+
+def aggregate_scores(members: torch.Tensor, aggregate: str = "mean", lam: float = DEFAULT_LAMBDA) -> torch.Tensor:
+    """Combine ensemble members' scores into one score per text.
+
+    :param members: ``(K, B)`` scores, one row per member.
+    :param aggregate: ``"mean"``; ``"min"`` (worst case over members); ``"mean_minus_var"``: ``mean - lam * var``,
+        ``var`` the population variance over the members (divided by ``K``), so disagreement costs reward.
+    :param lam: the variance weight of ``"mean_minus_var"`` (ignored otherwise), ``>= 0``.
+    :return: ``(B,)`` scores; for ``K = 1`` every aggregation is the member's score itself.
+    """
+    check_aggregate(aggregate, lam)
+    if aggregate == "min":
+        return members.min(0).values
+    if aggregate == "mean_minus_var":
+        return members.mean(0) - lam * members.var(0, unbiased=False)
+    return members.mean(0)
 
 
 class RewardHead(nn.Module):
@@ -103,10 +157,30 @@ class RewardHead(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """A reward model: ``score(prompts, completions) -> np.ndarray`` (batched), plus ``save`` / ``load``."""
+    """A reward model: ``score(prompts, completions) -> np.ndarray`` (batched), plus ``save`` / ``load``.
 
-    def __init__(self, config: RewardModelConfig, backbone: nn.Module | None = None, tokenizer: object | None = None):
+    An ensemble (``config.ensemble = K > 1``) scores a text by :func:`aggregate_scores` over its members' scores
+    (``aggregate``, ``lam``: chosen when it is made or loaded, changed with :meth:`set_aggregate`);
+    :meth:`member_scores` gives the members' own scores for diagnostics.
+
+    **Scale.** Each member's output scale (``out_gain``, ``out_bias``) makes it score mean 0, std 1 on the base
+    policy's samples, so that members are comparable (``min`` and the variance compare like with like, and ``lam``
+    is in units of a member's spread). The *aggregated* score then gets its own affine scale, recomputed from the
+    stored ``calibration`` scores for whichever aggregation is chosen, so that it too scores mean 0, std 1 on those
+    samples: β of the KL penalty means the same for one head, an ensemble and any aggregation (averaging alone
+    would shrink the spread and ``min`` would shift the mean, quietly changing what β means).
+    """
+
+    def __init__(
+        self,
+        config: RewardModelConfig,
+        backbone: nn.Module | None = None,
+        tokenizer: object | None = None,
+        aggregate: str = "mean",
+        lam: float = DEFAULT_LAMBDA,
+    ) -> None:
         super().__init__()
+        check_aggregate(aggregate, lam)
         self.config = config
         if backbone is None:  # a frozen backbone is shared with whoever else uses that model read-only
             backbone = (
@@ -123,13 +197,43 @@ class RewardModel(nn.Module):
             for name, param in self.backbone.named_parameters():
                 param.requires_grad_("lora_" in name)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.backbone)
-        self.head = RewardHead(int(lm.config.get_text_config().hidden_size), config.head_hidden)
+        hidden = int(lm.config.get_text_config().hidden_size)
+        self.heads = nn.ModuleList([RewardHead(hidden, config.head_hidden) for _ in range(config.ensemble)])
+        # Members' normalised scores (K, M) of the samples the scale was fitted on; (K, 0): none (one head needs none).
+        self.register_buffer("calibration", torch.zeros(config.ensemble, 0), persistent=False)
+        self.register_buffer("agg_gain", torch.ones(()), persistent=False)  # the aggregated score's scale
+        self.register_buffer("agg_bias", torch.zeros(()), persistent=False)
+        self.set_aggregate(aggregate, lam)
         self.bf16 = True
         if config.layer is not None and config.layer > len(self._blocks()):
             raise ValueError(
                 f"layer={config.layer}, but the backbone {config.backbone!r} has {len(self._blocks())} blocks: "
                 f"choose 1..{len(self._blocks())} or None (the last)"
             )
+
+    @property
+    def head(self) -> RewardHead:
+        """The head of a single-head reward model (member 0 of an ensemble)."""
+        return self.heads[0]  # type: ignore[return-value]
+
+    # --- ensembles -------------------------------------------------------------------------------------------
+    def set_aggregate(self, aggregate: str = "mean", lam: float = DEFAULT_LAMBDA) -> None:
+        """Choose how members combine (:data:`AGGREGATES`) and rescale the aggregated score to mean 0, std 1 on the
+        ``calibration`` samples (no calibration, e.g. one head or an unnormalised ensemble: no rescaling)."""
+        check_aggregate(aggregate, lam)
+        self.aggregate, self.lam = aggregate, float(lam)
+        gain, bias = 1.0, 0.0
+        if len(self.heads) > 1 and self.calibration.shape[1] > 1:
+            combined = aggregate_scores(self.calibration.double(), aggregate, lam)  # (M,)
+            std = float(combined.std(unbiased=False))
+            gain = 1.0 / std if std > 0 else 1.0
+            bias = -float(combined.mean()) * gain
+        self.agg_gain.fill_(gain)
+        self.agg_bias.fill_(bias)
+
+    def combine(self, members: torch.Tensor) -> torch.Tensor:
+        """Members' scores ``(K, B)`` -> the reward model's scores ``(B,)``: aggregated, then rescaled."""
+        return self.agg_gain * aggregate_scores(members, self.aggregate, self.lam) + self.agg_bias
 
     # --- features --------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, ...]:
@@ -198,21 +302,48 @@ class RewardModel(nn.Module):
         mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
         return torch.where(completion.sum(1, keepdim=True) > 0, mean, last)  # empty completion: last prompt token
 
+    def member_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """Each member's (normalised) score of pooled features ``(B, H)``: ``(K, B)``."""
+        return torch.stack([head(features) for head in self.heads])
+
     def forward(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """Scores ``(B,)`` as a tensor (for training)."""
-        return self.head(self.features(prompts, completions))
+        features = self.features(prompts, completions)  # (B, H): the backbone runs once for every member
+        if len(self.heads) == 1:
+            return self.head(features)
+        return self.combine(self.member_outputs(features))
 
     @torch.no_grad()
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32, progress: bool = False
     ) -> np.ndarray:
         """Scores of ``(prompt, completion)`` pairs, shape ``(len(prompts),)``, float64."""
+        return self._batched(self, prompts, completions, batch_size, progress, rows=())
+
+    @torch.no_grad()
+    def member_scores(
+        self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> np.ndarray:
+        """Each member's normalised score before aggregation, shape ``(K, len(prompts))``, float64 (diagnostics:
+        where members disagree; ``combine`` of these is :meth:`score`)."""
+
+        def members(p: Sequence[str], c: Sequence[str]) -> torch.Tensor:
+            return self.member_outputs(self.features(p, c))
+
+        return self._batched(members, prompts, completions, batch_size, progress, rows=(len(self.heads),))
+
+    def _batched(
+        self, fn: Callable[..., torch.Tensor], prompts: Sequence[str], completions: Sequence[str], batch_size: int,
+        progress: bool, rows: tuple[int, ...],
+    ) -> np.ndarray:  # fmt: skip
+        """``fn`` over batches of texts, concatenated along the last axis (float64); ``rows``: ``fn``'s leading
+        dimensions (the shape of the result when there are no texts is ``(*rows, 0)``)."""
         self.eval()
         scores = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", disable=not progress):
             end = start + batch_size
-            scores.append(self(prompts[start:end], completions[start:end]).float().cpu().numpy())
-        return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+            scores.append(fn(prompts[start:end], completions[start:end]).float().cpu().numpy())
+        return np.concatenate(scores, axis=-1).astype(np.float64) if scores else np.zeros((*rows, 0))
 
     # --- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -225,20 +356,32 @@ class RewardModel(nn.Module):
             self.tokenizer.save_pretrained(path / "backbone")  # type: ignore[attr-defined]
         elif self.config.mode == "lora":
             self.backbone.save_pretrained(path / "adapter")
+        if self.config.ensemble == 1:  # one head: the files of every earlier version, byte for byte
+            del config["ensemble"]
+            tensors = self.head.state_dict()
+        else:
+            tensors = {f"{i}.{k}": v for i, head in enumerate(self.heads) for k, v in head.state_dict().items()}
+            if self.calibration.shape[1]:
+                tensors["calibration"] = self.calibration
         (path / "reward_model.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, path / "head.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path / "head.safetensors")
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RewardModel:
+    def load(cls, path: str | os.PathLike[str], aggregate: str = "mean", lam: float = DEFAULT_LAMBDA) -> RewardModel:
         """Load a saved reward model directory (no pickle involved).
 
         A relative ``backbone`` in ``reward_model.json`` is taken relative to the reward-model directory when it
         names a directory there, so that a reward model and its backbone can move together.
 
+        :param aggregate: how an ensemble's members combine (:data:`AGGREGATES`; any of them is the head itself for
+            a single head).
+        :param lam: the variance weight of ``"mean_minus_var"``, ``>= 0``.
         :raises ModelLoadError: a missing or corrupted file, or a head that does not fit the backbone, naming the
             file and what to do.
+        :raises ValueError: an unknown ``aggregate`` or a negative ``lam`` (before anything is loaded).
         """
+        check_aggregate(aggregate, lam)
         path = Path(path)
         if not (path / "reward_model.json").is_file() or not (path / "head.safetensors").is_file():
             raise ModelLoadError(
@@ -249,7 +392,7 @@ class RewardModel(nn.Module):
         relative = Path(config.backbone).expanduser()
         if not relative.is_absolute() and (path / relative).is_dir():
             config.backbone = str((path / relative).resolve())
-        head = _read_head(path / "head.safetensors")
+        members, calibration = _read_heads(path / "head.safetensors", config.ensemble)
         backbone, tokenizer = None, None
         if config.mode == "full":
             backbone, tokenizer = load_causal_lm(path / "backbone"), load_tokenizer(path / "backbone")
@@ -258,22 +401,26 @@ class RewardModel(nn.Module):
 
             backbone = PeftModel.from_pretrained(load_causal_lm(config.backbone), path / "adapter")
         model = cls(config, backbone, tokenizer)
-        features, hidden = head["mean"].numel(), model.head.mean.numel()
+        features, hidden = members[0]["mean"].numel(), model.head.mean.numel()
         if features != hidden:
             raise ModelLoadError(
                 f"{path / 'head.safetensors'} scores {features}-dim features, but the backbone {config.backbone!r} "
                 f"has hidden size {hidden}: the head was trained on another backbone. Set 'backbone' in "
                 f"{path / 'reward_model.json'} to the model it was trained on."
             )
-        head.setdefault("out_gain", torch.ones(()))  # heads saved before the output scale existed
-        head.setdefault("out_bias", torch.zeros(()))
-        try:
-            model.head.load_state_dict(head)
-        except RuntimeError as err:  # missing, extra or mis-shaped tensors (e.g. head_hidden edited)
-            raise ModelLoadError(
-                f"{path / 'head.safetensors'} does not fit the head described in {path / 'reward_model.json'} "
-                f"(head_hidden={config.head_hidden}): {err}. Re-save the reward model with RewardModel.save."
-            ) from err
+        for head, tensors in zip(model.heads, members, strict=True):
+            tensors.setdefault("out_gain", torch.ones(()))  # heads saved before the output scale existed
+            tensors.setdefault("out_bias", torch.zeros(()))
+            try:
+                head.load_state_dict(tensors)
+            except RuntimeError as err:  # missing, extra or mis-shaped tensors (e.g. head_hidden edited)
+                raise ModelLoadError(
+                    f"{path / 'head.safetensors'} does not fit the head described in {path / 'reward_model.json'} "
+                    f"(head_hidden={config.head_hidden}): {err}. Re-save the reward model with RewardModel.save."
+                ) from err
+        if calibration is not None:
+            model.calibration = calibration.float()
+        model.set_aggregate(aggregate, lam)
         return model.eval()
 
 
@@ -304,17 +451,35 @@ def _read_config(file: Path) -> RewardModelConfig:
         raise ModelLoadError(f"{file}: {err}. {redo}") from err
 
 
-def _read_head(file: Path) -> dict[str, torch.Tensor]:
-    """The head's tensors; an unreadable file raises, naming it."""
+def _read_heads(file: Path, ensemble: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+    """Each member's tensors and the calibration scores (``None`` if absent); an unreadable file, or one whose
+    members do not match ``ensemble``, raises, naming it."""
+    redo = "re-save the reward model with RewardModel.save"
     try:
-        head = load_file(file)
+        tensors = load_file(file)
     except SafetensorError as err:
+        raise ModelLoadError(f"{file} is not a valid safetensors file ({err}); {redo}") from err
+    if ensemble == 1:
+        if "mean" not in tensors:
+            raise ModelLoadError(
+                f"{file} holds no 'mean' tensor (it has {sorted(tensors)}): it is not a reward-model head; {redo}"
+            )
+        return [tensors], None
+    calibration = tensors.pop("calibration", None)
+    members: list[dict[str, torch.Tensor]] = [{} for _ in range(ensemble)]
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= ensemble:
+            raise ModelLoadError(
+                f"{file} holds {key!r}, but reward_model.json says ensemble={ensemble} (keys '0.mean' .. "
+                f"'{ensemble - 1}.net.bias'); {redo}"
+            )
+        members[int(index)][name] = value
+    missing = [i for i, member in enumerate(members) if "mean" not in member]
+    if missing:
+        raise ModelLoadError(f"{file} lacks member(s) {missing} of the ensemble of {ensemble} heads; {redo}")
+    if calibration is not None and (calibration.ndim != 2 or calibration.shape[0] != ensemble):
         raise ModelLoadError(
-            f"{file} is not a valid safetensors file ({err}); re-save the reward model with RewardModel.save"
-        ) from err
-    if "mean" not in head:
-        raise ModelLoadError(
-            f"{file} holds no 'mean' tensor (it has {sorted(head)}): it is not a reward-model head; re-save the "
-            "reward model with RewardModel.save"
+            f"{file}: 'calibration' has shape {tuple(calibration.shape)}, not ({ensemble}, samples); {redo}"
         )
-    return head
+    return members, calibration

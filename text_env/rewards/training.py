@@ -16,7 +16,15 @@ from text_env.rewards import Scorer
 from text_env.rewards.preferences import PreferencePair
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
 
-__all__ = ["RewardModelReport", "evaluate_reward_model", "fit_head", "split_pairs", "train_reward_model"]
+__all__ = [
+    "RewardModelReport",
+    "evaluate_members",
+    "evaluate_reward_model",
+    "fit_head",
+    "normalize_output_scale",
+    "split_pairs",
+    "train_reward_model",
+]
 
 
 LARGE_GAP = 0.5  # |gold(chosen) - gold(rejected)| at which a pair counts as clear-cut
@@ -34,6 +42,10 @@ class RewardModelReport:
     completions. ``validation_accuracy``: the label accuracy on the validation split, which chose the
     hyperparameters (early stopping, weight decay). ``history``: that validation accuracy per epoch (``lora``,
     ``full``) or per weight decay tried (``head``).
+
+    An ensemble's report is that of its ``mean`` aggregation (``out_gain``/``out_bias``: the aggregated score's
+    scale); ``members`` holds each member's own report (its weight decay, validation history and test metrics),
+    and the ensemble-level ``weight_decay`` and ``history`` are NaN and empty (each member chose its own).
     """
 
     n_train: int = 0
@@ -51,6 +63,8 @@ class RewardModelReport:
     seconds: float = 0.0
     epochs: int = 0
     history: list[float] = field(default_factory=list)
+    ensemble: int = 1
+    members: list[RewardModelReport] = field(default_factory=list)
 
 
 def split_pairs(
@@ -92,10 +106,44 @@ def evaluate_reward_model(
     prompts = [p.prompt for p in pairs]
     chosen = model.score(prompts, [p.chosen for p in pairs])
     rejected = model.score(prompts, [p.rejected for p in pairs])
-    report = RewardModelReport(n_heldout=len(pairs), accuracy=float(np.mean(chosen > rejected)) if pairs else math.nan)
-    if gold is not None and pairs:
-        g_chosen = gold.score(prompts, [p.chosen for p in pairs])
-        g_rejected = gold.score(prompts, [p.rejected for p in pairs])
+    return _compare(chosen, rejected, _gold_scores(gold, pairs))
+
+
+def evaluate_members(
+    model: RewardModel, pairs: Sequence[PreferencePair], gold: Scorer | None = None, batch_size: int = 32
+) -> tuple[RewardModelReport, list[RewardModelReport]]:
+    """:func:`evaluate_reward_model` of an ensemble (as it aggregates now) and of each member, from one backbone
+    pass per text: the members' scores are computed once and aggregated here exactly as ``model.score`` would."""
+    prompts = [p.prompt for p in pairs]
+    chosen = model.member_scores(prompts, [p.chosen for p in pairs], batch_size)  # (K, N)
+    rejected = model.member_scores(prompts, [p.rejected for p in pairs], batch_size)  # (K, N)
+    golds = _gold_scores(gold, pairs)
+
+    def combined(members: np.ndarray) -> np.ndarray:  # float32 in, as in score(): the same numbers
+        with torch.no_grad():
+            return model.combine(torch.from_numpy(members).float()).double().numpy()
+
+    members = [_compare(c, r, golds) for c, r in zip(chosen, rejected, strict=True)]
+    return _compare(combined(chosen), combined(rejected), golds), members
+
+
+def _gold_scores(gold: Scorer | None, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Gold scores of the chosen and the rejected completions (``None`` without a gold scorer or pairs)."""
+    if gold is None or not pairs:
+        return None
+    prompts = [p.prompt for p in pairs]
+    return gold.score(prompts, [p.chosen for p in pairs]), gold.score(prompts, [p.rejected for p in pairs])
+
+
+def _compare(
+    chosen: np.ndarray, rejected: np.ndarray, golds: tuple[np.ndarray, np.ndarray] | None
+) -> RewardModelReport:
+    """The report's metrics from a reward model's and the gold's scores of the chosen and rejected completions."""
+    report = RewardModelReport(
+        n_heldout=len(chosen), accuracy=float(np.mean(chosen > rejected)) if len(chosen) else math.nan
+    )
+    if golds is not None:
+        g_chosen, g_rejected = golds
         decided = g_chosen != g_rejected
         large = np.abs(g_chosen - g_rejected) >= LARGE_GAP
         agree = (chosen > rejected) == (g_chosen > g_rejected)
@@ -142,7 +190,15 @@ def train_reward_model(
         AdamW's weight decay (default 1e-2).
     :param learning_rate: ``lora``/``full`` only: default 1e-4 for ``lora``, 1e-5 for ``full``.
     :param normalize: set the output scale so that the train split's completions (the base policy's samples)
-        score mean 0, standard deviation 1.
+        score mean 0, standard deviation 1 (an ensemble: each member, then the aggregated score, see
+        :class:`RewardModel`).
+
+    **Ensembles** (``config.ensemble = K > 1``, ``head`` mode): the features are computed once; member ``i`` is
+    fitted like a single head on a bootstrap resample of the train split (``numpy.random.default_rng((seed, i))``)
+    and chooses its **own** weight decay by its validation loss. Per member rather than shared, because the
+    aggregation is chosen later, at load time: a decay tuned for the ensemble's mean would favour one aggregation,
+    and members tuned as a whole tend to agree more, muting the disagreement that ``min`` and ``mean_minus_var``
+    act on. Per member, each is a reward model in its own right and ``K = 1`` is the single head, unchanged.
     """
     config = config or RewardModelConfig()
     if len(pairs) < 4:
@@ -154,7 +210,10 @@ def train_reward_model(
     if config.mode == "head":
         decays = WEIGHT_DECAYS if weight_decay is None else weight_decay
         decays = [decays] if isinstance(decays, (int, float)) else list(decays)
-        history, chosen_decay, train_scores = _fit_head(model, train_pairs, val_pairs, decays, batch_size, progress)
+        histories, member_decays, train_scores = _fit_heads(
+            model, train_pairs, val_pairs, decays, batch_size, seed, progress
+        )
+        history, chosen_decay = (histories[0], member_decays[0]) if config.ensemble == 1 else ([], math.nan)
     else:
         if weight_decay is not None and not isinstance(weight_decay, (int, float)):
             raise TypeError(f"{config.mode} mode takes one weight_decay (AdamW's), got {weight_decay!r}")
@@ -163,33 +222,78 @@ def train_reward_model(
                                   chosen_decay, patience, progress)  # fmt: skip
         model.eval()
         prompts, texts = [p.prompt for p in train_pairs] * 2, [p.chosen for p in train_pairs]
-        train_scores = model.score(prompts, texts + [p.rejected for p in train_pairs], batch_size=batch_size)
+        train_scores = model.score(prompts, texts + [p.rejected for p in train_pairs], batch_size=batch_size)[None]
     model.eval()
     if normalize:  # the train split's completions are the base policy's samples on training prompts
-        std = float(train_scores.std()) if len(train_scores) > 1 and train_scores.std() > 0 else 1.0
-        model.head.out_gain.fill_(1.0 / std)
-        model.head.out_bias.fill_(-float(train_scores.mean()) / std)
-    report = evaluate_reward_model(model, test_pairs, gold, batch_size)
-    report.validation_accuracy = evaluate_reward_model(model, val_pairs, batch_size=batch_size).accuracy
+        normalize_output_scale(model, train_scores)
+    if config.ensemble == 1:
+        report = evaluate_reward_model(model, test_pairs, gold, batch_size)
+        report.validation_accuracy = evaluate_reward_model(model, val_pairs, batch_size=batch_size).accuracy
+        report.out_gain, report.out_bias = float(model.head.out_gain), float(model.head.out_bias)
+    else:
+        report, members = evaluate_members(model, test_pairs, gold, batch_size)  # the mean aggregation's report
+        report.members, report.ensemble = members, config.ensemble
+        validation, members_validation = evaluate_members(model, val_pairs, batch_size=batch_size)
+        report.validation_accuracy, report.out_gain = validation.accuracy, float(model.agg_gain)
+        report.out_bias = float(model.agg_bias)
+        for i, member in enumerate(members):
+            member.n_train, member.n_validation = len(train_pairs), len(val_pairs)
+            member.weight_decay, member.validation_accuracy = member_decays[i], members_validation[i].accuracy
+            member.out_gain, member.out_bias = float(model.heads[i].out_gain), float(model.heads[i].out_bias)
+            member.epochs, member.history = len(histories[i]), histories[i]
     report.n_train, report.n_validation, report.weight_decay = len(train_pairs), len(val_pairs), chosen_decay
-    report.out_gain, report.out_bias = float(model.head.out_gain), float(model.head.out_bias)
     report.seconds, report.epochs, report.history = time.time() - started, len(history), history
     return model, report
 
 
-def _fit_head(
+def normalize_output_scale(model: RewardModel, raw: np.ndarray) -> None:
+    """Set each member's output scale from its raw scores ``(K, M)`` of the normalisation samples (mean 0, std 1),
+    then, for an ensemble, keep the members' normalised scores as ``calibration`` for the aggregated score's scale."""
+    for head, scores in zip(model.heads, raw, strict=True):
+        std = float(scores.std()) if len(scores) > 1 and scores.std() > 0 else 1.0
+        head.out_gain.fill_(1.0 / std)
+        head.out_bias.fill_(-float(scores.mean()) / std)
+    if len(model.heads) > 1:
+        raw32 = torch.from_numpy(raw).float()  # (K, M): what the heads computed, in the dtype they score in
+        gains = torch.stack([head.out_gain for head in model.heads])[:, None]  # (K, 1)
+        biases = torch.stack([head.out_bias for head in model.heads])[:, None]  # (K, 1)
+        model.calibration = gains * raw32 + biases
+        model.set_aggregate(model.aggregate, model.lam)
+
+
+def _fit_heads(
     model: RewardModel,
     train: Sequence[PreferencePair],
     val: Sequence[PreferencePair],
     decays: Sequence[float],
     batch_size: int,
+    seed: int,
     progress: bool,
-) -> tuple[list[float], float, np.ndarray]:
-    """Features of the frozen backbone once, then :func:`fit_head`."""
+) -> tuple[list[list[float]], list[float], np.ndarray]:
+    """Features of the frozen backbone once, then :func:`fit_head` for each head (an ensemble's on bootstrap
+    resamples of the train split).
+
+    :return: each head's validation accuracy per weight decay, each head's chosen decay, and each head's raw
+        scores of the (whole, not resampled) train split's completions, ``(K, 2 * len(train))``.
+    """
     feats = _features(model, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
-    total = len(train) + len(val)
+    total, n = len(train) + len(val), len(train)
     margins = torch.tensor([p.margin or 0.0 for p in [*train, *val]])
-    return fit_head(model.head, feats[:total], feats[total:], len(train), margins, decays, progress)
+    if len(model.heads) == 1:
+        history, decay, scores = fit_head(model.head, feats[:total], feats[total:], n, margins, decays, progress)
+        return [history], [decay], scores[None]
+    f_chosen, f_rejected = feats[:total], feats[total:]  # (N, H) each: train rows, then validation rows
+    train_texts = torch.cat([f_chosen[:n], f_rejected[:n]])  # (2n, H)
+    histories, chosen, scores = [], [], []
+    for i, head in enumerate(tqdm(model.heads, desc="ensemble members", disable=not progress)):
+        rows = torch.from_numpy(np.random.default_rng((seed, i)).integers(0, n, n))  # bootstrap of the train split
+        rows = torch.cat([rows, torch.arange(n, total)])  # the validation rows stay as they are
+        history, decay, _ = fit_head(head, f_chosen[rows], f_rejected[rows], n, margins[rows], decays)
+        with torch.no_grad():
+            scores.append(head.raw(train_texts).double().numpy())
+        histories.append(history)
+        chosen.append(decay)
+    return histories, chosen, np.stack(scores)
 
 
 def fit_head(
@@ -288,7 +392,7 @@ def _train_backbone(
 
 
 def _trained(key: str, config: RewardModelConfig) -> bool:
-    return key.startswith("head.") or config.mode == "full" or (config.mode == "lora" and "lora_" in key)
+    return key.startswith("heads.") or config.mode == "full" or (config.mode == "lora" and "lora_" in key)
 
 
 @torch.no_grad()
