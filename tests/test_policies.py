@@ -43,6 +43,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+import agents.policies
 from agents import cached_lm, policies
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.cached_lm import CachedLM
@@ -812,3 +813,26 @@ def test_bf16_rollouts_and_updates_run_matmuls_on_bucketed_rows(tiny_env_kwargs:
         model.learn(64, callback=KLPenalty(0.1))
     buckets = {bucket_rows(r) for r in range(1, 4096)}
     assert rows - set(range(1, n_envs + 1)) and rows <= buckets | set(range(1, n_envs + 1)), sorted(rows)
+
+
+def test_free_heap_pages_go_back_at_each_switch_between_rollout_and_update(
+    tiny_env_kwargs: dict, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc keeps freed pages (~1.3 GB after an update of the default job): they are trimmed when the policy
+    switches between rolling out and updating, not on every ``predict`` (which also sets the mode)."""
+    trims: list[int] = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(agents.policies, "_LIBC", FakeLibc())
+    venv = make_env(tiny_env_kwargs, 2)
+    model = lm_ppo(venv, tiny_model)  # n_steps 4: 8 tokens per rollout
+    model.learn(16)  # two rollouts, each followed by its update: four switches
+    assert len(trims) == 4
+    obs = venv.reset()
+    for _ in range(3):
+        model.predict(obs)
+    assert len(trims) == 5  # evaluation mode once, then nothing per call
