@@ -13,7 +13,9 @@ class TextMetrics(BaseCallback):
     """Log, every rollout, the mean reward-model and gold score of the episodes that ended in it.
 
     Scalars go to SB3's logger (stdout, CSV, TensorBoard) as ``rlhf/reward_model_score`` and
-    ``rlhf/gold_score``; with TensorBoard, ``n_samples`` completions are also written as text.
+    ``rlhf/gold_score``; with TensorBoard, ``n_samples`` completions are also written as text. Each row of
+    :attr:`history` also holds ``kl`` (nats per episode) when a :class:`~agents.kl.KLPenalty` comes before this
+    callback in the callback list (as in :meth:`agents.run.Run.callbacks`), which logs it at the same rollout end.
     """
 
     def __init__(self, n_samples: int = 4, verbose: int = 0) -> None:
@@ -41,6 +43,9 @@ class TextMetrics(BaseCallback):
             "reward_model_score": float(np.mean(self._rm)),
             "gold_score": float(np.mean(self._gold)),
         }
+        kl = self.logger.name_to_value.get("rlhf/kl_per_episode")  # logged just before by a KLPenalty, if one runs
+        if kl is not None:  # scores against KL per rollout: what a Gao et al. (2022) plot needs
+            row["kl"] = float(kl)
         self.history.append(row)
         self.logger.record("rlhf/reward_model_score", row["reward_model_score"])
         self.logger.record("rlhf/gold_score", row["gold_score"])

@@ -16,9 +16,40 @@ __all__ = ["main"]
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
 
 
+def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per field of the dataclass ``cls`` (its help text, allowed values and default come from the
+    field), unless skipped; an unset option is ``None`` (:func:`_given` leaves it out)."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name == "algo_kwargs":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        helptext = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        if f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
+            flag, helptext = (f"--no-{flag[2:]}", f"turn off: {f.metadata['help']}") if default else (flag, helptext)
+            p.add_argument(flag, dest=f.name, action="store_const", const=not default, help=helptext)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
+            p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=helptext)
+
+
+def _given(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    """The options of ``cls``'s fields that the command line set."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip and f.name != "algo_kwargs"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _refuse_settings_with_resume(args: argparse.Namespace, given: dict[str, object]) -> None:
+    if given:
+        raise ValueError(
+            f"--resume takes every setting from {args.resume}/config.json; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+        )
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     """``textgen train``'s options are TrainConfig's fields (one source for every default and help text)."""
-    from agents.run import ALGORITHMS, BASELINES, PRESETS, TrainConfig
+    from agents.run import PRESETS, TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -28,20 +59,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Ctrl-C saves a checkpoint; --resume RUN_DIR continues it. Defaults are --algo ppo's; other algorithms "
         f"start from their presets ({'; '.join(f'{a}: {v}' for a, v in PRESETS.items())}).",
     )
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "algo_kwargs":
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        helptext = f.metadata["help"] + ("" if default is None else f" (default: {default})")
-        if f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
-            flag, helptext = (f"--no-{flag[2:]}", f"turn off: {f.metadata['help']}") if default else (flag, helptext)
-            p.add_argument(flag, dest=f.name, action="store_const", const=not default, help=helptext)
-        elif f.name == "algo":
-            p.add_argument(flag, choices=ALGORITHMS + BASELINES, help=helptext)
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
-            p.add_argument(flag, type=kind, help=helptext)
+    _add_fields(p, TrainConfig)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings come from there)")
 
 
@@ -49,17 +67,43 @@ def _train(args: argparse.Namespace) -> None:
     from agents.run import TrainConfig
     from agents.train import train
 
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "algo_kwargs"]
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = _given(args, TrainConfig)
     if args.resume:
-        if given:
-            raise ValueError(
-                f"--resume takes every setting from {args.resume}/config.json; drop "
-                + ", ".join("--" + k.replace("_", "-") for k in given)
-            )
+        _refuse_settings_with_resume(args, given)
         train(resume=args.resume)
         return
     train(TrainConfig.for_algo(given.pop("algo", "ppo"), **given))
+
+
+def _add_rlhf(sub: argparse._SubParsersAction) -> None:
+    """``textgen rlhf``'s options: TrainConfig's fields for PPO (but total_timesteps), then RLHFConfig's."""
+    from agents.rlhf import RLHFConfig
+    from agents.run import TrainConfig
+
+    p = sub.add_parser(
+        "rlhf",
+        help="the iterated RLHF loop: PPO, fresh pairs from the policy, a reward-model refit, and again",
+        description="Round 0 is the task's reward model. Each round continues PPO from the current policy (KL to the "
+        "base model), samples pairs from it on training prompts, has them labelled (simulated or --annotator human) "
+        "and refits the reward model on every pair so far. Every round is saved before the next step; Ctrl-C or "
+        "SIGTERM stops with what is saved, --resume RUN_DIR continues it. Prints and saves a table per round "
+        "(held-out gold, reward-model score, KL, the previous reward model's accuracy on the fresh pairs) and a plot.",
+    )
+    _add_fields(p, TrainConfig, skip=("total_timesteps",))  # each round trains --tokens-per-round
+    _add_fields(p, RLHFConfig, skip=("train",))
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted loop (its settings come from there)")
+
+
+def _rlhf(args: argparse.Namespace) -> None:
+    from agents.rlhf import RLHFConfig, rlhf
+    from agents.run import TrainConfig
+
+    given, loop = _given(args, TrainConfig, ("total_timesteps",)), _given(args, RLHFConfig, ("train",))
+    if args.resume:
+        _refuse_settings_with_resume(args, {**given, **loop})
+        rlhf(resume=args.resume)
+        return
+    rlhf(RLHFConfig(TrainConfig.for_algo(str(given.pop("algo", "ppo")), **given), **loop))  # type: ignore[arg-type]
 
 
 def _rollout(args: argparse.Namespace) -> None:
@@ -110,16 +154,16 @@ def _train_rm(args: argparse.Namespace) -> None:
     pairs = load_preferences(args.data)
     layer = None if args.layer == 0 else args.layer
     config = RewardModelConfig(
-        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=layer
-    )
+        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=layer,
+        ensemble=args.ensemble,
+    )  # fmt: skip
     gold = get_task(args.task).gold if args.task else None
     model, report = train_reward_model(
         pairs, config, gold=gold, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         validation=args.validation, test=args.test, seed=args.seed,
     )  # fmt: skip
     model.save(args.out)
-    # NaN (e.g. gold accuracy when every held-out pair ties on gold) is not JSON: write null instead.
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.__dict__.items()}
+    record = _finite_or_null(dataclasses.asdict(report))
     record["split"] = {  # text_env.rewards.training.split_pairs: train fits, validation chooses, test reports
         "validation": args.validation, "test": args.test, "seed": args.seed
     }  # fmt: skip
@@ -131,6 +175,26 @@ def _train_rm(args: argparse.Namespace) -> None:
         f"Validation accuracy {report.validation_accuracy:.3f} ({report.n_validation} pairs); {report.n_train} "
         f"train pairs; {report.seconds:.0f} s. Saved to {args.out}"
     )
+    if report.members:
+        print(
+            f"ensemble of {report.ensemble} heads, scored above by their mean (choose the aggregation at load time: "
+            "RewardModel.load(dir, aggregate='mean'|'min'|'mean_minus_var', lam=...)); each member on the test split: "
+            + "; ".join(
+                f"#{i} {m.accuracy:.3f} (labels), {m.gold_accuracy:.3f} (gold), {m.gold_accuracy_large_gap:.3f} "
+                f"(large gap), Spearman {m.spearman:.3f}, weight decay {m.weight_decay:g}"
+                for i, m in enumerate(report.members)
+            )
+        )
+
+
+def _finite_or_null(value: object) -> object:
+    """``value`` with every NaN/inf float (e.g. gold accuracy when every held-out pair ties on gold, or an
+    ensemble's shared weight decay, which each member chose for itself) replaced by ``None``: they are not JSON."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -154,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_rlhf(sub)
     from agents.run import ALGORITHMS
 
     p = sub.add_parser("rollout", help="sample a few episodes of TextGen-v0 with the base model and show rewards")
@@ -188,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--layer", type=int, default=RewardModelConfig.layer or 0,
         help="score hidden states after this many blocks (0: the last; default: %(default)s)",
     )  # fmt: skip
+    p.add_argument(
+        "--ensemble", type=int, default=1, metavar="K",
+        help="K heads on the same frozen features, each fitted on a bootstrap resample of the train split; "
+        "scores aggregate by mean, min or mean - lam * var, chosen at load time (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--validation", type=float, default=0.1, help="fraction of pairs that choose (%(default)s)")
     p.add_argument("--test", type=float, default=0.2, help="fraction of pairs only reported on (%(default)s)")
     p.add_argument("--epochs", type=int, default=30, help="lora/full: most epochs (%(default)s)")
@@ -204,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     handlers = {
         "train": _train,
+        "rlhf": _rlhf,
         "rollout": _rollout,
         "preferences": _preferences,
         "train-rm": _train_rm,

@@ -64,9 +64,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _help(text: str) -> Any:
-    """A dataclass field's help text, which ``textgen train --help`` shows (the CLI is derived from the fields)."""
-    return {"help": text}
+def _help(text: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field's help text (and allowed values), which ``textgen train --help`` shows (the CLI is derived
+    from the fields)."""
+    return {"help": text} if choices is None else {"help": text, "choices": choices}
 
 
 @dataclass
@@ -79,9 +80,15 @@ class TrainConfig:
 
     task: str = field(default="positive-review", metadata=_help("task name"))
     model: str = field(default=DEFAULT_MODEL, metadata=_help("'default' (embedded SmolLM2), a directory or a hub id"))
-    algo: str = field(default="ppo", metadata=_help(f"algorithm: {', '.join(ALGORITHMS + BASELINES)}"))
+    algo: str = field(default="ppo", metadata=_help("algorithm", ALGORITHMS + BASELINES))
     reward_model: str | None = field(
         default=None, metadata=_help("reward-model directory or 'gold' (default: the task's reward model)")
+    )
+    reward_aggregate: str | None = field(
+        default=None, metadata=_help("an ensemble reward model's aggregation: mean, min or mean_minus_var (mean)")
+    )
+    reward_lambda: float | None = field(
+        default=None, metadata=_help("variance weight of --reward-aggregate mean_minus_var (0.5)")
     )
     total_timesteps: int = field(default=10240, metadata=_help("environment steps (= generated tokens) to train on"))
     n_envs: int = field(default=16, metadata=_help("episodes generated in parallel (the rollout batch)"))
@@ -123,6 +130,11 @@ class TrainConfig:
     def for_algo(cls, algo: str, **overrides: Any) -> TrainConfig:
         """The defaults, then ``algo``'s preset from :data:`PRESETS`, then ``overrides``."""
         return cls(**{"algo": algo, **PRESETS.get(algo, {}), **overrides})
+
+    @property
+    def reward_kwargs(self) -> dict[str, Any]:
+        """``RewardModel.load``'s keywords from ``reward_aggregate`` / ``reward_lambda`` (those that are set)."""
+        return {k: v for k, v in (("aggregate", self.reward_aggregate), ("lam", self.reward_lambda)) if v is not None}
 
     @property
     def lora(self) -> dict[str, Any] | None:
@@ -200,7 +212,7 @@ def make_env(
     task = get_task(config.task)
     env: VecEnv = make_text_vec_env(
         config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
-        reward_model=reward if reward is not None else resolve_reward(config.reward_model, task),
+        reward_model=reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
     )  # fmt: skip
     if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
@@ -234,7 +246,7 @@ class Run:
 def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
     task = get_task(config.task)
-    reward = resolve_reward(config.reward_model, task)  # built once, shared by the train and eval envs
+    reward = resolve_reward(config.reward_model, task, config.reward_kwargs)  # one, shared by the train and eval envs
     env = make_env(config, "train", reward)
     eval_env = make_env(config, "eval", reward)
     algo = make_algorithm(config, env, verbose)

@@ -30,18 +30,23 @@ from agents.evaluate import Evaluation
 from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
 
 __all__ = [
-    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "cpu_kind", "make_algorithm", "train",
+    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "cpu_kind", "evaluation_record",
+    "learn_with_checkpoints", "make_algorithm", "new_run_dir", "peak_rss_gb", "pyplot", "restore_checkpoint",
+    "save_checkpoint", "train", "unfinished_config",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``run_dir`` resumes it."""
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``run_dir`` resumes it.
 
-    def __init__(self, run_dir: Path, timesteps: int) -> None:
+    :param command: the command whose ``--resume`` continues the run (``textgen rlhf`` for the iterated loop).
+    """
+
+    def __init__(self, run_dir: Path, timesteps: int, command: str = "textgen train") -> None:
         super().__init__(
-            f"interrupted at {timesteps} steps; checkpoint saved. Continue with: textgen train --resume {run_dir}"
+            f"interrupted at {timesteps} steps; checkpoint saved. Continue with: {command} --resume {run_dir}"
         )
         self.run_dir, self.timesteps = run_dir, timesteps
 
@@ -92,7 +97,7 @@ class _Checkpointer(BaseCallback):
     def save(self) -> None:
         if self._saved_at != self.boundary:
             seconds = self.state["train_seconds"] + time.time() - self.started
-            peak = max(self.state["peak_rss_gb"], _peak_rss_gb())
+            peak = max(self.state["peak_rss_gb"], peak_rss_gb())
             record = {**self.state, "train_seconds": seconds, "peak_rss_gb": peak}
             save_checkpoint(self.run, self.run_dir, self.boundary, record)
             self._saved_at = self.boundary
@@ -121,7 +126,7 @@ def _np_state() -> list[Any]:
     return [kind, keys.tolist(), pos, has_gauss, gauss]
 
 
-def _restore(run: Run, run_dir: Path) -> dict[str, Any]:
+def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     """Load ``run_dir``'s checkpoint into ``run``; return its state record (``{}`` when there is none)."""
     for name in (CHECKPOINT, f"{CHECKPOINT}.new"):  # .new: complete if the rename was what got interrupted
         path = run_dir / name
@@ -143,8 +148,18 @@ def _restore(run: Run, run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _new_run_dir(config: TrainConfig) -> Path:
-    base = Path(config.out) / f"{config.task}-{config.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+def unfinished_config(run_dir: Path, command: str = "textgen train") -> dict[str, Any]:
+    """The ``config.json`` record of a run directory to resume; raise if it has none or the run has finished."""
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a {command} run directory: it has no config.json")
+    if (run_dir / "report.json").is_file():
+        raise ValueError(f"{run_dir} already finished (report.json exists): nothing to resume")
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def new_run_dir(out: str | Path, name: str) -> Path:
+    """Make and return ``out/<name>-<time>`` (with a suffix when that exists already)."""
+    base = Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, k = base, 1
     while run_dir.exists():  # two runs started in the same second
         run_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
@@ -152,7 +167,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _evaluation_record(evaluation: Evaluation) -> dict[str, Any]:
+def evaluation_record(evaluation: Evaluation) -> dict[str, Any]:
+    """What a run saves of an evaluation: the summary and every prompt with its completion."""
     return {"summary": evaluation.summary, "prompts": evaluation.prompts, "completions": evaluation.completions}
 
 
@@ -176,41 +192,26 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     """
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a textgen train run directory: it has no config.json")
-        if (run_dir / "report.json").is_file():
-            raise ValueError(f"{run_dir} already finished (report.json exists): nothing to resume")
-        config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+        config = TrainConfig(**unfinished_config(run_dir))
     else:
         config = config or TrainConfig()
-        run_dir = _new_run_dir(config)
+        run_dir = new_run_dir(config.out, f"{config.task}-{config.algo}")
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     torch.manual_seed(config.seed)
     run = build_run(config)
-    state = _restore(run, run_dir) if resume is not None else {}
+    state = restore_checkpoint(run, run_dir) if resume is not None else {}
     state.setdefault("train_seconds", 0.0)
     state["resumed"] = resume is not None
-    state["peak_rss_gb"] = max(state.get("peak_rss_gb", 0.0), _peak_rss_gb())
+    state["peak_rss_gb"] = max(state.get("peak_rss_gb", 0.0), peak_rss_gb())
 
     if (run_dir / "before.json").is_file():
         before = json.loads((run_dir / "before.json").read_text())
     else:
-        before = _evaluation_record(run.evaluate())
+        before = evaluation_record(run.evaluate())
         (run_dir / "before.json").write_text(json.dumps(before, indent=1))
 
-    checkpointer = _Checkpointer(run, run_dir, config.checkpoint_every, state)
-    remaining = config.total_timesteps - run.algo.num_timesteps
-    if remaining > 0:
-        run.algo.learn(
-            remaining, callback=run.callbacks(checkpointer), reset_num_timesteps=resume is None,
-            progress_bar=_has_progress_bar(),
-        )  # fmt: skip
-    if checkpointer.stop_requested:
-        checkpointer.save()
-        raise Interrupted(run_dir, checkpointer.boundary)
-    state["train_seconds"] += time.time() - checkpointer.started
-
-    after = _evaluation_record(run.evaluate())
+    learn_with_checkpoints(run, run_dir, state)
+    after = evaluation_record(run.evaluate())
     run.algo.save(run_dir / "model")
     table = _table(before, after)
     report = {
@@ -221,7 +222,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         "resumed": state["resumed"],
         "history": run.metrics.history,
         "final_beta": run.kl.controller.beta,
-        "peak_rss_gb": max(state["peak_rss_gb"], _peak_rss_gb()),
+        "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "samples": [
             {"prompt": p, "before": b, "after": a}
@@ -255,7 +256,31 @@ def cpu_kind() -> str:
     return f"{name} ({', '.join(bf16) or 'no native bf16'})"
 
 
-def _peak_rss_gb() -> float:
+def learn_with_checkpoints(run: Run, run_dir: Path, state: dict[str, Any], command: str = "textgen train") -> None:
+    """Train ``run.algo`` up to ``run.config.total_timesteps``, saving ``run_dir/checkpoint`` every
+    ``checkpoint_every`` rollouts and on SIGINT/SIGTERM; add the seconds spent to ``state["train_seconds"]``.
+
+    ``run`` is fresh or restored by :func:`restore_checkpoint` (its ``num_timesteps`` says where it stands).
+
+    :param state: the record saved with every checkpoint (``train_seconds``, ``peak_rss_gb`` and anything else).
+    :param command: the command whose ``--resume`` continues the run, for the message of :class:`Interrupted`.
+    :raises Interrupted: on SIGINT/SIGTERM, after saving a checkpoint at the last rollout boundary.
+    """
+    checkpointer = _Checkpointer(run, run_dir, run.config.checkpoint_every, state)
+    remaining = run.config.total_timesteps - run.algo.num_timesteps
+    if remaining > 0:
+        run.algo.learn(
+            remaining, callback=run.callbacks(checkpointer), reset_num_timesteps=run.algo.num_timesteps == 0,
+            progress_bar=_has_progress_bar(),
+        )  # fmt: skip
+    if checkpointer.stop_requested:
+        checkpointer.save()
+        raise Interrupted(run_dir, checkpointer.boundary, command)
+    state["train_seconds"] += time.time() - checkpointer.started
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -272,16 +297,23 @@ def _has_progress_bar() -> bool:
     return True
 
 
-def _plot(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
-    """Reward-model and gold score per rollout, as a PNG (skipped without matplotlib)."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend), or ``None`` without matplotlib (an optional
+    extra: a run then saves no plot rather than failing at its end)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    if not history:
+        return None
+    return plt
+
+
+def _plot(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
+    """Reward-model and gold score per rollout, as a PNG (skipped without matplotlib)."""
+    plt = pyplot()
+    if plt is None or not history:
         return
     steps = [h["timesteps"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -26,10 +26,11 @@ import numpy as np
 from agents.train import cpu_kind
 
 
-def run_seed(seed: int, extra: list[str], runs: Path) -> dict[str, Any]:
-    """One ``textgen train --seed SEED`` in its own process; its report.json."""
+def run_seed(seed: int, extra: list[str], runs: Path, command_name: str = "train") -> dict[str, Any]:
+    """One ``textgen train --seed SEED`` (or another ``textgen`` command that makes a run directory with a
+    report.json, e.g. ``rlhf``) in its own process; its report.json."""
     out = runs / f"seed{seed}"
-    command = [sys.executable, "-m", "agents.cli", "train", "--seed", str(seed), "--out", str(out), *extra]
+    command = [sys.executable, "-m", "agents.cli", command_name, "--seed", str(seed), "--out", str(out), *extra]
     subprocess.run(command, check=True)
     (report,) = out.glob("*/report.json")
     return json.loads(report.read_text())
@@ -58,12 +59,17 @@ def markdown(rows: list[dict[str, float]], command: str, machine: str) -> str:
         "lowest gold gain, the highest KL and peak RSS, the lowest distinct-2.", "",
         "| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
     ]  # fmt: skip
-    for row in rows:
-        lines.append(f"| {row['seed']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
-    worst = {"kl": max, "minutes": max, "peak_rss_gb": max}
+    lines += seed_rows(rows, keys, worst={"kl": max, "minutes": max, "peak_rss_gb": max})
+    return "\n".join(lines) + "\n"
+
+
+def seed_rows(rows: list[dict[str, float]], keys: list[str], worst: dict[str, Any]) -> list[str]:
+    """Markdown rows: one per seed, then the mean and the worst over seeds (``min``, or ``worst[key]``: ``max``
+    where more is worse)."""
+    lines = [f"| {row['seed']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |" for row in rows]
     lines.append("| **mean** | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k in keys) + " |")
     lines.append("| **worst** | " + " | ".join(f"{worst.get(k, min)(r[k] for r in rows):.3f}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(reports: list[dict[str, Any]], path: Path) -> None:

@@ -80,3 +80,25 @@ def test_textgen_train_seeds_reports_mean_and_worst(tiny_model: Path, tmp_path: 
     table = (tmp_path / "seeds.md").read_text()
     assert "| **mean** |" in table and "| **worst** |" in table and "--seeds 2" in table
     assert (tmp_path / "seeds.png").stat().st_size > 10_000
+
+
+def test_rlhf_loop_compares_with_one_shot_train_and_best_of_16(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("rlhf_loop")
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--n-envs", "2", "--n-steps", "4", "--batch-size",
+            "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-new-tokens", "4",
+            "--max-prompt-tokens", "128"]  # fmt: skip
+    budget = ["--rounds", "2", "--tokens-per-round", "16", "--pairs-per-round", "4"]
+    argv = ["--seeds", "2", *budget, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "loop"]
+    first = bench.main([*argv, "--", *tiny])
+    seeds = json.loads((tmp_path / "loop.json").read_text())["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1] and all(set(s) == {"seed", *bench.METHODS} for s in seeds)
+    for s in seeds:
+        assert [r["round"] for r in s["rlhf"]["rounds"]] == [0, 1, 2]
+        assert s["train"]["config"]["total_timesteps"] == 32  # the loop's PPO tokens, at once
+        assert s["best_of_16"]["method"] == "best_of_16" and s["best_of_16"]["seed"] == s["seed"]
+    table = (tmp_path / "loop.md").read_text()
+    assert "| **mean** |" in table and "| **worst** |" in table and "--seeds 2" in table and "## Targets" in table
+    assert table.count("**met**") + table.count("**not met**") == 4  # every target judged
+    assert (tmp_path / "loop.png").stat().st_size > 10_000
+    again = bench.main([*argv, "--methods", "rlhf,train", "--", *tiny])  # finished runs are reused, not re-run
+    assert [s["rlhf"] for s in again["seeds"]] == [s["rlhf"] for s in first["seeds"]]

@@ -52,3 +52,13 @@ def test_reward_model_then_ppo(tiny_model: Path, tmp_path: Path) -> None:
     assert len((tmp_path / "run" / "prefs.jsonl").read_text().splitlines()) == 16
     assert (tmp_path / "run" / "reward_model" / "head.safetensors").is_file()
     assert (tmp_path / "run" / "ppo.zip").is_file()
+
+
+def test_rlhf_loop(tiny_model: Path, tmp_path: Path) -> None:
+    args = f"--model {tiny_model} --n-envs 2 --max-new-tokens 4 --max-prompt-tokens 128 --eval-prompts 2"
+    budget = "--reward-model gold --rounds 2 --tokens-per-round 64 --pairs-per-round 4 --out runs"
+    out = run_example("rlhf_loop.py", f"{args} {budget}", tmp_path)
+    rows = [line.split() for line in out.splitlines()[-3:]]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and len(rows[0]) == 4 and len(rows[2]) == 5
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "report.json").is_file() and (run_dir / "round-2" / "reward_model" / "head.safetensors").is_file()

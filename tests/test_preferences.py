@@ -213,19 +213,21 @@ def test_generate_pairs_writes_n_and_resumes(lm: tuple, tmp_path: Path) -> None:
     assert out.read_text(encoding="utf-8").splitlines() == new_lines
 
 
-def test_generate_pairs_interrupted_keeps_finished_chunks(lm: tuple, tmp_path: Path) -> None:
+def test_generate_pairs_interrupted_keeps_every_label(lm: tuple, tmp_path: Path) -> None:
     out = tmp_path / "pairs.jsonl"
-    # batch_size=1: chunks of 4 pairs; 10 pairs are chunks of 4, 4 and 2; the second chunk fails
+    # batch_size=1: sampled in chunks of 4 pairs, labelled one pair at a time; the 6th label (in chunk 2) fails
     with pytest.raises(KeyboardInterrupt):
-        generate(lm, out, 10, CountingAnnotator(fail_on_call=2), batch_size=1)
+        generate(lm, out, 10, CountingAnnotator(fail_on_call=6), batch_size=1)
     kept = out.read_text(encoding="utf-8").splitlines()
-    assert len(kept) == 4 and len(load_preferences(out)) == 4
+    assert len(kept) == 5 and len(load_preferences(out)) == 5
 
     resumed = CountingAnnotator()
     pairs = generate(lm, out, 10, resumed, batch_size=1)
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert len(pairs) == len(lines) == 10 and lines[:4] == kept
-    assert resumed.calls == 2 and len(resumed.asked) == 6  # chunks of 4 and 2, nothing redone
+    assert len(pairs) == len(lines) == 10 and lines[:5] == kept
+    assert resumed.calls == 5 and len(resumed.asked) == 5  # one pair a call, nothing redone
+    straight = generate(lm, tmp_path / "straight.jsonl", 10, CountingAnnotator(), batch_size=1)
+    assert [p.prompt for p in straight] == [p.prompt for p in pairs]  # the same prompts, none lost or repeated
 
 
 def test_generate_pairs_needs_prompts(lm: tuple, tmp_path: Path) -> None:

@@ -140,6 +140,8 @@ def generate_pairs(
     """Sample two completions per prompt, have ``annotator`` choose, append to ``out``; resume if it exists.
 
     Prompts cycle through ``prompts`` in a seeded order. Lines already in ``out`` count toward ``n_pairs``.
+    Completions are sampled in chunks, but the annotator is asked one pair at a time and each label is appended
+    at once, so an interrupted run (a person who stops labelling) loses no label and repeats none.
     """
     if not prompts:
         raise ValueError("generate_pairs needs at least one prompt")
@@ -151,10 +153,11 @@ def generate_pairs(
     order = np.concatenate([rng.permutation(len(prompts)) for _ in range(max(1, -(-n_pairs // len(prompts))))])
     todo = [prompts[i] for i in order[len(done) : n_pairs]]
     torch.manual_seed(seed + len(done))
-    for start in range(0, len(todo), batch_size * 4):  # label and save in chunks: an interrupt keeps the rest
+    for start in range(0, len(todo), batch_size * 4):
         chunk = todo[start : start + batch_size * 4]
         samples = sample_completions(model, tokenizer, chunk, instruction, max_new_tokens, 2, batch_size)
-        pairs = annotator.label(chunk, [s[0] for s in samples], [s[1] for s in samples])
-        append_pairs(out, pairs)
-        done += pairs
+        for prompt, (a, b) in zip(chunk, samples, strict=True):
+            pairs = annotator.label([prompt], [a], [b])  # empty when a person skips the pair
+            append_pairs(out, pairs)
+            done += pairs
     return done
