@@ -58,3 +58,9 @@ def test_soak_benchmark_smoke(tiny_model: Path, tmp_path: Path) -> None:
     assert result["growth"] == pytest.approx(result["max_rss_mib"] / result["warmup_rss_mib"] - 1)
     report = (tmp_path / "soak.md").read_text()
     assert "python benchmarks/soak.py --minutes 1" in report and "CPU: " in report
+    for phase in soak.PHASES:  # like with like: each phase against itself at the end of warm-up
+        rows = [s["rss_mib"] for s in result["samples"] if s["phase"] == phase]
+        assert result[f"{phase}_growth"] == pytest.approx(max(rows[1:]) / rows[0] - 1)
+    again = soak.main(["--reanalyse", str(tmp_path / "soak.json"), "--warmup-rollouts", "2", "--out", str(tmp_path)])
+    assert again["warmup_rollouts"] == 2 and again["samples"] == result["samples"]
+    assert again["command"] == result["command"]  # the run's command, not the re-analysis's
