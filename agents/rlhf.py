@@ -68,8 +68,8 @@ from text_env.core import resolve_reward
 from text_env.rewards import Scorer
 from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
 from text_env.rewards.preferences import PreferencePair, generate_pairs, load_preferences
-from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
-from text_env.rewards.training import evaluate_reward_model, fit_head, normalize_output_scale, split_pairs
+from text_env.rewards.reward_model import RewardModel, RewardModelConfig
+from text_env.rewards.training import evaluate_reward_model, fit_heads, normalize_output_scale, split_pairs
 from text_env.tasks import get_task
 
 __all__ = ["ANNOTATORS", "LOOP_ALGORITHMS", "RLHFConfig", "markdown", "plot", "rlhf"]
@@ -193,14 +193,16 @@ class _Features:
 
 
 class _HeadScorer:
-    """A reward-model head on :class:`_Features`: a scorer that never runs the backbone twice for one text."""
+    """A reward model's heads on :class:`_Features`: a scorer that never runs the backbone twice for one text (an
+    ensemble's members are aggregated as the model's ``aggregate`` says)."""
 
-    def __init__(self, head: RewardHead, features: _Features) -> None:
-        self.head, self.features = head, features
+    def __init__(self, model: RewardModel, features: _Features) -> None:
+        self.model, self.features = model, features
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        return self.head(self.features(prompts, completions)).double().numpy()
+        members = self.model.member_outputs(self.features(prompts, completions))  # (K, B)
+        return self.model.combine(members).double().numpy()
 
 
 class _Loop:
@@ -211,15 +213,10 @@ class _Loop:
         self.task = get_task(config.train.task)
         self.timesteps = 0  # PPO steps saved so far (for the message of an interruption)
         source = config.train.reward_model or self.task.reward_model
-        self.round0 = resolve_reward(config.train.reward_model, self.task)
-        # Refits are head-mode reward models on the round-0 model's backbone and features (layer, pooling); with a
-        # gold (or scorer) round 0, on the policy's own LM's last hidden states.
+        self.round0 = resolve_reward(config.train.reward_model, self.task, config.train.reward_kwargs)
+        # Refits are head-mode reward models on the round-0 model's backbone and features (layer, pooling, ensemble
+        # size); with a gold (or scorer) round 0, one head on the policy's own LM's last hidden states.
         if isinstance(self.round0, RewardModel):
-            if getattr(self.round0.config, "ensemble", 1) > 1:
-                raise ValueError(
-                    f"the round-0 reward model {source} is an ensemble; the loop refits a single head so far: "
-                    "give a single-head reward model (--reward-model)"
-                )
             self.rm_config = replace(self.round0.config, mode="head")
         else:
             self.rm_config = RewardModelConfig(backbone=config.train.model)
@@ -351,13 +348,16 @@ class _Loop:
         prompts = [p.prompt for p in fitted]
         f_chosen = self.features(prompts, [p.chosen for p in fitted])  # (N, H)
         f_rejected = self.features(prompts, [p.rejected for p in fitted])  # (N, H)
-        model = RewardModel(self.rm_config)  # a new head; the frozen backbone is shared, not loaded again
+        model = RewardModel(self.rm_config, **self.config.train.reward_kwargs)  # new heads; the backbone is shared
         margins = torch.tensor([p.margin or 0.0 for p in fitted])
-        history, decay, train_scores = fit_head(model.head, f_chosen, f_rejected, len(train), margins)
+        histories, decays, train_scores = fit_heads(model, f_chosen, f_rejected, len(train), margins,
+                                                    seed=self.config.train.seed)  # fmt: skip
+        one = len(model.heads) == 1  # an ensemble's report is its aggregate's; the members choose their own decays
+        history, decay = (histories[0], decays[0]) if one else ([], math.nan)
         # The output scale of train_reward_model: the train split's completions (the base model's and every
         # round's policy samples) score mean 0, std 1, so that β keeps its meaning from round to round.
-        normalize_output_scale(model, train_scores[None])
-        scorer = _HeadScorer(model.head, self.features)
+        normalize_output_scale(model, train_scores)
+        scorer = _HeadScorer(model, self.features)
         report = evaluate_reward_model(scorer, test, gold)  # the test split: never fitted on, never chose anything
         report.validation_accuracy = evaluate_reward_model(scorer, val).accuracy
         report.n_train, report.n_validation, report.weight_decay, report.history = len(train), len(val), decay, history
@@ -377,9 +377,10 @@ class _Loop:
     def _scorer(self, r: int) -> Scorer:
         """Round ``r + 1``'s reward model as a scorer (on cached features when it is a head on the same ones)."""
         assert self.features is not None
-        model = self.round0 if r == 0 else RewardModel.load(self._dir(r) / "reward_model")
+        kwargs = self.config.train.reward_kwargs
+        model = self.round0 if r == 0 else RewardModel.load(self._dir(r) / "reward_model", **kwargs)
         if isinstance(model, RewardModel) and model.config == self.rm_config:
-            return _HeadScorer(model.head, self.features)
+            return _HeadScorer(model, self.features)
         return model
 
     def _finish(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--only-seeds", help="run just these seeds (e.g. 1,2: one process per seed, side by side), no table"
+    )
     parser.add_argument("--rounds", type=int, default=RLHFConfig.rounds)
     parser.add_argument("--tokens-per-round", type=int, default=RLHFConfig.tokens_per_round)
     parser.add_argument("--pairs-per-round", type=int, default=RLHFConfig.pairs_per_round)
@@ -211,13 +214,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             str(args.pairs_per_round)]  # fmt: skip
     settings = hashlib.sha1(" ".join([*loop, *extra]).encode()).hexdigest()[:10]  # other settings, other runs
     runs = Path(args.runs) / settings
+    chosen = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
     seeds = []
-    for seed in range(args.seeds):
+    for seed in chosen:
         result: dict[str, Any] = {"seed": seed}
         for method in [m for m in METHODS if m in methods]:  # rlhf first: the others take its settings
             print(f"{method} seed {seed} ...", flush=True)
             result[method] = run_method(method, seed, loop, extra, runs, result.get("rlhf"))
         seeds.append(result)
+    if args.only_seeds:  # their runs are saved for the full command, which writes the table
+        return {"seeds": seeds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/rlhf_loop.py " + " ".join(argv)).strip()

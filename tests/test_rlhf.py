@@ -120,6 +120,27 @@ def test_refit_is_train_rm_on_all_pairs_so_far(straight: dict[str, Any], round0_
     )  # fmt: skip
 
 
+def test_an_ensemble_stays_an_ensemble_through_the_refits(tiny_model: Path, round0_rm: Path, tmp_path: Path) -> None:
+    """An ensemble round-0 reward model is refitted as an ensemble of as many heads, aggregated as the run says
+    (here the worst case), exactly as train_reward_model would fit one on the same pairs."""
+    pairs = load_preferences(round0_rm / "prefs.jsonl")
+    config = RewardModelConfig(backbone=str(tiny_model), ensemble=3)
+    model, _ = train_reward_model(pairs, config, progress=False)
+    rm = model.save(tmp_path / "ensemble")
+    append_pairs(rm / "prefs.jsonl", pairs)
+    loop = loop_config(tiny_model, rm, tmp_path / "runs", rounds=1)
+    loop.train.reward_aggregate = "min"
+    run_dir = Path(rlhf(loop, verbose=0)["run_dir"])
+    refit = RewardModel.load(run_dir / "round-1" / "reward_model", aggregate="min")
+    assert len(refit.heads) == 3
+    all_pairs = pairs + load_preferences(run_dir / "round-1" / "pairs.jsonl")
+    expected, _ = train_reward_model(all_pairs, config, progress=False)
+    expected.set_aggregate("min")
+    texts = [p.chosen for p in all_pairs] + [p.rejected for p in all_pairs]
+    prompts = [p.prompt for p in all_pairs] * 2
+    np.testing.assert_allclose(refit.score(prompts, texts), expected.score(prompts, texts), atol=2e-3)
+
+
 def _kill_on_call(count: int) -> Callable[..., Any]:
     """A wrapper that sends this process SIGTERM on its ``count``-th call (as `kill PID` would), then carries on."""
     calls = 0
@@ -151,7 +172,7 @@ def _lines(path: Path) -> int:
       lambda d: _steps(d / "checkpoint/state.json") == 8 and not (d / "round-1/checkpoint").exists()),
      (SimulatedAnnotator, "label", PAIRS + 2,  # at round 2's 2nd label: round 1 done, one label of round 2 kept
       lambda d: (d / "round-1/report.json").is_file() and _lines(d / "round-2/pairs.jsonl") == 1),
-     (rlhf_module, "fit_head", 2,  # in round 2's refit: every label of round 2 kept, no refit saved
+     (rlhf_module, "fit_heads", 2,  # in round 2's refit: every label of round 2 kept, no refit saved
       lambda d: _lines(d / "round-2/pairs.jsonl") == PAIRS and not (d / "round-2/reward_model").exists())],
     ids=["ppo", "labelling", "refit"],
 )  # fmt: skip

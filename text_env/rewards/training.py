@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_members",
     "evaluate_reward_model",
     "fit_head",
+    "fit_heads",
     "normalize_output_scale",
     "split_pairs",
     "train_reward_model",
@@ -270,19 +271,37 @@ def _fit_heads(
     seed: int,
     progress: bool,
 ) -> tuple[list[list[float]], list[float], np.ndarray]:
-    """Features of the frozen backbone once, then :func:`fit_head` for each head (an ensemble's on bootstrap
-    resamples of the train split).
-
-    :return: each head's validation accuracy per weight decay, each head's chosen decay, and each head's raw
-        scores of the (whole, not resampled) train split's completions, ``(K, 2 * len(train))``.
-    """
+    """Features of the frozen backbone once, then :func:`fit_heads`."""
     feats = _features(model, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
-    total, n = len(train) + len(val), len(train)
+    total = len(train) + len(val)
     margins = torch.tensor([p.margin or 0.0 for p in [*train, *val]])
+    return fit_heads(model, feats[:total], feats[total:], len(train), margins, decays, seed, progress)
+
+
+def fit_heads(
+    model: RewardModel,
+    f_chosen: torch.Tensor,
+    f_rejected: torch.Tensor,
+    n_train: int,
+    margins: torch.Tensor | None = None,
+    decays: Sequence[float] = WEIGHT_DECAYS,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[list[list[float]], list[float], np.ndarray]:
+    """:func:`fit_head` for each of ``model``'s heads on features (an ensemble's on bootstrap resamples of the train
+    rows, ``numpy.random.default_rng((seed, i))``; the validation rows stay as they are).
+
+    :param f_chosen: ``(N, H)`` features of the chosen completions, the first ``n_train`` rows the train split, the
+        rest the validation split; ``f_rejected`` likewise.
+    :return: each head's validation accuracy per weight decay, each head's chosen decay, and each head's raw
+        scores of the (whole, not resampled) train split's completions, ``(K, 2 * n_train)``: what
+        :func:`normalize_output_scale` takes.
+    """
+    n, total = n_train, len(f_chosen)
+    margins = torch.zeros(total) if margins is None else margins
     if len(model.heads) == 1:
-        history, decay, scores = fit_head(model.head, feats[:total], feats[total:], n, margins, decays, progress)
+        history, decay, scores = fit_head(model.head, f_chosen, f_rejected, n, margins, decays, progress)
         return [history], [decay], scores[None]
-    f_chosen, f_rejected = feats[:total], feats[total:]  # (N, H) each: train rows, then validation rows
     train_texts = torch.cat([f_chosen[:n], f_rejected[:n]])  # (2n, H)
     histories, chosen, scores = [], [], []
     for i, head in enumerate(tqdm(model.heads, desc="ensemble members", disable=not progress)):
