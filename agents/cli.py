@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,6 +145,7 @@ def _preferences(args: argparse.Namespace) -> None:
 
 
 def _train_rm(args: argparse.Namespace) -> None:
+    from agents.train import json_safe
     from text_env.rewards.preferences import load_preferences
     from text_env.rewards.reward_model import RewardModelConfig
     from text_env.rewards.training import train_reward_model
@@ -163,7 +163,7 @@ def _train_rm(args: argparse.Namespace) -> None:
         validation=args.validation, test=args.test, seed=args.seed,
     )  # fmt: skip
     model.save(args.out)
-    record = _finite_or_null(dataclasses.asdict(report))
+    record = json_safe(dataclasses.asdict(report))
     record["split"] = {  # text_env.rewards.training.split_pairs: train fits, validation chooses, test reports
         "validation": args.validation, "test": args.test, "seed": args.seed
     }  # fmt: skip
@@ -185,16 +185,6 @@ def _train_rm(args: argparse.Namespace) -> None:
                 for i, m in enumerate(report.members)
             )
         )
-
-
-def _finite_or_null(value: object) -> object:
-    """``value`` with every NaN/inf float (e.g. gold accuracy when every held-out pair ties on gold, or an
-    ensemble's shared weight decay, which each member chose for itself) replaced by ``None``: they are not JSON."""
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _export(args: argparse.Namespace) -> None:

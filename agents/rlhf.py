@@ -56,6 +56,7 @@ from agents.train import (
     Interrupted,
     cpu_kind,
     evaluation_record,
+    json_safe,
     learn_with_checkpoints,
     new_run_dir,
     peak_rss_gb,
@@ -415,21 +416,10 @@ def _samples(evaluation: dict[str, Any], n: int = 3) -> list[dict[str, str]]:
     return [{"prompt": p, "completion": c} for p, c in pairs]
 
 
-def _finite(value: Any) -> Any:
-    """NaN and inf (e.g. a gold accuracy when every pair ties on gold) become ``null``: they are not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     """Write atomically: a reader (or a resume) sees the old file or the whole new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(record), indent=1, allow_nan=False))
+    tmp.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False))
     tmp.replace(path)
 
 

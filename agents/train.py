@@ -11,6 +11,7 @@ started again, and the report covers the whole run.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import resource
@@ -31,8 +32,8 @@ from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class,
 
 __all__ = [
     "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "cpu_kind", "evaluation_record",
-    "learn_with_checkpoints", "make_algorithm", "new_run_dir", "peak_rss_gb", "pyplot", "restore_checkpoint",
-    "save_checkpoint", "train", "unfinished_config",
+    "json_safe", "learn_with_checkpoints", "make_algorithm", "new_run_dir", "peak_rss_gb", "pyplot",
+    "restore_checkpoint", "save_checkpoint", "train", "unfinished_config",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
@@ -277,6 +278,18 @@ def learn_with_checkpoints(run: Run, run_dir: Path, state: dict[str, Any], comma
         checkpointer.save()
         raise Interrupted(run_dir, checkpointer.boundary, command)
     state["train_seconds"] += time.time() - checkpointer.started
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by ``None`` (they are not JSON), in nested dicts, lists, tuples:
+    e.g. a gold accuracy when every held-out pair ties on gold, or an ensemble's shared weight decay."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def peak_rss_gb() -> float:
