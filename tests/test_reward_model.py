@@ -3,6 +3,7 @@ metrics, pickle-free save/load, ensembles and their aggregation, and use as the 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -18,7 +19,7 @@ from conftest import TINY_PROMPTS
 from safetensors.torch import load_file, save_file
 
 import text_env  # registers TextGen-v0
-from text_env.models import ModelLoadError, load_causal_lm, make_tiny_model
+from text_env.models import ModelLoadError, make_tiny_model
 from text_env.rewards.preferences import PreferencePair, append_pairs
 from text_env.rewards.reward_model import (
     AGGREGATES,
@@ -116,19 +117,25 @@ def trained(tiny_model: Path, head_model: tuple) -> dict[str, tuple[RewardModel,
 def test_lora_and_full_modes_train(trained: dict, tiny_model: Path, mode: str) -> None:
     model, report = trained[mode]
     assert (report.n_train, report.n_validation, report.n_heldout) == (6, 2, 2)
-    assert report.epochs == len(report.history) == 2
+    assert report.epochs == len(report.history) == 3  # epoch 0 (the warm-started head), then two of training
     for value in (report.accuracy, report.gold_accuracy, report.spearman, report.seconds, *report.history):
         assert math.isfinite(value)
     assert 0.0 <= report.accuracy <= 1.0 and 0.0 <= report.gold_accuracy <= 1.0 and -1.0 <= report.spearman <= 1.0
-    # what was trained moved
-    base = load_causal_lm(tiny_model).state_dict()
     if mode == "lora":
-        lora_b = [p for n, p in model.backbone.named_parameters() if "lora_B" in n]
-        assert lora_b and max(float(p.detach().abs().max()) for p in lora_b) > 1e-3
         assert all(p.requires_grad == ("lora_" in n) for n, p in model.backbone.named_parameters())
-    else:
-        moved = model.backbone.state_dict()["model.layers.0.mlp.up_proj.weight"]
-        assert not torch.allclose(moved, base["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_backbone_training_starts_from_the_fitted_head(tiny_model: Path, mode: str) -> None:
+    """Epoch 0 of lora/full is the head-mode model: the head fitted on the starting (= frozen) features, so
+    training the backbone starts from a head that ranks and is kept only if it beats it on validation."""
+    pairs = sentiment_pairs(10, seed=2)
+    kwargs = {"gold": WordGold(), "batch_size": 4, "validation": 0.2, "test": 0.2, "progress": False}
+    head, _ = train_reward_model(pairs, config(tiny_model, "head", pooling="last"), **kwargs)
+    warm, report = train_reward_model(pairs, config(tiny_model, mode, pooling="last"), epochs=0, **kwargs)
+    assert report.epochs == 1
+    prompts, completions = ["the movie was", "a sad , dull"], ["it was wonderful", "so awful and bad"]
+    np.testing.assert_allclose(warm.score(prompts, completions), head.score(prompts, completions), atol=1e-4)
 
 
 def test_train_needs_four_pairs(tiny_model: Path) -> None:
@@ -239,7 +246,11 @@ def test_score_shape_dtype_and_empty_completion(head_model: tuple) -> None:
 
 @pytest.mark.parametrize("mode", ["head", "lora", "full"])
 def test_save_load_identical_and_pickle_free(trained: dict, tmp_path: Path, mode: str) -> None:
-    model = trained[mode][0]
+    model = copy.deepcopy(trained[mode][0])  # the fixture's stays as trained
+    with torch.no_grad():  # what training may have kept at its start (LoRA's B = 0): moved, so a lost tensor shows
+        for name, param in model.backbone.named_parameters():
+            if param.requires_grad and ("lora_B" in name or mode == "full"):
+                param.add_(0.05 * torch.randn_like(param))
     path = model.save(tmp_path / f"rm-{mode}")
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
     assert {"reward_model.json", "head.safetensors"} <= files

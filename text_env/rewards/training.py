@@ -182,8 +182,9 @@ def train_reward_model(
     ``"head"`` mode computes the frozen backbone's features once and fits the head to convergence (full-batch
     L-BFGS on the Bradley–Terry loss plus ``weight_decay * |w|^2 / 2``) for each weight decay, keeping the one
     with the lowest validation loss: a deterministic, smooth fit, so tiny numerical differences (e.g. bf16 kernels
-    of different CPUs) move the result only a little. ``"lora"`` and ``"full"`` train the backbone with AdamW for
-    up to ``epochs`` and keep the epoch with the best validation accuracy (early stopping after ``patience``).
+    of different CPUs) move the result only a little. ``"lora"`` and ``"full"`` first fit the head that way, then
+    train the backbone and head with AdamW for up to ``epochs`` and keep the epoch (0: that warm start) with the
+    lowest validation loss (early stopping after ``patience``).
 
     :param validation: fraction of pairs for choosing (weight decay, epoch); see :func:`split_pairs`.
     :param test: fraction of pairs held out for the report only (0: no test report).
@@ -220,7 +221,7 @@ def train_reward_model(
             raise TypeError(f"{config.mode} mode takes one weight_decay (AdamW's), got {weight_decay!r}")
         chosen_decay = 1e-2 if weight_decay is None else float(weight_decay)
         history = _train_backbone(model, train_pairs, val_pairs, config, epochs, learning_rate, batch_size,
-                                  chosen_decay, patience, progress)  # fmt: skip
+                                  chosen_decay, patience, seed, progress)  # fmt: skip
         model.eval()
         prompts, texts = [p.prompt for p in train_pairs] * 2, [p.chosen for p in train_pairs]
         train_scores = model.score(prompts, texts + [p.rejected for p in train_pairs], batch_size=batch_size)[None]
@@ -379,14 +380,40 @@ def _train_backbone(
     batch_size: int,
     weight_decay: float,
     patience: int,
+    seed: int,
     progress: bool,
 ) -> list[float]:
-    """AdamW on adapters (``lora``) or every weight (``full``) plus the head; keep the best validation epoch."""
+    """AdamW on adapters (``lora``) or every weight (``full``) plus the head; keep the best validation epoch.
+
+    **Warm start.** The head is first fitted to convergence on the starting backbone's features (exactly the
+    frozen features: LoRA's ``B = 0`` adapters and the untouched ``full`` weights leave them as they are), which
+    also sets its feature standardisation. That is the head-mode model, epoch 0: training the backbone has to
+    beat it on validation to be kept, and it starts from a head that already ranks instead of a random one, whose
+    gradients would first scramble the backbone (middle layers carry a few activations hundreds of times larger
+    than the rest, which an unstandardised random head follows). Epochs are chosen by the validation split's
+    Bradley-Terry loss, as weight decays are in head mode (smoother than accuracy on a few hundred pairs).
+
+    :return: the validation accuracy per epoch, epoch 0 (the warm start) first.
+    """
+    model.eval()
+    _fit_heads(model, train, val, WEIGHT_DECAYS, batch_size, seed, progress)
     margins = torch.tensor([p.margin or 0.0 for p in train])
+    val_margins = torch.tensor([p.margin or 0.0 for p in val])
+
+    def validate() -> tuple[float, float]:
+        prompts = [p.prompt for p in val]
+        diff = torch.from_numpy(
+            model.score(prompts, [p.chosen for p in val], batch_size)
+            - model.score(prompts, [p.rejected for p in val], batch_size)
+        )  # (n_val,)
+        return float(_bt_loss(diff, torch.zeros_like(diff), val_margins.double())), float((diff > 0).double().mean())
+
     params = [p for p in model.parameters() if p.requires_grad]
     lr = learning_rate or {"lora": 1e-4, "full": 1e-5}[config.mode]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    best, best_state, history, stale = -1.0, None, [], 0
+    best, accuracy = validate()
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if _trained(k, config)}
+    history, stale = [accuracy], 0
     for _epoch in range(epochs):
         model.train()
         for idx in tqdm(torch.randperm(len(train)).split(batch_size), desc="epoch", disable=not progress):
@@ -396,17 +423,17 @@ def _train_backbone(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        accuracy = evaluate_reward_model(model, val, batch_size=batch_size).accuracy
+        model.eval()
+        loss, accuracy = validate()
         history.append(accuracy)
-        if accuracy > best:
-            best, stale = accuracy, 0
+        if loss < best:
+            best, stale = loss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if _trained(k, config)}
         else:
             stale += 1
             if stale >= patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+    model.load_state_dict(best_state, strict=False)
     return history
 
 
