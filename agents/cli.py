@@ -13,6 +13,7 @@ __all__ = ["main"]
 
 # Errors that mean the input was wrong, not the program: shown as one line. ModelLoadError is an OSError.
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
+_INSPECT_PORT = 8766  # textgen inspect's page, beside textgen label's 8765
 
 
 def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -60,6 +61,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     _add_fields(p, TrainConfig)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings come from there)")
+    p.add_argument(
+        "--engine", choices=["sb3", "rllib"], default="sb3",
+        help="sb3: Stable-Baselines3 in this process; rllib: Ray RLlib's PPO on $RAY_ADDRESS's cluster or a local "
+        "Ray (pip install 'textgen-rl[rllib]')",
+    )  # fmt: skip
+    p.add_argument("--num-env-runners", type=int, default=2, help="--engine rllib: sampling processes (0: this one)")
+    p.add_argument("--num-learners", type=int, default=0, help="--engine rllib: training processes (0: this one)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -67,6 +75,14 @@ def _train(args: argparse.Namespace) -> None:
     from agents.train import train
 
     given = _given(args, TrainConfig)
+    if args.engine == "rllib":
+        if args.resume:
+            raise ValueError("--resume continues --engine sb3 runs only; an RLlib run starts anew")
+        from agents.rllib import train_rllib  # without Ray, its ImportError says: pip install 'textgen-rl[rllib]'
+
+        config = TrainConfig.for_algo(given.pop("algo", "ppo"), **given)
+        train_rllib(config, num_env_runners=args.num_env_runners, num_learners=args.num_learners)
+        return
     if args.resume:
         _refuse_settings_with_resume(args, given)
         train(resume=args.resume)
@@ -191,10 +207,119 @@ def _export(args: argparse.Namespace) -> None:
     from agents.policies import export_pretrained
     from agents.run import algorithm_class
 
+    if Path(args.model_zip).is_dir():  # an RLlib checkpoint (algo.save_to_path) or an --engine rllib run directory
+        from agents.rllib import export_rllib
+
+        print(f"exported to {export_rllib(args.model_zip, args.out)}")
+        return
     config = Path(args.model_zip).with_name("config.json")  # a model.zip does not name its algorithm; its run does
     algo = args.algo or (json.loads(config.read_text())["algo"] if config.is_file() else "ppo")
     policy = algorithm_class(algo).load(args.model_zip, device="cpu").policy
     print(f"exported to {export_pretrained(policy, args.out)}")
+
+
+def _add_server_options(p: argparse.ArgumentParser, port: int, html: bool = False) -> None:
+    """``--host``, ``--port`` and ``--token`` of a command that serves a page (with ``html``, only when asked to
+    beside ``--html``: ``--port`` is then ``None`` unless given)."""
+    from agents.web import LOOPBACK
+
+    p.add_argument("--host", default=LOOPBACK, help="interface to listen on; off loopback a token is required")
+    note = f"{port}; with --html only when given" if html else str(port)
+    p.add_argument(
+        "--port", type=int, default=None if html else port, help=f"port to serve on (0: any free one; default {note})"
+    )
+    p.add_argument("--token", default=None, help="the secret the URL must carry (default: random off loopback)")
+
+
+def _add_label(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label",
+        help="label preference pairs on a local web page (A / B / tie / skip, keyboard shortcuts)",
+        description="Serve a page that shows two completions under their prompt; each label is appended to --data "
+        "(A/B as preference lines that train-rm reads; ties and skips to <data stem>.undecided.jsonl) and synced to "
+        "disk at once, so a restart resumes at the first pair the annotator has not labelled. The pairs come from "
+        "--pairs, or are sampled with --model. Shows progress, agreement between annotator ids and with the task's "
+        "gold scorer.",
+    )
+    p.add_argument("--data", required=True, help="preference JSONL that labels are appended to (made if missing)")
+    p.add_argument(
+        "--pairs", help="JSONL of pairs to label (prompt, a, b; or prompt, chosen, rejected to relabel); with --model, "
+        "where the samples are written (default: <data stem>.to-label.jsonl), reused if it exists",
+    )  # fmt: skip
+    p.add_argument("--model", help="sample the pairs: 'default', a model directory or hub id, or a run directory")
+    p.add_argument(
+        "--task", default="positive-review", help="prompts to sample; its gold scorer is shown (%(default)s)"
+    )
+    p.add_argument("--n-pairs", type=int, default=32, help="pairs to sample with --model (%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="sampled completion length (the task's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled prompts and completions")
+    p.add_argument("--annotator", default=None, help="annotator id the page starts with (default: your user name)")
+    _add_server_options(p, 8765)
+
+
+def _label(args: argparse.Namespace) -> None:
+    import getpass
+    import re
+
+    from agents.labeling import LabelStore, load_pairs_to_label, make_labeling_app, sample_pairs_to_label
+    from agents.web import access_token, serve
+    from text_env.tasks import get_task
+
+    data = Path(args.data)
+    if args.model is None and args.pairs is None:
+        raise ValueError("give the pairs to label (--pairs FILE), or a model to sample them from (--model)")
+    pairs_file = Path(args.pairs or data.with_name(f"{data.stem}.to-label.jsonl"))
+    if args.model is not None and not pairs_file.is_file():
+        pairs = sample_pairs_to_label(
+            args.model, pairs_file, args.task, args.n_pairs, max_new_tokens=args.max_new_tokens, seed=args.seed
+        )
+        print(f"sampled {len(pairs)} pairs from {args.model} into {pairs_file}")
+    else:
+        pairs = load_pairs_to_label(pairs_file)
+    token = access_token(args.host, args.token)
+    store = LabelStore(pairs, data, get_task(args.task).gold)
+    annotator = args.annotator or re.sub(r"[^\w.@+-]", "_", getpass.getuser())[:64]
+    stats = store.stats(annotator)
+    print(f"{stats['total']} pairs from {pairs_file}; {stats['labelled']} judged so far; labels go to {data}")
+    serve(make_labeling_app(store, token, annotator), args.host, args.port, token, "labeling page")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="per-token view of a trained run: base vs trained completions coloured by KL, log-prob or value",
+        description="For held-out prompts of a saved run (textgen train or rlhf), sample a completion from the base "
+        "model and from the trained policy, and colour every token by its KL contribution log pi - log pi_ref, the "
+        "policy's log-prob or the value estimate, beside each completion's reward-model and gold score. Serves the "
+        "page (--port), or writes it as one self-contained file (--html). From Python: agents.inspection.inspect_run.",
+    )
+    p.add_argument("run_dir", help="the run directory (config.json and model.zip)")
+    p.add_argument("--prompts", type=int, default=8, help="how many prompts of the split (%(default)s)")
+    p.add_argument("--split", choices=["eval", "train"], default="eval", help="prompt split (%(default)s: held out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled completions")
+    p.add_argument("--html", metavar="OUT_HTML", help="write the page to this file (serves it only if --port is given)")
+    _add_server_options(p, _INSPECT_PORT, html=True)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from agents.inspection import inspect_run, make_inspection_app, render_html
+    from agents.web import access_token, serve
+
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be at least 1, got {args.prompts}")
+    token = access_token(args.host, args.token)  # refuse a bad --token before the minutes of sampling
+    inspection = inspect_run(args.run_dir, n_prompts=args.prompts, split=args.split, seed=args.seed)
+    for name, values in inspection.summary().items():
+        print(f"{name:8s} reward model {values['reward_model_score']:+.3f}  gold {values['gold_score']:+.3f}  "
+              f"KL {values['kl']:.2f} nats")  # fmt: skip
+    if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(render_html(inspection), encoding="utf-8")
+        print(f"wrote {args.html}")
+        if args.port is None:
+            return
+    serve(make_inspection_app(inspection, token), args.host, _INSPECT_PORT if args.port is None else args.port, token,
+          "inspection page")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -257,9 +382,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("export", help="write a trained policy's LM with save_pretrained (for transformers)")
-    p.add_argument("model_zip", help="the model.zip of a run")
+    p.add_argument("model_zip", help="the model.zip of a run, or an --engine rllib run directory / RLlib checkpoint")
     p.add_argument("out", help="output directory")
     p.add_argument("--algo", choices=ALGORITHMS, help="default: the run's (config.json beside model.zip), else ppo")
+
+    _add_label(sub)
+    _add_inspect(sub)
 
     args = parser.parse_args(argv)
     handlers = {
@@ -269,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "preferences": _preferences,
         "train-rm": _train_rm,
         "export": _export,
+        "label": _label,
+        "inspect": _inspect,
     }
     try:
         handlers[args.command](args)

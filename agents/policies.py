@@ -377,7 +377,7 @@ class _CausalLMMixin:
         fixed = frozen or (not self.training and not torch.is_grad_enabled())  # type: ignore[attr-defined]
         return self.kv_cache and fixed and (held is None or held.shape == ids.shape)
 
-    def _logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits ``(B, V)`` and values ``(B, 1)`` for a batch of observations."""
         ids, mask = _token_ids(obs)  # (B, L)
         if self._use_cache(self._actor_cache, ids):
@@ -408,7 +408,7 @@ class _CausalLMMixin:
         logits, hidden = forward_positions(model, ids[unique_reps, :span], mask[unique_reps, :span], positions)
         return logits[slot_of, column], hidden[slot_of, column]  # (B, V), (B, H)
 
-    def _distribution(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
+    def distribution_from_logits(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
         """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
         logits = logits / self.temperature  # (B, V)
         if self.top_k or self.top_p < 1.0:
@@ -422,20 +422,20 @@ class _CausalLMMixin:
     def forward(
         self, obs: PyTorchObs, deterministic: bool = False, action_masks: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, values = self._logits_and_values(obs)
-        distribution = self._distribution(logits, action_masks)
+        logits, values = self.logits_and_values(obs)
+        distribution = self.distribution_from_logits(logits, action_masks)
         actions = distribution.get_actions(deterministic=True) if deterministic else _sample(distribution)
         return actions, values, distribution.log_prob(actions)
 
     def evaluate_actions(
         self, obs: PyTorchObs, actions: torch.Tensor, action_masks: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, values = self._logits_and_values(obs)
-        distribution = self._distribution(logits, action_masks)
+        logits, values = self.logits_and_values(obs)
+        distribution = self.distribution_from_logits(logits, action_masks)
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs: PyTorchObs, action_masks: Any = None) -> Distribution:
-        return self._distribution(self._logits_and_values(obs)[0], action_masks)
+        return self.distribution_from_logits(self.logits_and_values(obs)[0], action_masks)
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
         """Values ``(B, 1)``; 0 for an observation with no free slot left.
@@ -447,7 +447,7 @@ class _CausalLMMixin:
         full = obs["attention_mask"][:, -1] > 0  # (B,)
         values = torch.zeros(full.shape[0], 1, device=full.device)
         if not full.all():
-            values[~full] = self._logits_and_values({k: v[~full] for k, v in obs.items()})[1]
+            values[~full] = self.logits_and_values({k: v[~full] for k, v in obs.items()})[1]
         return values
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False, action_masks: Any = None) -> torch.Tensor:

@@ -31,9 +31,9 @@ from agents.evaluate import Evaluation
 from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
 
 __all__ = [
-    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "cpu_kind", "evaluation_record",
-    "json_safe", "learn_with_checkpoints", "make_algorithm", "new_run_dir", "peak_rss_gb", "pyplot",
-    "restore_checkpoint", "save_checkpoint", "train", "unfinished_config",
+    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table", "cpu_kind",
+    "evaluation_record", "json_safe", "learn_with_checkpoints", "make_algorithm", "new_run_dir", "paired_samples",
+    "peak_rss_gb", "plot_training", "pyplot", "restore_checkpoint", "save_checkpoint", "train", "unfinished_config",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
@@ -173,7 +173,14 @@ def evaluation_record(evaluation: Evaluation) -> dict[str, Any]:
     return {"summary": evaluation.summary, "prompts": evaluation.prompts, "completions": evaluation.completions}
 
 
-def _table(before: dict[str, Any], after: dict[str, Any], n_samples: int = 3) -> str:
+def paired_samples(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, str]]:
+    """The report's held-out samples: each prompt with its completion before and after training."""
+    prompts, b, a = before["prompts"], before["completions"], after["completions"]
+    return [{"prompt": p, "before": x, "after": y} for p, x, y in zip(prompts, b, a, strict=True)]
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any], n_samples: int = 3) -> str:
+    """The report's markdown: each metric before and after training, then a few held-out samples side by side."""
     rows = ["| metric | before | after |", "|---|---|---|"]
     for key in ("reward_model_score", "gold_score", "kl", "perplexity", "distinct_1", "distinct_2"):
         rows.append(f"| {key} | {before['summary'][key]:.3f} | {after['summary'][key]:.3f} |")
@@ -214,7 +221,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     learn_with_checkpoints(run, run_dir, state)
     after = evaluation_record(run.evaluate())
     run.algo.save(run_dir / "model")
-    table = _table(before, after)
+    table = before_after_table(before, after)
     report = {
         "config": asdict(config),
         "before": before["summary"],
@@ -225,16 +232,13 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         "final_beta": run.kl.controller.beta,
         "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "samples": [
-            {"prompt": p, "before": b, "after": a}
-            for p, b, a in zip(before["prompts"], before["completions"], after["completions"], strict=True)
-        ],
+        "samples": paired_samples(before, after),
         "run_dir": str(run_dir),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     (run_dir / "report.md").write_text(table + "\n")
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # model.zip supersedes it
-    _plot(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0])
+    plot_training(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0])
     print(table)
     print(f"\nsaved to {run_dir} (load with {type(run.algo).__name__}.load('{run_dir / 'model'}'))")
     return report
@@ -323,7 +327,7 @@ def pyplot() -> Any:
     return plt
 
 
-def _plot(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
+def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
     """Reward-model and gold score per rollout, as a PNG (skipped without matplotlib)."""
     plt = pyplot()
     if plt is None or not history:

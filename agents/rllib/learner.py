@@ -1,0 +1,102 @@
+"""The RLHF objective in RLlib: reward − β·KL(π‖π_ref) per token, applied in the Learner before GAE.
+
+:class:`KLRewardPenalty` is a learner ConnectorV2 piece that :class:`RLHFPPOLearner` inserts right before RLlib's
+``GeneralAdvantageEstimation``, so advantages and value targets see the penalised rewards, exactly as SB3 stores
+them after :class:`agents.kl.KLPenalty`: the same estimate ``log π(a_t|s_t) − log π_ref(a_t|s_t)`` of the sampling
+policy (``ACTION_LOGP``) against the frozen starting model (:data:`~agents.rllib.module.REF_LOGP`, both recorded by
+the EnvRunner with the action), the same β. β itself is moved by :class:`agents.kl.KLController` in the driver
+(:class:`agents.rllib.train.RLHFMetrics`), which hands it to every Learner, so that all Learners apply one β.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModule
+
+from agents.rllib.module import REF_LOGP
+
+__all__ = ["KL_BETA", "KLRewardPenalty", "RLHFPPOLearner"]
+
+KL_BETA = "kl_beta"
+"""``learner_config_dict`` key of the initial β."""
+
+
+class KLRewardPenalty(ConnectorV2):
+    """Subtract ``β·(log π − log π_ref)`` from each timestep's reward in the train batch (before GAE).
+
+    The rows RLlib appends to each episode for GAE's bootstrap (``LOSS_MASK`` False: no action was taken there) are
+    left alone. Logs ``rlhf_kl_per_token`` and ``rlhf_beta`` per update.
+
+    :param beta: the KL coefficient (the driver sets it each iteration when it is adaptive).
+    """
+
+    def __init__(self, input_observation_space: Any = None, input_action_space: Any = None, *, beta: float) -> None:
+        super().__init__(input_observation_space, input_action_space)
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def __call__(
+        self,
+        *,
+        rl_module: RLModule,
+        batch: dict[str, Any],
+        episodes: list[Any],
+        explore: bool | None = None,
+        shared_data: dict | None = None,
+        metrics: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        for module_id, columns in batch.items():
+            if REF_LOGP not in columns:
+                raise KeyError(
+                    f"module {module_id!r}'s episodes carry no {REF_LOGP!r}: the KL penalty needs EnvRunners that "
+                    "record the reference log-probability with each action (CausalLMRLModule does)"
+                )
+            kl = columns[Columns.ACTION_LOGP] - columns[REF_LOGP]  # (N,) per-token estimate of KL(π‖π_ref)
+            real = columns.get(Columns.LOSS_MASK)  # (N,) False on the appended bootstrap rows
+            if real is not None:
+                kl = torch.where(torch.as_tensor(real, device=kl.device), kl, torch.zeros_like(kl))
+            columns[Columns.REWARDS] = columns[Columns.REWARDS] - (self.beta * kl).to(columns[Columns.REWARDS].dtype)
+            if metrics is not None:
+                tokens = int(real.sum()) if real is not None else kl.numel()
+                metrics.log_value((module_id, "rlhf_kl_per_token"), float(kl.sum()) / max(1, tokens), window=1)
+                metrics.log_value((module_id, "rlhf_beta"), self.beta, window=1)
+        return batch
+
+
+class RLHFPPOLearner(PPOTorchLearner):
+    """RLlib's torch PPO Learner with :class:`KLRewardPenalty` before GAE, optimising the trainable tensors only.
+
+    The initial β is ``config.learner_config_dict["kl_beta"]``; :meth:`set_kl_beta` changes it.
+    """
+
+    def build(self) -> None:
+        super().build()
+        if self._learner_connector is None:  # the pipeline then runs in aggregator actors, which never see this
+            raise ValueError(
+                "the RLHF KL penalty runs in the Learner's connector pipeline: set num_aggregator_actors_per_learner=0"
+            )
+        if KL_BETA not in self.config.learner_config_dict:
+            raise KeyError(f"RLHFPPOLearner needs learner_config_dict={{{KL_BETA!r}: beta}} (the KL coefficient)")
+        self._learner_connector.insert_before(
+            GeneralAdvantageEstimation, KLRewardPenalty(beta=float(self.config.learner_config_dict[KL_BETA]))
+        )
+
+    def get_parameters(self, module: RLModule) -> list[torch.nn.Parameter]:
+        """What the optimizer steps and clips: frozen LM weights (LoRA's base, untrained blocks) are left out."""
+        return [p for p in super().get_parameters(module) if p.requires_grad]
+
+    def set_kl_beta(self, beta: float) -> None:
+        """Set β of the KL penalty for the next updates."""
+        self._learner_connector[KLRewardPenalty][0].beta = beta
+
+    def kl_beta(self) -> float:
+        """The β the next update applies."""
+        return self._learner_connector[KLRewardPenalty][0].beta

@@ -1,0 +1,326 @@
+"""``textgen train --engine rllib``: the run of a :class:`~agents.run.TrainConfig`, trained by RLlib's PPO.
+
+:func:`rllib_config` maps the config onto RLlib's own idiom (``PPOConfig().environment(...).env_runners(...)
+.learners(...).rl_module(...)``), so a user can start from it and change anything RLlib offers; :func:`train_rllib`
+connects to Ray, evaluates the policy on the held-out prompts before and after (the SB3 path's
+:func:`agents.evaluate.evaluate`, on the module's own :class:`~agents.policies.CausalLMPolicy`), trains to the token
+budget, checkpoints with ``save_to_path`` and writes the same report as ``textgen train``; :func:`export_rllib`
+writes a checkpoint's LM with ``save_pretrained``.
+
+Each EnvRunner makes its own envs, reward model included, from ``env_config`` (plain settings: names, paths,
+numbers), so no model is ever pickled across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import ray
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+from agents.evaluate import evaluate
+from agents.kl import KLController
+from agents.policies import export_pretrained
+from agents.rllib.learner import KL_BETA, RLHFPPOLearner
+from agents.rllib.module import REF_LOGP, CausalLMRLModule
+from agents.run import TrainConfig, make_env
+from agents.train import (
+    before_after_table,
+    cpu_kind,
+    evaluation_record,
+    new_run_dir,
+    paired_samples,
+    peak_rss_gb,
+    plot_training,
+)
+from text_env.core import resolve_reward
+from text_env.tasks import get_task
+
+__all__ = ["RLHFMetrics", "connect_ray", "export_rllib", "load_rllib_module", "rllib_config", "train_rllib"]
+
+ENV_ID = "text_env:TextGen-v0"  # the module prefix makes every EnvRunner process import text_env (registration)
+KL_TARGET = "kl_target"  # learner_config_dict keys read by RLHFMetrics (KL_BETA: the initial β)
+GAE_LAMBDA = 0.95  # SB3 PPO's gae_lambda, which the SB3 path uses
+CLIP_RANGE = 0.2  # SB3 PPO's clip_range
+VF_COEF = 0.5  # SB3 PPO's vf_coef
+MAX_GRAD_NORM = 0.5  # SB3 PPO's max_grad_norm
+SAMPLE_TIMEOUT_S = 1800.0  # RLlib drops an EnvRunner's late samples (its default, 60 s, is one CPU rollout of SmolLM2)
+_SUMS = ("rlhf_reward_model_score_sum", "rlhf_gold_score_sum", "rlhf_kl_sum", "rlhf_tokens", "rlhf_episodes")
+
+
+def rllib_config(
+    config: TrainConfig,
+    num_env_runners: int = 1,
+    num_learners: int = 0,
+    num_gpus_per_learner: float = 0,
+) -> PPOConfig:
+    """RLlib's ``PPOConfig`` of a :class:`~agents.run.TrainConfig`: same env, LM policy, KL leash and PPO settings.
+
+    ``n_envs`` envs are spread over the EnvRunners (``ceil(n_envs / runners)`` each), a rollout of
+    ``n_envs * n_steps`` tokens is one training iteration (split over the Learners), minibatches of ``batch_size``
+    tokens are contiguous slices of the episode-ordered batch (one LM pass per episode); the rest is SB3 PPO's
+    defaults (GAE λ 0.95, clip 0.2, value coefficient 0.5, no value clipping, gradient norm 0.5).
+
+    :param num_env_runners: sampling processes (0: sample in the driver).
+    :param num_learners: training processes (0: train in the driver); more than one trains data-parallel.
+    :param num_gpus_per_learner: GPUs per Learner (fractions share one).
+    """
+    if config.algo != "ppo":
+        raise ValueError(f"the RLlib engine trains PPO only (RLlib's PPO on the LM RLModule), not {config.algo!r}")
+    if num_env_runners < 0 or num_learners < 0:
+        raise ValueError(f"num_env_runners and num_learners must be >= 0, got {num_env_runners}, {num_learners}")
+    env_config = {
+        "model": config.model, "task": config.task, "reward_model": config.reward_model,
+        "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
+        "max_prompt_tokens": config.max_prompt_tokens, "split": "train",
+    }  # fmt: skip
+    train_batch = max(1, config.n_envs * config.n_steps // max(1, num_learners))  # tokens per Learner per iteration
+    model_config = {
+        "model": config.model,
+        "bf16": config.bf16,
+        "lora": config.lora,
+        "train_layers": config.train_layers,
+    }
+    return (
+        PPOConfig()
+        .environment(ENV_ID, env_config=env_config)
+        .env_runners(
+            num_env_runners=num_env_runners,
+            num_envs_per_env_runner=math.ceil(config.n_envs / max(1, num_env_runners)),
+            sample_timeout_s=SAMPLE_TIMEOUT_S,
+        )
+        .learners(
+            num_learners=num_learners,
+            num_gpus_per_learner=num_gpus_per_learner,
+            num_aggregator_actors_per_learner=0,  # the KL penalty runs in the Learner's own connector pipeline
+            learner_class=RLHFPPOLearner,
+            learner_config_dict={KL_BETA: config.beta, KL_TARGET: config.target_kl},
+        )
+        .training(
+            lr=config.learning_rate,
+            gamma=config.gamma,
+            lambda_=GAE_LAMBDA,
+            train_batch_size_per_learner=train_batch,
+            minibatch_size=min(config.batch_size, train_batch),  # as SB3: a minibatch is at most the rollout
+            num_epochs=config.n_epochs,
+            shuffle_batch_per_epoch=False,
+            clip_param=CLIP_RANGE,
+            vf_loss_coeff=VF_COEF,
+            vf_clip_param=float("inf"),
+            entropy_coeff=0.0,
+            use_kl_loss=False,  # the RLHF KL is in the reward (and the behaviour logits are not shipped)
+            grad_clip=MAX_GRAD_NORM,
+            grad_clip_by="global_norm",
+        )
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=CausalLMRLModule, model_config=model_config))
+        .callbacks(RLHFMetrics)
+        .debugging(seed=config.seed)
+    )
+
+
+def _on_learners(algorithm: Algorithm, func: Callable[[RLHFPPOLearner], Any]) -> list[Any]:
+    """``func(learner)`` on every Learner (local or remote), raising what any of them raised."""
+    return [result.get() for result in algorithm.learner_group.foreach_learner(func)]
+
+
+class RLHFMetrics(RLlibCallback):
+    """Per iteration, what ``textgen train`` logs per rollout, and the adaptive β.
+
+    EnvRunners sum, over the episodes that ended, the reward-model score, the gold score and the KL to the reference
+    (``log π − log π_ref`` over every token of the episode, earlier chunks included); the driver turns the sums into
+    means in ``result["rlhf"]`` (``reward_model_score``, ``gold_score``, ``kl_per_episode``, ``kl_per_token``,
+    ``beta``, ``episodes``), then moves β with :class:`agents.kl.KLController` and hands it to every Learner.
+    """
+
+    def on_algorithm_init(self, *, algorithm: Algorithm, **kwargs: Any) -> None:
+        settings = algorithm.config.learner_config_dict
+        self.controller = KLController(settings[KL_BETA], settings.get(KL_TARGET))
+
+    def on_episode_end(
+        self, *, episode: Any, prev_episode_chunks: Any = None, metrics_logger: Any, **kwargs: Any
+    ) -> None:
+        info = episode.get_infos(-1)
+        kl, tokens = 0.0, 0
+        for chunk in [*(prev_episode_chunks or []), episode]:
+            logp = np.asarray(chunk.get_extra_model_outputs(Columns.ACTION_LOGP), dtype=np.float64)  # (T,)
+            ref = np.asarray(chunk.get_extra_model_outputs(REF_LOGP), dtype=np.float64)  # (T,)
+            kl, tokens = kl + float((logp - ref).sum()), tokens + logp.size
+        values = (info["reward_model_score"], info["gold_score"], kl, tokens, 1)
+        for key, value in zip(_SUMS, values, strict=True):
+            metrics_logger.log_value(key, value, reduce="sum")
+
+    def on_train_result(self, *, algorithm: Algorithm, result: dict, **kwargs: Any) -> None:
+        runners = result.get(ENV_RUNNER_RESULTS, {})
+        rm, gold, kl, tokens, episodes = (float(runners.get(key, 0.0)) for key in _SUMS)
+        row: dict[str, float] = {"beta": self.controller.beta, "episodes": episodes}  # β applied in this iteration
+        if episodes:
+            row.update(
+                reward_model_score=rm / episodes, gold_score=gold / episodes, kl_per_episode=kl / episodes,
+                kl_per_token=kl / max(1.0, tokens),
+            )  # fmt: skip
+            beta = self.controller.update(row["kl_per_episode"], int(episodes))
+            _on_learners(algorithm, lambda learner, beta=beta: learner.set_kl_beta(beta))
+        result["rlhf"] = row
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None, timeout: float = 5.0) -> bool:
+    """Start a local Ray or join a cluster; fail within ``timeout`` seconds when the cluster does not answer.
+
+    :param address: ``None`` (then ``$RAY_ADDRESS``; unset: a local Ray on this machine), ``"local"``, ``"auto"``
+        (the cluster this machine belongs to), ``"HOST:PORT"`` (a head node's GCS) or ``"ray://HOST:PORT"`` (Ray
+        Client).
+    :param num_cpus: CPUs of a local Ray (default: all); ignored on a cluster.
+    :return: whether this call started Ray (and so should shut it down).
+    :raises ConnectionError: when nothing answers at ``address``.
+    """
+    if ray.is_initialized():
+        return False
+    address = address if address is not None else os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        return True
+    if address != "auto":  # Ray itself retries an unreachable GCS for a minute or more: probe the port first
+        parts = urlsplit(address if "://" in address else f"gcs://{address}")
+        try:
+            if parts.hostname is None or parts.port is None:
+                raise ValueError("expected HOST:PORT")
+            socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+        except (OSError, ValueError) as err:
+            raise ConnectionError(
+                f"no Ray cluster answers at RAY_ADDRESS={address!r} ({err}): start one with `ray start --head` "
+                "and pass its address, or unset RAY_ADDRESS to train on a local Ray on this machine"
+            ) from None
+    try:
+        ray.init(address=address)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"could not join the Ray cluster at {address!r}: {err}. Start one with `ray start --head`, or unset "
+            "RAY_ADDRESS to train on a local Ray on this machine"
+        ) from None
+    return True
+
+
+def _module_dir(checkpoint: str | os.PathLike[str]) -> Path:
+    """The RLModule directory inside an algorithm checkpoint, a ``train_rllib`` run directory (its ``checkpoint/``)
+    or ``checkpoint`` itself when it is one."""
+    path = Path(checkpoint)
+    if (path / "checkpoint").is_dir():  # a run directory of train_rllib
+        path = path / "checkpoint"
+    inner = path / COMPONENT_LEARNER_GROUP / COMPONENT_LEARNER / COMPONENT_RL_MODULE / DEFAULT_MODULE_ID
+    if inner.is_dir():
+        return inner
+    if (path / "module_state.pkl").is_file() or (path / "class_and_ctor_args.pkl").is_file():
+        return path
+    raise FileNotFoundError(
+        f"{path} is not an RLlib checkpoint of the LM module: expected {inner} (from algo.save_to_path), a "
+        "textgen train --engine rllib run directory or an RLModule directory"
+    )
+
+
+def load_rllib_module(checkpoint: str | os.PathLike[str]) -> CausalLMRLModule:
+    """The trained :class:`CausalLMRLModule` of an algorithm checkpoint (``algo.save_to_path()``'s directory) or of
+    a :func:`train_rllib` run directory."""
+    module = RLModule.from_checkpoint(_module_dir(checkpoint))
+    if not isinstance(module, CausalLMRLModule):
+        raise TypeError(f"{checkpoint} holds a {type(module).__name__}, not TextGen's CausalLMRLModule")
+    return module
+
+
+def export_rllib(checkpoint: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Write a checkpoint's fine-tuned LM (LoRA merged) and tokenizer with ``save_pretrained``, as
+    :func:`agents.policies.export_pretrained` does for a ``model.zip``; loads in ``transformers.pipeline``."""
+    return export_pretrained(load_rllib_module(checkpoint).policy, path)
+
+
+def train_rllib(
+    config: TrainConfig | None = None,
+    num_env_runners: int = 1,
+    num_learners: int = 0,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus_per_learner: float = 0,
+) -> dict[str, Any]:
+    """Train ``config`` with RLlib's PPO; evaluate on held-out prompts before and after; save the run; return the
+    report (``textgen train``'s fields plus ``tokens_per_second``, ``checkpoint`` and the Ray settings).
+
+    The run directory ``<out>/<task>-rllib-ppo-<time>/`` gets ``config.json``, ``before.json``, ``checkpoint/``
+    (``Algorithm.from_checkpoint`` / :func:`export_rllib`), ``report.json``, ``report.md`` and ``training.png``.
+
+    :param address: the Ray cluster (see :func:`connect_ray`); ``None``: ``$RAY_ADDRESS`` or a local Ray.
+    :param num_cpus: CPUs of a local Ray (default: all of this machine's).
+    """
+    config = config or TrainConfig()
+    algo_config = rllib_config(config, num_env_runners, num_learners, num_gpus_per_learner)  # checks before Ray
+    run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")
+    engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
+    (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
+    torch.manual_seed(config.seed)
+    task = get_task(config.task)
+    eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs))
+    prompts = list(task.eval_prompts[: config.eval_prompts])
+    spec = algo_config.rl_module_spec
+    start = CausalLMRLModule(
+        observation_space=eval_env.observation_space, action_space=eval_env.action_space,
+        model_config=spec.model_config,
+    )  # fmt: skip
+    before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
+    (run_dir / "before.json").write_text(json.dumps(before, indent=1))
+    del start
+
+    started_ray = connect_ray(address, num_cpus)
+    try:
+        algo = algo_config.build_algo()
+        history: list[dict[str, float]] = []
+        sampled, seconds = 0, 0.0
+        while sampled < config.total_timesteps:
+            tic = time.perf_counter()
+            result = algo.train()
+            seconds += time.perf_counter() - tic
+            sampled = int(result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED_LIFETIME])
+            row = {"timesteps": float(sampled), **result["rlhf"]}
+            if "kl_per_episode" in row:
+                row["kl"] = row["kl_per_episode"]  # the key textgen train's history uses
+            history.append(row)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps")
+            print(f"iteration {len(history)}: {sampled} tokens, {sampled / seconds:.1f} tokens/s, {shown}", flush=True)
+        checkpoint = Path(algo.save_to_path(str((run_dir / "checkpoint").resolve())))
+        final_beta = float(_on_learners(algo, lambda learner: learner.kl_beta())[0])
+        algo.stop()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    trained = load_rllib_module(checkpoint)
+    after = evaluation_record(evaluate(trained.policy, eval_env, prompts, seed=config.seed))
+    table = before_after_table(before, after)
+    report = {
+        "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
+        "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
+        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(),
+        "machine": f"{cpu_kind()}, torch {torch.__version__}, ray {ray.__version__}", "checkpoint": str(checkpoint),
+        "samples": paired_samples(before, after),
+        "run_dir": str(run_dir),
+    }  # fmt: skip
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(table + "\n")
+    plot_training(history, run_dir / "training.png", eval_env.get_attr("gold")[0])
+    print(table)
+    print(f"\nsaved to {run_dir} (export with: textgen export {checkpoint} OUT_DIR)")
+    return report

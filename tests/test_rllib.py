@@ -1,0 +1,242 @@
+"""The RLlib engine (`agents.rllib`): RLlib's PPO trains the LM RLModule on a local Ray with one EnvRunner process;
+the KL penalty is in the rewards before GAE (checked against a hand recomputation on a real batch); a checkpoint
+restores identical greedy actions; the export loads in `transformers.pipeline`; bad input fails fast and clearly."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the RLlib engine needs pip install 'textgen-rl[rllib]'")
+
+from helpers import unpadded_outputs  # noqa: E402
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation  # noqa: E402
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
+from ray.rllib.core.columns import Columns  # noqa: E402
+
+from agents.cli import main  # noqa: E402
+from agents.inspection import inspect_run  # noqa: E402
+from agents.kl import KLController  # noqa: E402
+from agents.rllib import (  # noqa: E402
+    REF_LOGP,
+    CausalLMRLModule,
+    KLRewardPenalty,
+    connect_ray,
+    export_rllib,
+    load_rllib_module,
+    rllib_config,
+    train_rllib,
+)
+from agents.run import TrainConfig, make_env  # noqa: E402
+from text_env.models import load_frozen_causal_lm  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tiny_model: Path, out: Path, **overrides: Any) -> TrainConfig:
+    """A run of seconds: the tiny LM, the gold reward, 2 envs x 8 steps (16 tokens) per iteration, LoRA r=4."""
+    return TrainConfig(
+        **{
+            "model": str(tiny_model), "reward_model": "gold", "n_envs": 2, "n_steps": 8, "batch_size": 8,
+            "max_new_tokens": 4, "max_prompt_tokens": 128, "eval_prompts": 2, "bf16": False, "lora_r": 4,
+            "learning_rate": 1e-2, "total_timesteps": 32, "out": str(out), **overrides,
+        }
+    )  # fmt: skip
+
+
+def greedy(module: CausalLMRLModule, obs: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLlib's inference pass: logits ``(B, V)`` and the greedy tokens ``(B,)`` (what ``explore=False`` takes)."""
+    logits = module.forward_inference({Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})
+    logits = logits[Columns.ACTION_DIST_INPUTS]
+    return logits, logits.argmax(-1)
+
+
+def test_unreachable_ray_address_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not ray.is_initialized()  # these two run before the module's Ray starts: connect_ray leaves one alone
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # loopback, a port nothing listens on
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"RAY_ADDRESS='127\.0\.0\.1:1'.*ray start --head"):
+        connect_ray(timeout=2.0)
+    assert time.monotonic() - start < 10 and not ray.is_initialized()
+
+
+def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "agents.rllib" or m.startswith("agents.rllib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without the extra
+    with pytest.raises(ImportError, match=r"pip install 'textgen-rl\[rllib\]'"):
+        importlib.import_module("agents.rllib")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray of 2 CPUs for the module's tests (one EnvRunner process; the Learner runs in this process)."""
+    started = connect_ray("local", num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(local_ray: None, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """RLlib's own idiom: the PPOConfig of a TrainConfig, built, trained 2 iterations, saved; the live algorithm."""
+    out = tmp_path_factory.mktemp("rllib")
+    config = tiny_config(tiny_model, out)
+    algo = rllib_config(config, num_env_runners=1).build_algo()
+    results = [algo.train() for _ in range(2)]
+    module = algo.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])
+    checkpoint = Path(algo.save_to_path(str(out / "checkpoint")))
+    yield {"config": config, "algo": algo, "results": results, "module": next(iter(module)).get(), "ckpt": checkpoint}
+    algo.stop()
+
+
+def test_ppo_trains_the_lm_module_with_rlhf_metrics(trained: dict[str, Any]) -> None:
+    """Each iteration samples n_envs x n_steps tokens in the EnvRunner and logs KL, β and both scores; training
+    moves the LoRA adapters (B starts at 0) and the value head, not the frozen base."""
+    for i, result in enumerate(trained["results"], 1):
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 16 * i
+        rlhf = result["rlhf"]
+        assert rlhf["episodes"] == 4 and rlhf["beta"] == pytest.approx(0.05)  # 16 tokens / 4 per episode
+        assert {"reward_model_score", "gold_score", "kl_per_episode", "kl_per_token"} <= set(rlhf)
+        assert np.isfinite([rlhf["kl_per_episode"], rlhf["gold_score"]]).all()
+    learner = trained["results"][-1]["learners"][DEFAULT_MODULE_ID]
+    assert learner["rlhf_beta"] == pytest.approx(0.05) and math.isfinite(learner["rlhf_kl_per_token"])
+    module: CausalLMRLModule = trained["module"]
+    trainable = module.get_state()
+    assert any("lora_B" in name and np.abs(value).max() > 0 for name, value in trainable.items())
+    assert "policy.value_head.weight" in trainable
+    assert not any("base_layer" in name for name in trainable)  # frozen weights do not travel to EnvRunners
+
+
+def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_model: Path) -> None:
+    """On episodes sampled by the EnvRunner, the Learner's connector pipeline turns each reward into
+    r − β·(log π(a|s) − log π_ref(a|s)), recomputed here by hand from each observation's tokens alone, and GAE
+    runs on those rewards."""
+    algo, module, beta = trained["algo"], trained["module"], trained["config"].beta
+    episodes = algo.env_runner_group.foreach_env_runner(
+        lambda runner: runner.sample(num_timesteps=8), local_env_runner=False
+    )[0]
+    reference = load_frozen_causal_lm(str(tiny_model))
+    expected, kls = [], []
+    for episode in episodes:
+        steps = len(episode)
+        observations = {k: np.array(v) for k, v in episode.get_observations(slice(0, steps)).items()}  # (T, L) each
+        actions = torch.as_tensor(np.array(episode.get_actions()))  # (T,)
+        log_pi = torch.log_softmax(unpadded_outputs(module.policy.lm, observations)[0], -1)  # (T, V)
+        log_ref = torch.log_softmax(unpadded_outputs(reference, observations)[0], -1)  # (T, V)
+        kl = (log_pi - log_ref)[torch.arange(steps), actions]  # (T,)
+        kls.append(kl)
+        recorded = torch.as_tensor(np.asarray(episode.get_extra_model_outputs(REF_LOGP)))  # (T,) by the EnvRunner
+        assert torch.allclose(recorded, log_ref[torch.arange(steps), actions], atol=1e-4)
+        rewards = torch.as_tensor(np.asarray(episode.get_rewards()), dtype=torch.float32)
+        expected.append(torch.cat([rewards - beta * kl, torch.zeros(1)]))  # + RLlib's bootstrap row: no action
+    assert torch.cat(kls).abs().max() > 1e-3  # trained at lr 1e-2: the policy has left the reference
+
+    def pipeline(learner: Any) -> tuple[list[str], dict[str, Any]]:
+        names = [type(piece).__name__ for piece in learner._learner_connector.connectors]
+        batch = learner._learner_connector(
+            rl_module=learner.module, batch={}, episodes=episodes, shared_data={}, metrics=learner.metrics
+        )
+        return names, batch[DEFAULT_MODULE_ID]
+
+    names, batch = next(iter(algo.learner_group.foreach_learner(pipeline))).get()
+    assert names.index(KLRewardPenalty.__name__) == names.index(GeneralAdvantageEstimation.__name__) - 1
+    assert torch.allclose(batch[Columns.REWARDS].float(), torch.cat(expected), atol=1e-4)
+    assert "advantages" in batch and "value_targets" in batch
+
+
+def test_checkpoint_restores_identical_greedy_actions(trained: dict[str, Any], tiny_model: Path) -> None:
+    env = make_env(trained["config"], "eval")
+    obs = env.reset()
+    for _ in range(2):  # a few generated tokens in the observations, not only prompts
+        obs, _, _, _ = env.step(np.zeros(env.num_envs, dtype=np.int64) + 5)
+    logits, actions = greedy(trained["module"], obs)
+    restored = load_rllib_module(trained["ckpt"])
+    restored_logits, restored_actions = greedy(restored, obs)
+    assert torch.equal(actions, restored_actions)
+    assert torch.allclose(logits, restored_logits, atol=1e-5)
+    fresh_logits, _ = greedy(load_rllib_module(trained["ckpt"]), obs)  # twice: nothing of the first load leaks
+    assert torch.allclose(fresh_logits, restored_logits)
+    base = CausalLMRLModule(observation_space=env.observation_space, action_space=env.action_space,
+                            model_config={"model": str(tiny_model), "lora": {"r": 4}, "bf16": False})  # fmt: skip
+    assert not torch.allclose(greedy(base, obs)[0], logits, atol=1e-3)  # the checkpoint holds trained weights
+
+
+def test_export_loads_in_transformers_pipeline(trained: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    path = export_rllib(trained["ckpt"], tmp_path / "exported")
+    generate = pipeline("text-generation", model=str(path))
+    text = generate("the movie was", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the movie was")
+    with pytest.raises(FileNotFoundError, match="save_to_path"):
+        export_rllib(tmp_path, tmp_path / "again")
+
+
+def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_model: Path, tmp_path: Path) -> None:
+    """The whole `textgen train --engine rllib` run, here with full fine-tuning and bf16 (the fixture: LoRA, float32):
+    the report of textgen train, and the adaptive β pushed to the Learner."""
+    config = tiny_config(tiny_model, tmp_path, target_kl=1.0, lora_r=0, bf16=True)
+    report = train_rllib(config, num_env_runners=1)
+    run_dir = Path(report["run_dir"])
+    for name in ("config.json", "before.json", "report.json", "report.md"):
+        assert (run_dir / name).is_file()
+    main(["export", str(run_dir), str(tmp_path / "lm")])  # textgen export takes the run directory
+    assert (tmp_path / "lm" / "config.json").is_file()
+    view = inspect_run(run_dir, n_prompts=2)  # textgen inspect reads RLlib runs too
+    assert view.meta["engine"] == "rllib" and len(view.trained) == 2
+    assert all(len(t.kl) == len(t.tokens) > 0 and np.isfinite(t.value).all() for t in view.trained + view.base)
+    assert report["tokens"] == 32 and report["tokens_per_second"] > 0 and len(report["history"]) == 2
+    assert set(report["before"]) >= {"gold_score", "reward_model_score", "kl"} and report["after"]["kl"] != 0
+    controller = KLController(config.beta, config.target_kl)  # replay the driver's β updates
+    for row in report["history"]:
+        assert row["beta"] == pytest.approx(controller.beta)
+        controller.update(row["kl_per_episode"], int(row["episodes"]))
+    assert report["final_beta"] == pytest.approx(controller.beta) and report["final_beta"] < config.beta
+
+
+def test_bad_input_says_what_to_do(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PPO only"):
+        rllib_config(tiny_config(tiny_model, tmp_path, algo="a2c"))
+    env = make_env(tiny_config(tiny_model, tmp_path), "eval")
+    with pytest.raises(ValueError, match="model_config"):
+        CausalLMRLModule(observation_space=env.observation_space, action_space=env.action_space, model_config={})
+
+
+def test_example_trains_saves_and_exports(tiny_model: Path, tmp_path: Path) -> None:
+    """examples/rllib_train.py end to end on the tiny LM (its own local Ray, one EnvRunner)."""
+    args = [
+        "--model", str(tiny_model), "--reward-model", "gold", "--timesteps", "16", "--n-envs", "2", "--n-steps", "8",
+        "--max-new-tokens", "4", "--max-prompt-tokens", "128", "--num-env-runners", "1", "--num-cpus", "2",
+        "--save", str(tmp_path / "ckpt"), "--export", str(tmp_path / "lm"),
+    ]  # fmt: skip
+    example = Path(__file__).parents[1] / "examples" / "rllib_train.py"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(example), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "16 tokens: beta 0.050, episodes 4.000, reward_model_score" in done.stdout
+    assert "The film opens with" in done.stdout
+    assert (tmp_path / "lm" / "config.json").is_file() and (tmp_path / "ckpt").is_dir()
+
+
+def test_textgen_train_engine_rllib_passes_the_config_and_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.rllib
+
+    calls = []
+    monkeypatch.setattr(agents.rllib, "train_rllib", lambda config, **kw: calls.append((config, kw)))
+    main(["train", "--engine", "rllib", "--num-env-runners", "3", "--num-learners", "1", "--beta", "0.2"])
+    ((config, kwargs),) = calls
+    assert config.beta == 0.2 and config.algo == "ppo" and kwargs == {"num_env_runners": 3, "num_learners": 1}
+    with pytest.raises(SystemExit, match="1"):  # --resume is for sb3 runs: a one-line error
+        main(["train", "--engine", "rllib", "--resume", "runs/x"])
