@@ -26,7 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.callbacks import TextMetrics
 from agents.evaluate import Evaluation, evaluate
-from agents.kl import KLPenalty
+from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
 from text_env.models import DEFAULT_MODEL
 from text_env.rewards import Scorer
@@ -97,7 +97,7 @@ class TrainConfig:
     n_epochs: int = field(default=4, metadata=_help("PPO epochs per rollout"))
     learning_rate: float = field(default=1e-4, metadata=_help("optimizer step size"))
     gamma: float = field(default=1.0, metadata=_help("discount (1: the reward of a completion counts in full)"))
-    beta: float = field(default=0.05, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
+    beta: float = field(default=DEFAULT_BETA, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))

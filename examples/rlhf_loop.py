@@ -25,7 +25,7 @@ parser.add_argument("--eval-prompts", type=int, default=32)
 parser.add_argument("--out", default="runs")
 args = parser.parse_args()
 
-# PPO's settings are textgen train's (LoRA r=16, β = 0.05 to the base model); the loop adds rounds and pairs.
+# PPO's settings are textgen train's (LoRA r=16, β = 0.1 to the base model); the loop adds rounds and pairs.
 train = TrainConfig(
     model=args.model, reward_model=args.reward_model, n_envs=args.n_envs, max_new_tokens=args.max_new_tokens,
     max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts, out=args.out,

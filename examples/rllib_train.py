@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--export", default="smollm2-positive-rllib", help="where the LM is exported")
     args = parser.parse_args()
 
-    # 1. The run's settings: the same dataclass as `textgen train` (LoRA r=16, bf16, beta 0.05, ...).
+    # 1. The run's settings: the same dataclass as `textgen train` (LoRA r=16, bf16, beta 0.1, ...).
     config = TrainConfig(
         model=args.model, reward_model=args.reward_model, total_timesteps=args.timesteps, n_envs=args.n_envs,
         n_steps=args.n_steps, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,

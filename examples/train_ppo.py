@@ -54,7 +54,7 @@ model = PPO(
 before = evaluate(model.policy, eval_env, prompts)
 
 # RLHF's objective: reward-model score - beta * KL(policy || reference), as a per-token reward penalty.
-model.learn(args.timesteps, callback=CallbackList([KLPenalty(beta=0.05), TextMetrics()]), progress_bar=True)
+model.learn(args.timesteps, callback=CallbackList([KLPenalty(beta=0.1), TextMetrics()]), progress_bar=True)
 model.save(args.save)
 
 model = PPO.load(args.save, env=env)  # policy_kwargs are JSON-able: the LM is rebuilt, the weights restored

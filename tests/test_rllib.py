@@ -27,7 +27,7 @@ from ray.rllib.core.columns import Columns  # noqa: E402
 
 from agents.cli import main  # noqa: E402
 from agents.inspection import inspect_run  # noqa: E402
-from agents.kl import KLController  # noqa: E402
+from agents.kl import DEFAULT_BETA, KLController  # noqa: E402
 from agents.rllib import (  # noqa: E402
     REF_LOGP,
     CausalLMRLModule,
@@ -81,8 +81,9 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A local Ray of 2 CPUs for the module's tests (one EnvRunner process; the Learner runs in this process)."""
-    started = connect_ray("local", num_cpus=2)
+    """A local Ray for the module's tests (EnvRunner processes; the Learner runs in this process). Its 4 CPUs are
+    slots, not cores: the module's live algorithm holds two EnvRunners while another test's run needs one more."""
+    started = connect_ray("local", num_cpus=4)
     yield
     if started:
         ray.shutdown()
@@ -90,10 +91,11 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def trained(local_ray: None, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """RLlib's own idiom: the PPOConfig of a TrainConfig, built, trained 2 iterations, saved; the live algorithm."""
+    """RLlib's own idiom: the PPOConfig of a TrainConfig, built, trained 2 iterations by 2 EnvRunner processes (one
+    env each), saved; the live algorithm."""
     out = tmp_path_factory.mktemp("rllib")
     config = tiny_config(tiny_model, out)
-    algo = rllib_config(config, num_env_runners=1).build_algo()
+    algo = rllib_config(config, num_env_runners=2).build_algo()
     results = [algo.train() for _ in range(2)]
     module = algo.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])
     checkpoint = Path(algo.save_to_path(str(out / "checkpoint")))
@@ -107,11 +109,11 @@ def test_ppo_trains_the_lm_module_with_rlhf_metrics(trained: dict[str, Any]) -> 
     for i, result in enumerate(trained["results"], 1):
         assert result["env_runners"]["num_env_steps_sampled_lifetime"] == 16 * i
         rlhf = result["rlhf"]
-        assert rlhf["episodes"] == 4 and rlhf["beta"] == pytest.approx(0.05)  # 16 tokens / 4 per episode
+        assert rlhf["episodes"] == 4 and rlhf["beta"] == pytest.approx(DEFAULT_BETA)  # 16 tokens / 4 per episode
         assert {"reward_model_score", "gold_score", "kl_per_episode", "kl_per_token"} <= set(rlhf)
         assert np.isfinite([rlhf["kl_per_episode"], rlhf["gold_score"]]).all()
     learner = trained["results"][-1]["learners"][DEFAULT_MODULE_ID]
-    assert learner["rlhf_beta"] == pytest.approx(0.05) and math.isfinite(learner["rlhf_kl_per_token"])
+    assert learner["rlhf_beta"] == pytest.approx(DEFAULT_BETA) and math.isfinite(learner["rlhf_kl_per_token"])
     module: CausalLMRLModule = trained["module"]
     trainable = module.get_state()
     assert any("lora_B" in name and np.abs(value).max() > 0 for name, value in trainable.items())
@@ -225,7 +227,7 @@ def test_example_trains_saves_and_exports(tiny_model: Path, tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(example), *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "16 tokens: beta 0.050, episodes 4.000, reward_model_score" in done.stdout
+    assert f"16 tokens: beta {DEFAULT_BETA:.3f}, episodes 4.000, reward_model_score" in done.stdout
     assert "The film opens with" in done.stdout
     assert (tmp_path / "lm" / "config.json").is_file() and (tmp_path / "ckpt").is_dir()
 
