@@ -153,7 +153,7 @@ def _preferences(args: argparse.Namespace) -> None:
     task = get_task(args.task)
     annotator = HumanAnnotator() if args.annotator == "human" else SimulatedAnnotator(task.gold, args.beta, args.seed)
     pairs = generate_pairs(
-        load_causal_lm(args.model), load_tokenizer(args.model), task.train_prompts, annotator, args.out, args.pairs,
+        load_causal_lm(args.model), load_tokenizer(args.model), task.examples("train"), annotator, args.out, args.pairs,
         instruction=task.instruction, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip

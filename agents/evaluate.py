@@ -22,6 +22,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
+from text_env.prompts import Example
 
 __all__ = ["Evaluation", "distinct_n", "evaluate"]
 
@@ -105,13 +106,14 @@ class _Stepper:
 def evaluate(
     policy: BasePolicy | Sampler,
     env: VecEnv | gym.Env,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Example],
     deterministic: bool = False,
     seed: int = 0,
     reference: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
     """Run one episode per prompt in ``env`` (batches of ``env.num_envs``) with ``policy``.
 
+    :param prompts: strings or example records (``task.examples("eval")``: their references reach the scorers).
     :param env: a TextGen ``VecEnv``, or a single env (``gym.make("TextGen-v0", ...)``), which is wrapped in a
         ``DummyVecEnv`` as SB3's ``evaluate_policy`` does.
 
@@ -160,6 +162,7 @@ def evaluate(
             kl.append(sums[0, i] - sums[1, i])
             ref_sum.append(sums[1, i])
             n_tokens.append(int(sums[2, i]))
+    texts = [p.prompt if isinstance(p, Example) else p for p in prompts]
     return Evaluation(
-        list(prompts), completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
+        texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
     )

@@ -325,7 +325,7 @@ class _Loop:
         policy.set_training_mode(False)
         started = time.time()
         pairs = generate_pairs(
-            policy.lm, policy.tokenizer(), self.task.train_prompts, annotator, path, c.pairs_per_round,
+            policy.lm, policy.tokenizer(), self.task.examples("train"), annotator, path, c.pairs_per_round,
             instruction=self.task.instruction, max_new_tokens=run.env.get_attr("max_new_tokens")[0], seed=seed,
         )  # fmt: skip
         return pairs, time.time() - started

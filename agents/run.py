@@ -29,6 +29,7 @@ from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
 from text_env.models import DEFAULT_MODEL
+from text_env.prompts import Example
 from text_env.rewards import Scorer
 from text_env.tasks import get_task
 from text_env.vec_env import make_text_vec_env
@@ -232,7 +233,7 @@ class Run:
     algo: BaseAlgorithm
     kl: KLPenalty
     metrics: TextMetrics
-    eval_prompts: list[str]
+    eval_prompts: list[str | Example]  # records: a reference-based gold scorer needs their references
 
     def callbacks(self, *more: Any) -> CallbackList:
         """The KL leash and the text metrics (plus ``more``), for ``algo.learn(callback=...)``."""
@@ -252,5 +253,5 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     algo = make_algorithm(config, env, verbose)
     return Run(
         config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl), TextMetrics(),
-        list(task.eval_prompts[: config.eval_prompts]),
+        list(task.examples("eval")[: config.eval_prompts]),
     )  # fmt: skip

@@ -29,6 +29,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.evaluate import Evaluation
 from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
+from text_env.rewards import scorer_name
 
 __all__ = [
     "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table", "cpu_kind",
@@ -335,7 +336,7 @@ def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None)
     steps = [h["timesteps"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [h["reward_model_score"] for h in history], label="reward model")
-    ax.plot(steps, [h["gold_score"] for h in history], label=f"gold ({getattr(gold, 'name', type(gold).__name__)})")
+    ax.plot(steps, [h["gold_score"] for h in history], label=f"gold ({scorer_name(gold)})")
     ax.set_xlabel("environment steps (tokens)")
     ax.set_ylabel("mean score of finished episodes")
     ax.legend()

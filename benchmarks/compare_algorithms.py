@@ -168,7 +168,7 @@ def run_one(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
         evaluation = run.evaluate()
     else:
         eval_env = make_env(config, "eval")
-        prompts = get_task(config.task).eval_prompts[: config.eval_prompts]
+        prompts = get_task(config.task).examples("eval")[: config.eval_prompts]
         if method in EXTERNAL:
             policy, result["curve"], result["train_seconds"] = _trl_grpo(
                 config, (eval_env.observation_space, eval_env.action_space)
@@ -281,7 +281,9 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: Path, name: str) -> list[Path]:
+def plot(
+    runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: Path, name: str, gold_name: str = "gold scorer"
+) -> list[Path]:
     """Scores vs environment steps (learners; references as dashed lines), and gold score vs KL."""
     try:
         import matplotlib
@@ -293,7 +295,7 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, dict[str, Any]], out: Pa
         return []
     colors = {method: plt.get_cmap("tab20")(i % 20) for i, method in enumerate(summary)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    panels = (("gold_score", "gold (VADER)"), ("reward_model_score", "reward model"))
+    panels = (("gold_score", f"gold ({gold_name})"), ("reward_model_score", "reward model"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for method, row in summary.items():
             curves = [r["curve"] for r in runs if r["method"] == method and r.get("curve")]
@@ -434,7 +436,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown(summary, cfg, command.strip(), machine, seeds, model)
     (out / f"{name}.md").write_text(table)
     (out / f"{name}.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
-    pngs = plot(runs, summary, out, name)
+    from text_env.rewards import scorer_name
+    from text_env.tasks import get_task
+
+    pngs = plot(runs, summary, out, name, scorer_name(get_task(cfg.task).gold))
     print(table)
     (out / f"{name}.partial.json").unlink(missing_ok=True)
     print("wrote", ", ".join(str(p) for p in [out / f"{name}.md", out / f"{name}.json", *pngs]))

@@ -22,6 +22,21 @@ class LengthReward:
         return np.array([c.count("a") / max(1, len(c)) for c in completions], dtype=np.float64)
 
 
+class ReferenceLength:
+    """A scorer that takes keyword columns: the length of each example's first reference, plus its ``meta["bonus"]``
+    (-1 without references), so a test sees exactly which record reached it."""
+
+    name = "reference length"
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[list[str] | None] | None = None,
+        bonus: Sequence[float | None] | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        refs = references or [None] * len(prompts)
+        extra = bonus or [None] * len(prompts)
+        return np.array([len(r[0]) + (b or 0) if r else -1.0 for r, b in zip(refs, extra, strict=True)], dtype=float)
+
+
 _SKIPPED: list[str] = []
 
 

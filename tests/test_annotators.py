@@ -76,7 +76,7 @@ def test_simulated_annotator_rejects_bad_beta(beta: float) -> None:
 
 
 def test_simulated_annotator_rejects_non_finite_gold() -> None:
-    with pytest.raises(ValueError, match="gold scorer returned a non-finite score"):
+    with pytest.raises(ValueError, match=r"gold scorer TableGold\.score returned a non-finite score"):
         SimulatedAnnotator(TableGold()).label(["p"], ["nan"], ["0.0"])
 
 

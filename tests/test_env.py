@@ -12,13 +12,14 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import TINY_PROMPTS, LengthReward
+from conftest import TINY_PROMPTS, LengthReward, ReferenceLength
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import text_env
 from text_env.env import TextGenEnv
 from text_env.models import ModelLoadError, make_tiny_model
+from text_env.prompts import Example
 from text_env.rewards.gold import VaderSentiment
 from text_env.tasks import Task, get_task
 
@@ -612,3 +613,24 @@ def test_default_model_env() -> None:
     gym_check_env(env.unwrapped)
     sb3_check_env(env.unwrapped)
     gym.make("TextGen-v0", split="eval")  # every eval prompt fits the task's max_prompt_tokens too
+
+
+def test_example_record_reaches_a_column_taking_scorer_and_info(tiny_env_kwargs: dict) -> None:
+    """The episode's record rides along: ``info`` shows its references and meta, the scorer gets them as columns,
+    and a plain gold scorer (VADER) on the same episode still works without them."""
+    example = Example("the movie was", ("a fine reference",), {"bonus": 100})
+    kwargs = tiny_env_kwargs | {"prompts": [example], "reward_model": ReferenceLength()}
+    env = TextGenEnv(**kwargs)
+    _, info = env.reset(seed=0)
+    assert info["prompt"] == "the movie was"
+    assert info["references"] == ("a fine reference",) and info["meta"] == {"bonus": 100}
+    done = False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert reward == info["reward_model_score"] == len("a fine reference") + 100
+    assert info["references"] == ("a fine reference",) and -1.0 <= info["gold_score"] <= 1.0  # VADER: no columns
+    _, info = env.reset(options={"prompt": Example("i loved the film and", ("ab",))})  # a record as the option
+    assert info["references"] == ("ab",) and "meta" not in info
+    _, info = env.reset(options={"prompt": "a sad , dull"})  # a bare string: no references, none shown
+    assert "references" not in info

@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_PROMPTS, LengthReward
 
 from text_env.models import load_causal_lm, load_tokenizer
+from text_env.prompts import Example
 from text_env.rewards.annotators import SimulatedAnnotator
 from text_env.rewards.preferences import (
     PreferencePair,
@@ -58,9 +59,9 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
     assert load_preferences(path) == [PreferencePair("p", "good", "bad"), PreferencePair("p", "good", "bad", 2.0)]
 
 
-def test_extra_fields_are_ignored(tmp_path: Path) -> None:
+def test_extra_fields_are_kept_as_the_examples_meta(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "p.jsonl", [json.dumps({**VALID, "annotator": "bob", "id": 3})])
-    assert load_preferences(path) == [PreferencePair("p", "good", "bad")]
+    assert load_preferences(path) == [PreferencePair("p", "good", "bad", meta={"annotator": "bob", "id": 3})]
 
 
 @pytest.mark.parametrize(
@@ -234,3 +235,33 @@ def test_generate_pairs_needs_prompts(lm: tuple, tmp_path: Path) -> None:
     model, tokenizer = lm
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_pairs(model, tokenizer, [], CountingAnnotator(), tmp_path / "p.jsonl", 4)
+
+
+def test_pairs_store_their_example_record(tmp_path: Path) -> None:
+    """A pair keeps its prompt's references and meta through the JSONL file, so a gold scorer can judge it again."""
+    example = Example("doc", ("a summary", "another"), {"module": "json", "bonus": 2})
+    pair = PreferencePair.of(example, "good", "bad")
+    assert json.loads(pair.to_json()) == {
+        "prompt": "doc", "chosen": "good", "rejected": "bad", "references": ["a summary", "another"],
+        "module": "json", "bonus": 2,
+    }  # fmt: skip
+    append_pairs(tmp_path / "p.jsonl", [pair, PreferencePair("plain", "a", "b", 0.5)])
+    loaded = load_preferences(tmp_path / "p.jsonl")
+    assert loaded == [pair, PreferencePair("plain", "a", "b", 0.5)] and loaded[0].example == example
+    write_lines(tmp_path / "bad.jsonl", [json.dumps({**VALID, "references": "one string"})])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'references' must be a list of strings"):
+        load_preferences(tmp_path / "bad.jsonl")
+
+
+def test_simulated_annotator_judges_with_the_records_columns() -> None:
+    """A reference-based gold scorer gets each record's references (noise-free labels follow them); the pairs keep
+    the records."""
+
+    class MatchesReference:
+        def score(self, prompts: Sequence[str], completions: Sequence[str], references: list) -> list[float]:
+            return [float(c in refs) for c, refs in zip(completions, references, strict=True)]
+
+    examples = [Example("p", ("x",)), Example("q", ("w",), {"bonus": 1})]
+    pairs = SimulatedAnnotator(MatchesReference(), beta=float("inf")).label(examples, ["x", "y"], ["z", "w"])
+    assert [(p.chosen, p.rejected) for p in pairs] == [("x", "z"), ("w", "y")]
+    assert [p.example for p in pairs] == examples

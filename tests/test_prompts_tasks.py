@@ -12,9 +12,10 @@ import pytest
 
 from text_env import tasks
 from text_env.models import load_tokenizer
-from text_env.prompts import encode_prompt, load_prompts, render_prompt
+from text_env.prompts import Example, columns_of, encode_prompt, load_examples, load_prompts, render_prompt
+from text_env.rewards import call_scorer, scorer_name
 from text_env.rewards.gold import VaderSentiment
-from text_env.tasks import Task, get_task, list_tasks, register_task
+from text_env.tasks import Task, get_task, list_tasks, positive_review, register_task
 
 PROMPTS = ["the movie was", "i loved the film and", "a sad , dull"]
 
@@ -87,6 +88,83 @@ def test_load_prompts_hf_local_dataset(tmp_path: Path, monkeypatch) -> None:
     assert (tmp_path / "hf-cache").is_dir()  # through the real datasets loader (kept out of ~/.cache)
     with pytest.raises(ValueError, match=r"has no column 'text'; its columns are \['prompt', 'label'\]"):
         load_prompts(f"hf:{data}", column="text")
+    write_jsonl(data / "data.jsonl", [{"prompt": p, "summary": f"s{i}"} for i, p in enumerate(PROMPTS)])
+    examples = load_examples(f"hf:{data}", reference_column="summary")
+    assert examples == [Example(p, (f"s{i}",)) for i, p in enumerate(PROMPTS)]
+
+
+def test_load_examples_jsonl_reference_column(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "doc one", "summary": "one"}, {"text": "doc two", "summary": ["two", "2"], "other": 1}]
+    write_jsonl(path, rows)
+    assert load_examples(path, reference_column="summary") == [
+        Example("doc one", ("one",)),
+        Example("doc two", ("two", "2")),
+    ]
+    assert load_examples(path) == [Example("doc one"), Example("doc two")]  # no reference column asked: none kept
+    assert load_prompts(path) == ["doc one", "doc two"]
+    write_jsonl(path, [*rows, {"prompt": "doc three"}])
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: no reference field 'summary'"):
+        load_examples(path, reference_column="summary")
+    write_jsonl(path, [{"prompt": "doc", "summary": 3}])
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: a reference must be a string or a list of strings"):
+        load_examples(path, reference_column="summary")
+    txt = tmp_path / "p.txt"
+    txt.write_text("a prompt\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="plain text and has no 'summary' column"):
+        load_examples(txt, reference_column="summary")
+
+
+def test_example_record_checks_and_columns() -> None:
+    example = Example("doc", ["ref"], {"module": "json"})
+    assert example.references == ("ref",) and example.columns() == {"references": ["ref"], "module": "json"}
+    assert Example("doc").columns() == {}
+    assert columns_of([example, Example("x")]) == {"references": [["ref"], None], "module": ["json", None]}
+    assert load_examples(["a", example]) == [Example("a"), example]  # strings and records mix in a list
+    with pytest.raises(TypeError, match="sequence of strings"):
+        Example("doc", "ref")  # type: ignore[arg-type]  (a bare string would be split into characters)
+    with pytest.raises(ValueError, match=r"\['completions', 'references'\] clash"):
+        Example("doc", meta={"references": 1, "completions": 2})
+    with pytest.raises(ValueError, match="empty or only whitespace"):
+        Example("  ")
+
+
+class _Plain:
+    def score(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        return np.zeros(len(prompts))
+
+
+class _AnyColumns:
+    def __init__(self) -> None:
+        self.seen: dict = {}
+
+    def score(self, prompts: list[str], completions: list[str], **columns: list) -> np.ndarray:
+        self.seen = columns
+        return np.ones(len(prompts))
+
+
+def test_call_scorer_passes_each_scorer_the_columns_it_takes() -> None:
+    from conftest import ReferenceLength
+
+    columns = columns_of([Example("p", ("abc",), {"bonus": 10, "id": 1}), Example("q", ("de",), {"id": 2})])
+    assert call_scorer(_Plain(), ["p", "q"], ["x", "y"], columns).tolist() == [0.0, 0.0]  # no columns: unchanged
+    assert call_scorer(ReferenceLength(), ["p", "q"], ["x", "y"], columns).tolist() == [13.0, 2.0]  # its two only
+    anything = _AnyColumns()
+    call_scorer(anything, ["p", "q"], ["x", "y"], columns)
+    assert anything.seen == {"references": [["abc"], ["de"]], "bonus": [10, None], "id": [1, 2]}
+
+
+def test_scorer_name() -> None:
+    assert scorer_name(VaderSentiment()) == "VADER sentiment"
+    assert scorer_name(_Plain()) == "_Plain"  # a scorer without a name is labelled by its class
+
+
+def test_task_keeps_example_records() -> None:
+    task = Task("t", [Example("doc", ("ref",)), "plain"], ["held out"], VaderSentiment)
+    assert task.train_prompts == ["doc", "plain"] and task.prompts("eval") == ["held out"]
+    assert task.examples("train") == [Example("doc", ("ref",)), Example("plain")]
+    with pytest.raises(ValueError, match="split must be"):
+        task.examples("test")
 
 
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
@@ -181,7 +259,8 @@ def isolated_registry(monkeypatch) -> None:
 
 def test_get_task_unknown_lists_registered(isolated_registry: None) -> None:
     register_task("zzz-other", lambda: Task("zzz-other", ["a"], ["b"], VaderSentiment))
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: positive-review, zzz-other$"):
+    registered = "positive-review, summarize-docstring, zzz-other"
+    with pytest.raises(ValueError, match=rf"unknown task 'nope'; registered tasks: {registered}$"):
         get_task("nope")
 
 
@@ -230,7 +309,7 @@ def test_positive_review_prompts() -> None:
     assert set(task.train_prompts).isdisjoint(task.eval_prompts)
     assert all(isinstance(p, str) and p and "{" not in p for p in task.train_prompts + task.eval_prompts)
     assert task.instruction and task.max_new_tokens == 32 and task.max_prompt_tokens == 72
-    rebuilt = tasks._positive_review()  # the split is fixed, not drawn anew
+    rebuilt = positive_review.make_task()  # the split is fixed, not drawn anew
     assert rebuilt.train_prompts == task.train_prompts and rebuilt.eval_prompts == task.eval_prompts
 
 

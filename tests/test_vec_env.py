@@ -8,12 +8,13 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import TINY_PROMPTS, LengthReward
+from conftest import TINY_PROMPTS, LengthReward, ReferenceLength
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 import text_env  # noqa: F401  (registers TextGen-v0)
+from text_env.prompts import Example
 from text_env.vec_env import TextGenVecEnv, make_text_vec_env
 
 MAX_PROMPT, MAX_NEW = 24, 6  # as in the tiny_env_kwargs fixture
@@ -327,3 +328,19 @@ def test_stock_ppo_runs(tiny_env_kwargs: dict) -> None:
     actions, _ = model.predict(obs, deterministic=True)
     assert actions.shape == (2,) and ((actions >= 0) & (actions < venv.action_space.n)).all()
     venv.step(actions)
+
+
+def test_vec_env_rows_score_their_own_records(tiny_env_kwargs: dict) -> None:
+    """Each row's record reaches the batched column-taking scorer in its own place, and each row's ``info``."""
+    examples = [Example("the movie was", ("abc",)), Example("great acting and", ("abcdefg",), {"bonus": 1})]
+    kwargs = tiny_env_kwargs | {"prompts": examples, "reward_model": ReferenceLength(), "max_new_tokens": 2}
+    venv = make_text_vec_env(2, seed=0, **kwargs)
+    venv.set_options([{"prompt": e} for e in examples])
+    venv.reset()
+    assert [info["references"] for info in venv.reset_infos] == [("abc",), ("abcdefg",)]
+    assert "meta" not in venv.reset_infos[0] and venv.reset_infos[1]["meta"] == {"bonus": 1}
+    dones = np.zeros(2, dtype=bool)
+    while not dones.all():
+        _, rewards, dones, infos = venv.step(np.array([5, 5]))
+    assert rewards.tolist() == [3.0, 8.0]  # len("abc"), len("abcdefg") + 1: both rows in one call, in order
+    assert [info["references"] for info in infos] == [("abc",), ("abcdefg",)]

@@ -9,12 +9,14 @@ import gymnasium as gym
 
 from text_env.env import TextGenEnv
 from text_env.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, make_tiny_model
+from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
 from text_env.tasks import Task, get_task, list_tasks, register_task
 from text_env.vec_env import TextGenVecEnv, make_text_vec_env
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Example",
     "Scorer",
     "Task",
     "TextGenEnv",
@@ -22,6 +24,7 @@ __all__ = [
     "get_task",
     "list_tasks",
     "load_causal_lm",
+    "load_examples",
     "load_tokenizer",
     "make_text_vec_env",
     "make_tiny_model",

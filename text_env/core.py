@@ -11,8 +11,8 @@ import numpy as np
 from gymnasium import spaces
 
 from text_env.models import DEFAULT_MODEL, load_config, load_tokenizer
-from text_env.prompts import PromptSource, check_prompt, encode_prompt, load_prompts
-from text_env.rewards import Scorer, check_scores
+from text_env.prompts import Example, PromptSource, check_prompt, columns_of, encode_prompt, load_examples
+from text_env.rewards import Scorer, call_scorer
 from text_env.tasks import Task, get_task
 
 __all__ = ["RESET_OPTIONS", "TextGenCore", "check_options", "resolve_reward"]
@@ -44,7 +44,7 @@ def resolve_reward(
 
     ``None``: the task's default (its learned reward model if it ships one, else its gold scorer); ``"gold"``: the
     task's gold scorer; a path: a saved reward model directory; any object with ``score(prompts, completions)``
-    is used as it is.
+    (and optionally keyword columns, see :func:`~text_env.rewards.call_scorer`) is used as it is.
 
     :param reward_kwargs: keyword arguments of :meth:`RewardModel.load <text_env.rewards.reward_model.RewardModel.load>`
         for a learned reward model, e.g. ``{"aggregate": "min"}`` or ``{"aggregate": "mean_minus_var", "lam": 1.0}``
@@ -123,7 +123,8 @@ class TextGenCore:
         eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([] if eos is None else [int(eos)])
 
-        self.prompts = load_prompts(prompts) if prompts is not None else list(self.task.prompts(split))
+        self.examples = load_examples(prompts) if prompts is not None else list(self.task.examples(split))
+        self.prompts = [e.prompt for e in self.examples]
         self.prompt_ids = [self.encode(p) for p in self.prompts]  # validates every length up front
         self.reward_model = resolve_reward(reward_model, self.task, reward_kwargs)
         self.gold = self.task.gold
@@ -140,6 +141,7 @@ class TextGenCore:
         self.input_ids = np.full((n, self.length), self.pad_id, dtype=np.int64)
         self.attention_mask = np.zeros((n, self.length), dtype=np.int64)
         self.n_new = np.zeros(n, dtype=np.int64)
+        self.current_example: list[Example | None] = [None] * n  # the record each row's episode runs on
         self.current_prompt = [""] * n
         self.completion = [""] * n
 
@@ -157,19 +159,23 @@ class TextGenCore:
         return ids
 
     def start(self, i: int, rng: np.random.Generator, options: dict | None = None) -> None:
-        """Begin an episode in row ``i``: the prompt in ``options["prompt"]``, else one drawn with ``rng``."""
+        """Begin an episode in row ``i``: the prompt (a string or an :class:`Example`) in ``options["prompt"]``, else
+        one drawn with ``rng``."""
         options = check_options(options)
         if "prompt" in options:
-            prompt = check_prompt(options["prompt"], "options['prompt']")
-            ids = self.encode(prompt)
+            given = options["prompt"]
+            example = given if isinstance(given, Example) else Example(check_prompt(given, "options['prompt']"))
+            ids = self.encode(example.prompt)
         else:
-            k = int(rng.integers(len(self.prompts)))
-            prompt, ids = self.prompts[k], self.prompt_ids[k]
+            k = int(rng.integers(len(self.examples)))
+            example, ids = self.examples[k], self.prompt_ids[k]
+        prompt = example.prompt
         self.input_ids[i] = self.pad_id
         self.attention_mask[i] = 0
         self.input_ids[i, self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = ids
         self.attention_mask[i, self.max_prompt_tokens - len(ids) : self.max_prompt_tokens] = 1
         self.n_new[i] = 0
+        self.current_example[i] = example
         self.current_prompt[i] = prompt
         self.completion[i] = ""
 
@@ -208,15 +214,21 @@ class TextGenCore:
         return {"input_ids": self.input_ids[i].copy(), "attention_mask": self.attention_mask[i].copy()}
 
     def score(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Reward-model and gold scores of the finished rows, each in one batched call."""
+        """Reward-model and gold scores of the finished rows, each in one batched call (with the rows' columns)."""
         prompts = [self.current_prompt[i] for i in rows]
         completions = [self.completion[i] for i in rows]
-        scorer = f"reward_model {type(self.reward_model).__name__}.score"
-        rewards = check_scores(self.reward_model.score(prompts, completions), prompts, scorer)
+        columns = columns_of([e for i in rows if (e := self.current_example[i]) is not None])  # every row started
+        rewards = call_scorer(self.reward_model, prompts, completions, columns, "reward_model")
         if self.reward_model is self.gold:
             return rewards, rewards
-        gold = f"gold scorer {type(self.gold).__name__}.score"
-        return rewards, check_scores(self.gold.score(prompts, completions), prompts, gold)
+        return rewards, call_scorer(self.gold, prompts, completions, columns, "gold scorer")
 
     def info(self, i: int) -> dict:
-        return {"prompt": self.current_prompt[i], "completion": self.completion[i]}
+        """``prompt`` and ``completion``; also the example's ``references`` and ``meta`` when it has them."""
+        info: dict[str, Any] = {"prompt": self.current_prompt[i], "completion": self.completion[i]}
+        example = self.current_example[i]
+        if example is not None and example.references:
+            info["references"] = example.references
+        if example is not None and example.meta:
+            info["meta"] = dict(example.meta)
+        return info

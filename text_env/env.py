@@ -31,9 +31,10 @@ class RenderModeError(ValueError, TypeError):
 class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     """Generate a completion for a prompt, one token per step; the reward judges the finished text.
 
-    **Episode.** One episode is one prompt, drawn from the prompt set with ``self.np_random`` at ``reset`` (or
-    given as ``reset(options={"prompt": ...})``; ``"prompt"`` is the only option key, an empty prompt or another key
-    raises ``ValueError``).
+    **Episode.** One episode is one example record (:class:`~text_env.prompts.Example`: a prompt, optionally with
+    references and metadata), drawn from the prompt set with ``self.np_random`` at ``reset`` (or given as
+    ``reset(options={"prompt": ...})``, a string or an ``Example``; ``"prompt"`` is the only option key, an empty
+    prompt or another key raises ``ValueError``).
 
     **Observation.** ``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
     ``L = max_prompt_tokens + max_new_tokens``: the prompt (rendered with the tokenizer's chat template when it has
@@ -46,11 +47,13 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     ``truncated`` after ``max_new_tokens`` tokens (the env's own limit: it is registered without ``TimeLimit``).
 
     **Reward.** 0 at every step but the last; at the last step, the reward model's score of
-    ``(prompt, completion)``. A reward model is any object with a batched ``score(prompts, completions)``.
+    ``(prompt, completion)``. A reward model is any object with a batched ``score(prompts, completions)``; one whose
+    ``score`` also takes keyword columns (``references=...``, a ``meta`` key, or ``**kwargs``) gets the example's.
     A NaN or infinite score raises ``ValueError`` naming the prompt. When scoring raises, the episode is over:
     ``step`` asks for a ``reset``, saying why.
 
-    **Info.** ``prompt`` and ``completion`` (decoded text so far) at every step; at the last step also
+    **Info.** ``prompt`` and ``completion`` (decoded text so far) at every step, with the example's ``references``
+    and ``meta`` when it has them; at the last step also
     ``reward_model_score`` and ``gold_score`` (the task's gold scorer, the stand-in for a human judge).
 
     **Render.** ``"ansi"``: ``render()`` returns prompt + completion; ``"human"``: the text is streamed to stdout.
@@ -62,7 +65,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         model: ``"default"`` (embedded SmolLM2-135M-Instruct), a local directory or a hub id. The env needs only
             its tokenizer and vocabulary size; the policy loads the weights.
         task: a registered task name or a :class:`~text_env.tasks.Task`.
-        prompts: prompts replacing the task's (a list, a ``.txt``/``.jsonl`` file or ``"hf:NAME"``).
+        prompts: prompts replacing the task's (a list of strings or ``Example`` records, a ``.txt``/``.jsonl`` file or
+            ``"hf:NAME"``; for references, pass ``load_examples(path, reference_column="summary")``).
         reward_model: ``None`` (the task's default), ``"gold"``, a reward-model directory, or a scorer object.
         reward_kwargs: keyword arguments of ``RewardModel.load`` for a learned reward model, e.g. an ensemble's
             ``{"aggregate": "min"}`` or ``{"aggregate": "mean_minus_var", "lam": 0.5}`` (default: mean).

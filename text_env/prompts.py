@@ -1,20 +1,77 @@
-"""Prompt sets: where prompts come from, and how a prompt becomes the token ids of an observation."""
+"""Prompt sets: where prompts come from, the example record each becomes, and how a prompt becomes the token ids of
+an observation."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PromptSource", "check_prompt", "encode_prompt", "load_prompts", "read_jsonl", "read_text", "render_prompt"]
+__all__ = [
+    "Example",
+    "PromptSource",
+    "check_prompt",
+    "columns_of",
+    "encode_prompt",
+    "load_examples",
+    "load_prompts",
+    "read_jsonl",
+    "read_text",
+    "render_prompt",
+]
 
-PromptSource = Sequence[str] | str | os.PathLike[str]
-"""A list of strings, a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a ``prompt`` or ``text`` field a
-line), or ``"hf:NAME"`` for a Hugging Face ``datasets`` dataset (a hub id or a local directory of data files)."""
+RESERVED_COLUMNS = frozenset(
+    {"prompt", "prompts", "completion", "completions", "chosen", "rejected", "margin", "references"}
+)
+"""Names a ``meta`` key may not take: the scorer's own arguments and the preference pair's own fields."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of a task: the prompt text plus what a judge may need besides the completion.
+
+    The env carries the record through the episode; a scorer whose ``score`` takes extra keyword arguments gets
+    them as columns (:func:`columns_of`), TRL's reward-function shape; preference pairs store them.
+
+    :param prompt: the text the model continues (rendered with the task instruction and chat template).
+    :param references: reference outputs (a summary, a reply) that reference-based metrics compare against.
+    :param meta: any other fields (e.g. ``{"module": "json"}``), one keyword column each.
+    """
+
+    prompt: str
+    references: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt, "Example.prompt")
+        if isinstance(self.references, str) or not all(isinstance(r, str) for r in self.references):
+            raise TypeError(f"Example.references must be a sequence of strings, got {self.references!r:.80}")
+        object.__setattr__(self, "references", tuple(self.references))
+        clash = sorted(RESERVED_COLUMNS.intersection(self.meta))
+        if clash:
+            raise ValueError(f"Example.meta keys {clash} clash with the scorer's or the pair's own fields; rename them")
+
+    def columns(self) -> dict[str, Any]:
+        """The example's keyword columns: ``references`` (when it has any) and each ``meta`` key."""
+        return ({"references": list(self.references)} if self.references else {}) | dict(self.meta)
+
+
+def columns_of(examples: Sequence[Example]) -> dict[str, list[Any]]:
+    """One list per column over a batch (``None`` where an example lacks it): what a column-taking scorer gets."""
+    rows = [e.columns() for e in examples]
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+PromptSource = Sequence[str | Example] | str | os.PathLike[str]
+"""A list of strings or :class:`Example` records, a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a
+``prompt`` or ``text`` field a line), or ``"hf:NAME"`` for a Hugging Face ``datasets`` dataset (a hub id or a local
+directory of data files). ``.jsonl`` files and datasets may carry a reference column (see :func:`load_examples`)."""
 
 
 def read_text(path: Path, what: str) -> str:
@@ -52,14 +109,25 @@ def read_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[str, Any]
             raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
 
 
-def _from_jsonl(path: Path, column: str) -> list[tuple[str, str]]:
-    prompts = []
+def _from_jsonl(path: Path, column: str, reference_column: str | None) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
     for where, record in read_jsonl(path, "prompt file"):
         keys = [k for k in (column, "text") if isinstance(record, dict) and k in record]
         if not keys or not isinstance(record[keys[0]], str):
             raise ValueError(f"{where}: expected an object with a string field {column!r} or 'text'")
-        prompts.append((where, record[keys[0]]))
-    return prompts
+        if reference_column is not None and reference_column not in record:
+            raise ValueError(f"{where}: no reference field {reference_column!r}")
+        reference = {} if reference_column is None else {reference_column: record[reference_column]}
+        rows.append((where, {column: record[keys[0]]} | reference))
+    return rows
+
+
+def _references(value: object, where: str) -> tuple[str, ...]:
+    """A reference column's value as a tuple: one string, or a list of them (several valid outputs)."""
+    refs = (value,) if isinstance(value, str) else value
+    if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
+        raise ValueError(f"{where}: a reference must be a string or a list of strings, got {value!r:.80}")
+    return tuple(refs)
 
 
 def check_prompt(prompt: object, where: str) -> str:
@@ -74,22 +142,30 @@ def check_prompt(prompt: object, where: str) -> str:
     return prompt
 
 
-def load_prompts(source: PromptSource, column: str = "prompt", split: str = "train") -> list[str]:
-    """Load prompts from a list, a file or a ``datasets`` spec (see :data:`PromptSource`).
+def load_examples(
+    source: PromptSource, column: str = "prompt", split: str = "train", reference_column: str | None = None
+) -> list[Example]:
+    """Turn any prompt source (see :data:`PromptSource`) into :class:`Example` records: the one place that does.
 
     :param column: the field holding the prompt in ``.jsonl`` files and datasets.
     :param split: the dataset split, for ``"hf:"`` specs.
+    :param reference_column: the field of ``.jsonl`` files and datasets holding each prompt's reference (a string or
+        a list of strings), e.g. ``"summary"``; ``None``: no references.
     :raises ValueError: an empty set, an empty prompt or a malformed line (with where it is), a file that is not
         UTF-8, or an unknown file type.
     """
+    located: list[tuple[str, Example | dict[str, Any] | object]]
     if isinstance(source, str) and source.startswith("hf:"):
         import datasets
 
         name = source[3:]
         dataset = datasets.load_dataset(name, split=split)
-        if column not in dataset.column_names:
-            raise ValueError(f"dataset {name!r} has no column {column!r}; its columns are {dataset.column_names}")
-        located = [(f"dataset {name!r} row {i}", p) for i, p in enumerate(dataset[column])]
+        for needed in (column, reference_column):
+            if needed is not None and needed not in dataset.column_names:
+                raise ValueError(f"dataset {name!r} has no column {needed!r}; its columns are {dataset.column_names}")
+        wanted = {c: dataset[c] for c in (column, reference_column) if c is not None}
+        rows = [dict(zip(wanted, values, strict=True)) for values in zip(*wanted.values(), strict=True)]
+        located = [(f"dataset {name!r} row {i}", row) for i, row in enumerate(rows)]
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -98,20 +174,35 @@ def load_prompts(source: PromptSource, column: str = "prompt", split: str = "tra
                 "dataset files"
             )
         if path.suffix == ".jsonl":
-            located = _from_jsonl(path, column)
+            located = list(_from_jsonl(path, column, reference_column))
         elif path.suffix == ".txt":  # one prompt a line; blank lines are skipped
+            if reference_column is not None:
+                raise ValueError(f"prompt file {path} is plain text and has no {reference_column!r} column; use .jsonl")
             lines = read_text(path, "prompt file").split("\n")
             located = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
         else:
             raise ValueError(f"prompt file {path} must end in .txt or .jsonl")
     else:
         located = [(f"prompt {i} of the list", p) for i, p in enumerate(source)]
-        if not all(isinstance(p, str) for _, p in located):
-            raise TypeError("a prompt list must hold only strings")
-    prompts = [check_prompt(p, where) for where, p in located]
-    if not prompts:
+        if not all(isinstance(p, (str, Example)) for _, p in located):
+            raise TypeError("a prompt list must hold only strings or Example records")
+    examples = []
+    for where, item in located:
+        if isinstance(item, Example):
+            examples.append(item)
+        elif isinstance(item, dict):  # a file line or dataset row
+            refs = () if reference_column is None else _references(item[reference_column], where)
+            examples.append(Example(check_prompt(item[column], where), refs))
+        else:
+            examples.append(Example(check_prompt(item, where)))
+    if not examples:
         raise ValueError(f"no prompts in {source!r}")
-    return prompts
+    return examples
+
+
+def load_prompts(source: PromptSource, column: str = "prompt", split: str = "train") -> list[str]:
+    """The prompt texts of :func:`load_examples` (same sources and errors)."""
+    return [e.prompt for e in load_examples(source, column, split)]
 
 
 def render_prompt(

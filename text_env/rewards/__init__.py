@@ -1,17 +1,23 @@
 """Rewards: anything with a batched ``score(prompts, completions) -> np.ndarray`` is a reward.
 
+A scorer that judges against references takes them as keyword columns, TRL's reward-function shape:
+``score(prompts, completions, references=[...], **other_columns)``; :func:`call_scorer` passes each scorer only the
+columns its ``score`` names (all of them to one with ``**kwargs``), so scorers without columns work unchanged. A
+scorer's ``name`` labels it in plots and reports (:func:`scorer_name`).
+
 Gold scorers (:mod:`text_env.rewards.gold`) stand in for human judgement; learned reward models
 (:mod:`text_env.rewards.reward_model`) are what RLHF optimises.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Scorer", "check_scores"]
+__all__ = ["Scorer", "call_scorer", "check_scores", "scorer_name"]
 
 
 @runtime_checkable
@@ -21,6 +27,34 @@ class Scorer(Protocol):
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         """Score a batch. :return: float array of shape ``(len(prompts),)``."""
         ...
+
+
+def scorer_name(scorer: object) -> str:
+    """A scorer's ``name`` for plots and reports (its class name when it has none)."""
+    return str(getattr(scorer, "name", None) or type(scorer).__name__)
+
+
+def call_scorer(
+    scorer: Scorer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    columns: dict[str, list[Any]] | None = None,
+    role: str = "scorer",
+) -> np.ndarray:
+    """``scorer.score(prompts, completions, **columns)``, passing only the columns its ``score`` accepts, checked
+    with :func:`check_scores` (errors name the scorer).
+
+    :param columns: one list per column, aligned with ``prompts`` (e.g. ``{"references": [["a summary"], ...]}``).
+    :param role: what the scorer is here (``"reward_model"``, ``"gold scorer"``), for error messages.
+    """
+    params = inspect.signature(scorer.score).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        wanted = dict(columns or {})
+    else:
+        names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+        wanted = {k: v for k, v in (columns or {}).items() if k in names}
+    scores = scorer.score(prompts, completions, **wanted)
+    return check_scores(scores, prompts, f"{role} {type(scorer).__name__}.score")
 
 
 def check_scores(scores: object, prompts: Sequence[str], what: str = "reward") -> np.ndarray:

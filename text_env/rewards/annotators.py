@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from text_env.rewards import Scorer, check_scores
+from text_env.prompts import Example, columns_of, load_examples
+from text_env.rewards import Scorer, call_scorer
 from text_env.rewards.preferences import PreferencePair
 
 __all__ = ["HumanAnnotator", "SimulatedAnnotator"]
@@ -37,14 +38,19 @@ class SimulatedAnnotator:
             return np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
         return 1.0 / (1.0 + np.exp(-self.beta * diff))
 
-    def label(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[PreferencePair]:
-        """Label each ``(prompt, a, b)``; the pair's ``margin`` is left unset (it is not observed by a human)."""
-        gold_a = check_scores(self.gold.score(prompts, a), prompts, "gold scorer")
-        gold_b = check_scores(self.gold.score(prompts, b), prompts, "gold scorer")
+    def label(self, prompts: Sequence[str | Example], a: Sequence[str], b: Sequence[str]) -> list[PreferencePair]:
+        """Label each ``(prompt, a, b)``; the pair's ``margin`` is left unset (it is not observed by a human).
+
+        :param prompts: strings or example records; a record's columns reach the gold scorer and the pair.
+        """
+        examples = load_examples(list(prompts)) if len(prompts) else []
+        texts, columns = [e.prompt for e in examples], columns_of(examples)
+        gold_a = call_scorer(self.gold, texts, a, columns, "gold scorer")
+        gold_b = call_scorer(self.gold, texts, b, columns, "gold scorer")
         first = self.rng.random(len(prompts)) < self.prefer_first_probability(gold_a, gold_b)
         return [
-            PreferencePair(p, x, y) if f else PreferencePair(p, y, x)
-            for p, x, y, f in zip(prompts, a, b, first, strict=True)
+            PreferencePair.of(e, x, y) if f else PreferencePair.of(e, y, x)
+            for e, x, y, f in zip(examples, a, b, first, strict=True)
         ]
 
 
@@ -57,12 +63,15 @@ class HumanAnnotator:
     def __init__(self, ask: Callable[[str], str] = input) -> None:
         self.ask = ask
 
-    def label(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[PreferencePair]:
+    def label(self, prompts: Sequence[str | Example], a: Sequence[str], b: Sequence[str]) -> list[PreferencePair]:
+        """Ask about each ``(prompt, a, b)``, showing the example's references when it has them."""
         pairs = []
-        for prompt, x, y in zip(prompts, a, b, strict=True):
-            question = f"\nPROMPT: {prompt}\n  [1] {x}\n  [2] {y}\nWhich is better? [1/2/s(kip)] "
+        examples = load_examples(list(prompts)) if len(prompts) else []
+        for example, x, y in zip(examples, a, b, strict=True):
+            shown = "".join(f"\nREFERENCE: {r}" for r in example.references)
+            question = f"\nPROMPT: {example.prompt}{shown}\n  [1] {x}\n  [2] {y}\nWhich is better? [1/2/s(kip)] "
             while (answer := self.ask(question).strip().lower()) not in ("1", "2", "s"):
                 print("please answer 1, 2 or s")
             if answer != "s":
-                pairs.append(PreferencePair(prompt, x, y) if answer == "1" else PreferencePair(prompt, y, x))
+                pairs.append(PreferencePair.of(example, x, y) if answer == "1" else PreferencePair.of(example, y, x))
         return pairs

@@ -1,6 +1,8 @@
 """Preference data: ``(prompt, chosen, rejected)`` pairs in JSONL, the format of TRL's RewardTrainer.
 
-One JSON object a line: ``{"prompt": str, "chosen": str, "rejected": str}`` with an optional numeric ``margin``.
+One JSON object a line: ``{"prompt": str, "chosen": str, "rejected": str}`` with an optional numeric ``margin``, and
+the prompt's example record: an optional ``references`` list and any other field (kept as the example's ``meta``), so
+that a reference-based gold scorer can judge the pair again.
 Writers append a line at a time, so an interrupted labelling run loses nothing and resumes where it stopped.
 """
 
@@ -9,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +20,38 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from text_env.prompts import encode_prompt, read_jsonl
+from text_env.prompts import RESERVED_COLUMNS, Example, encode_prompt, read_jsonl
 
 __all__ = ["PreferencePair", "append_pairs", "generate_pairs", "load_preferences", "sample_completions"]
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One human (or simulated) judgement: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt``."""
+    """One human (or simulated) judgement: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt``.
+
+    ``references`` and ``meta`` are those of the prompt's :class:`~text_env.prompts.Example` (see :attr:`example`).
+    """
 
     prompt: str
     chosen: str
     rejected: str
     margin: float | None = None
+    references: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, example: Example, chosen: str, rejected: str, margin: float | None = None) -> PreferencePair:
+        """A pair for ``example``'s prompt that keeps its references and metadata."""
+        return cls(example.prompt, chosen, rejected, margin, example.references, dict(example.meta))
+
+    @property
+    def example(self) -> Example:
+        """The prompt's example record (what a column-taking gold scorer needs)."""
+        return Example(self.prompt, self.references, self.meta)
 
     def to_json(self) -> str:
-        record = {k: v for k, v in asdict(self).items() if v is not None}
+        record = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, "margin": self.margin}
+        record = {k: v for k, v in record.items() if v is not None} | self.example.columns()
         return json.dumps(record, ensure_ascii=False)
 
 
@@ -51,7 +69,11 @@ def _parse(record: Any, where: str) -> PreferencePair:
     if margin is not None and (not numeric or not math.isfinite(margin)):
         raise ValueError(f"{where}: 'margin' must be a finite number, got {margin!r}")
     margin = None if margin is None else float(margin)
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], margin)
+    references = record.get("references", [])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise ValueError(f"{where}: 'references' must be a list of strings, got {references!r:.80}")
+    meta = {k: v for k, v in record.items() if k not in RESERVED_COLUMNS}
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], margin, tuple(references), meta)
 
 
 def load_preferences(source: str | os.PathLike[str], split: str = "train") -> list[PreferencePair]:
@@ -128,7 +150,7 @@ def sample_completions(
 def generate_pairs(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Example],
     annotator: Any,
     out: str | os.PathLike[str],
     n_pairs: int,
@@ -139,7 +161,8 @@ def generate_pairs(
 ) -> list[PreferencePair]:
     """Sample two completions per prompt, have ``annotator`` choose, append to ``out``; resume if it exists.
 
-    Prompts cycle through ``prompts`` in a seeded order. Lines already in ``out`` count toward ``n_pairs``.
+    Prompts (strings or example records, whose references and metadata the pairs keep) cycle through ``prompts``
+    in a seeded order. Lines already in ``out`` count toward ``n_pairs``.
     Completions are sampled in chunks, but the annotator is asked one pair at a time and each label is appended
     at once, so an interrupted run (a person who stops labelling) loses no label and repeats none.
     """
@@ -155,7 +178,8 @@ def generate_pairs(
     torch.manual_seed(seed + len(done))
     for start in range(0, len(todo), batch_size * 4):
         chunk = todo[start : start + batch_size * 4]
-        samples = sample_completions(model, tokenizer, chunk, instruction, max_new_tokens, 2, batch_size)
+        texts = [p.prompt if isinstance(p, Example) else p for p in chunk]
+        samples = sample_completions(model, tokenizer, texts, instruction, max_new_tokens, 2, batch_size)
         for prompt, (a, b) in zip(chunk, samples, strict=True):
             pairs = annotator.label([prompt], [a], [b])  # empty when a person skips the pair
             append_pairs(out, pairs)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from text_env.rewards import Scorer
+from text_env.prompts import columns_of
+from text_env.rewards import Scorer, call_scorer
 from text_env.rewards.preferences import PreferencePair
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
 
@@ -132,8 +133,9 @@ def _gold_scores(gold: Scorer | None, pairs: Sequence[PreferencePair]) -> tuple[
     """Gold scores of the chosen and the rejected completions (``None`` without a gold scorer or pairs)."""
     if gold is None or not pairs:
         return None
-    prompts = [p.prompt for p in pairs]
-    return gold.score(prompts, [p.chosen for p in pairs]), gold.score(prompts, [p.rejected for p in pairs])
+    prompts, columns = [p.prompt for p in pairs], columns_of([p.example for p in pairs])
+    chosen = call_scorer(gold, prompts, [p.chosen for p in pairs], columns, "gold scorer")
+    return chosen, call_scorer(gold, prompts, [p.rejected for p in pairs], columns, "gold scorer")
 
 
 def _compare(

@@ -1,95 +1,21 @@
-"""Tasks: a prompt set with a train/eval split, a gold scorer and default generation settings.
+"""positive-review: continue a movie-review opening positively, the offline counterpart of the IMDB task.
 
-Example:
-    >>> from text_env.tasks import get_task
-    >>> task = get_task("positive-review")
-    >>> len(task.train_prompts), len(task.eval_prompts)
-    (320, 80)
+Openings are templated from titles, genres and neutral, mixed or negative lead-ins; the gold scorer is VADER.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from text_env.rewards import Scorer
+from text_env.tasks import Task
 
-__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["make_task"]
 
+_PRETRAINED = Path(__file__).parents[1] / "rewards" / "pretrained"  # reward models shipped with the package
 
-@dataclass
-class Task:
-    """What to generate and how it is judged.
-
-    :param name: registry name.
-    :param train_prompts: prompts episodes are drawn from during training.
-    :param eval_prompts: held-out prompts for evaluation (never used to train the policy or the reward model).
-    :param make_gold: builds the gold scorer, the stand-in for a human judge (built lazily: it may be slow).
-    :param instruction: the user turn when the model has a chat template; the prompt then pre-fills the reply.
-    :param max_new_tokens: default episode length in generated tokens.
-    :param max_prompt_tokens: default room for the rendered prompt, in tokens.
-    :param stop_strings: texts that end an episode (besides EOS) once they appear in the completion.
-    :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
-    """
-
-    name: str
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    make_gold: Callable[[], Scorer]
-    instruction: str | None = None
-    max_new_tokens: int = 32
-    max_prompt_tokens: int = 64
-    stop_strings: tuple[str, ...] = ()
-    reward_model: str | None = None
-    _gold: Scorer | None = field(default=None, init=False, repr=False)
-
-    @property
-    def gold(self) -> Scorer:
-        """The task's gold scorer (built on first use, then shared)."""
-        if self._gold is None:
-            self._gold = self.make_gold()
-        return self._gold
-
-    def prompts(self, split: str) -> list[str]:
-        """Prompts of ``split`` (``"train"`` or ``"eval"``)."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-        return self.train_prompts if split == "train" else self.eval_prompts
-
-
-_REGISTRY: dict[str, Callable[[], Task]] = {}
-_BUILT: dict[str, Task] = {}
-
-
-def register_task(name: str, factory: Callable[[], Task]) -> None:
-    """Register a task factory under ``name`` (it is called once, on first :func:`get_task`)."""
-    _REGISTRY[name] = factory
-    _BUILT.pop(name, None)
-
-
-def list_tasks() -> list[str]:
-    """Names of the registered tasks."""
-    return sorted(_REGISTRY)
-
-
-def get_task(task: str | Task) -> Task:
-    """Return a registered task by name (a :class:`Task` passes through)."""
-    if isinstance(task, Task):
-        return task
-    if task not in _REGISTRY:
-        raise ValueError(f"unknown task {task!r}; registered tasks: {', '.join(list_tasks())}")
-    if task not in _BUILT:
-        _BUILT[task] = _REGISTRY[task]()
-    return _BUILT[task]
-
-
-_PRETRAINED = Path(__file__).parent / "rewards" / "pretrained"  # reward models shipped with the package
-
-# --- positive-review: the offline counterpart of the IMDB positive-continuation task -------------------------
 
 _TITLES = [
     "The Last Harbor",
@@ -157,7 +83,8 @@ _OPENINGS = [
 ]
 
 
-def _positive_review() -> Task:
+def make_task() -> Task:
+    """The positive-review task: 400 templated movie-review openings (320 train, 80 eval), judged by VADER."""
     from text_env.rewards.gold import VaderSentiment
 
     combos = [
@@ -177,6 +104,3 @@ def _positive_review() -> Task:
         max_prompt_tokens=72,  # the longest opening is 69 tokens inside SmolLM2's chat template
         reward_model=str(_PRETRAINED / "positive-review") if (_PRETRAINED / "positive-review").is_dir() else None,
     )
-
-
-register_task("positive-review", _positive_review)

@@ -1,0 +1,110 @@
+"""Tasks: a set of example records with a train/eval split, a gold scorer and default generation settings.
+
+One module per task (:mod:`text_env.tasks.positive_review`, ...), each with a ``make_task()``; this module owns the
+registry, which builds a task on first :func:`get_task`.
+
+Example:
+    >>> from text_env.tasks import get_task
+    >>> task = get_task("positive-review")
+    >>> len(task.train_prompts), len(task.eval_prompts)
+    (320, 80)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from text_env.prompts import Example, load_examples
+from text_env.rewards import Scorer
+
+__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+
+
+@dataclass
+class Task:
+    """What to generate and how it is judged.
+
+    :param name: registry name.
+    :param train_prompts: prompts episodes are drawn from during training: strings or :class:`Example` records
+        (with references or metadata for the gold scorer); stored as records, see :meth:`examples`.
+    :param eval_prompts: held-out prompts for evaluation (never used to train the policy or the reward model).
+    :param make_gold: builds the gold scorer, the stand-in for a human judge (built lazily: it may be slow).
+    :param instruction: the user turn when the model has a chat template; the prompt then pre-fills the reply.
+    :param max_new_tokens: default episode length in generated tokens.
+    :param max_prompt_tokens: default room for the rendered prompt, in tokens.
+    :param stop_strings: texts that end an episode (besides EOS) once they appear in the completion.
+    :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
+    """
+
+    name: str
+    train_prompts: Sequence[str | Example]
+    eval_prompts: Sequence[str | Example]
+    make_gold: Callable[[], Scorer]
+    instruction: str | None = None
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 64
+    stop_strings: tuple[str, ...] = ()
+    reward_model: str | None = None
+    _gold: Scorer | None = field(default=None, init=False, repr=False)
+    _examples: dict[str, list[Example]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The records are the task's data; the prompt lists stay plain strings for code that only needs the text.
+        for split, source in (("train", self.train_prompts), ("eval", self.eval_prompts)):
+            self._examples[split] = load_examples(list(source)) if len(source) else []
+        self.train_prompts = [e.prompt for e in self._examples["train"]]
+        self.eval_prompts = [e.prompt for e in self._examples["eval"]]
+
+    @property
+    def gold(self) -> Scorer:
+        """The task's gold scorer (built on first use, then shared)."""
+        if self._gold is None:
+            self._gold = self.make_gold()
+        return self._gold
+
+    def examples(self, split: str) -> list[Example]:
+        """Example records of ``split`` (``"train"`` or ``"eval"``): prompts with their references and metadata."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+        return self._examples[split]
+
+    def prompts(self, split: str) -> list[str]:
+        """Prompt texts of ``split`` (``"train"`` or ``"eval"``)."""
+        return [e.prompt for e in self.examples(split)]
+
+
+_REGISTRY: dict[str, Callable[[], Task]] = {}
+_BUILT: dict[str, Task] = {}
+
+
+def register_task(name: str, factory: Callable[[], Task]) -> None:
+    """Register a task factory under ``name`` (it is called once, on first :func:`get_task`)."""
+    _REGISTRY[name] = factory
+    _BUILT.pop(name, None)
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered tasks."""
+    return sorted(_REGISTRY)
+
+
+def get_task(task: str | Task) -> Task:
+    """Return a registered task by name (a :class:`Task` passes through)."""
+    if isinstance(task, Task):
+        return task
+    if task not in _REGISTRY:
+        raise ValueError(f"unknown task {task!r}; registered tasks: {', '.join(list_tasks())}")
+    if task not in _BUILT:
+        _BUILT[task] = _REGISTRY[task]()
+    return _BUILT[task]
+
+
+def _builtin(module: str) -> Callable[[], Task]:
+    """A factory that imports ``text_env.tasks.<module>`` only when the task is first asked for."""
+    return lambda: importlib.import_module(f"text_env.tasks.{module}").make_task()
+
+
+register_task("positive-review", _builtin("positive_review"))
+register_task("summarize-docstring", _builtin("summarize_docstring"))
