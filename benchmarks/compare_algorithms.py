@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from text_env.rewards import scorer_name
     from text_env.tasks import get_task
 
-    pngs = plot(runs, summary, out, name, scorer_name(get_task(cfg.task).gold))
+    pngs = plot(runs, summary, out, name, scorer_name(get_task(cfg.config("ppo").task).gold))
     print(table)
     (out / f"{name}.partial.json").unlink(missing_ok=True)
     print("wrote", ", ".join(str(p) for p in [out / f"{name}.md", out / f"{name}.json", *pngs]))
