@@ -102,3 +102,20 @@ def test_rlhf_loop_compares_with_one_shot_train_and_best_of_16(tiny_model: Path,
     assert (tmp_path / "loop.png").stat().st_size > 10_000
     again = bench.main([*argv, "--methods", "rlhf,train", "--", *tiny])  # finished runs are reused, not re-run
     assert [s["rlhf"] for s in again["seeds"]] == [s["rlhf"] for s in first["seeds"]]
+
+
+def test_tasks_reports_gold_and_reference_metrics(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("tasks")
+    tiny = ["--model", str(tiny_model), "--prompts", "2", "--n-envs", "2", "--max-new-tokens", "4", "--no-bf16"]
+    tiny += ["--max-prompt-tokens", "200"]  # the tiny tokenizer splits finer than SmolLM2's
+    results = bench.main(["--tasks", "positive-review,dialogue", *tiny, "--out", str(tmp_path)])
+    review, dialogue = results
+    assert set(bench.REFERENCE_METRICS).isdisjoint(review)  # VADER needs no references
+    samples = dialogue["samples"]  # both prompts: the metrics are those of these completions
+    expected = bench.reference_metrics([s["completion"] for s in samples], [s["references"] for s in samples])
+    assert {k: dialogue[k] for k in bench.REFERENCE_METRICS} == pytest.approx(expected)
+    assert all(0.0 <= dialogue[k] <= 100.0 for k in bench.REFERENCE_METRICS)
+    assert dialogue["gold_mean"] == pytest.approx(sum(s["gold"] for s in samples) / 2) and dialogue["n_prompts"] == 2
+    record = json.loads((tmp_path / "tasks.json").read_text())
+    assert record["results"] == results and "--tasks positive-review,dialogue" in record["command"]
+    assert "| dialogue | chrF (sacrebleu) | 2 (" in (tmp_path / "tasks.md").read_text()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["RougeL", "VaderSentiment"]
+__all__ = ["ChrF", "RougeL", "VaderSentiment"]
 
 
 class VaderSentiment:
@@ -32,7 +32,29 @@ class VaderSentiment:
         return np.array([self._analyzer.polarity_scores(c)["compound"] for c in completions], dtype=np.float64)
 
 
-class RougeL:
+class _ReferenceScorer:
+    """A gold scorer that judges each completion against its example's ``references`` column, one row at a time; a
+    prompt without references is an error, not a 0 (the task, not the policy, is wrong)."""
+
+    name = "reference metric"
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Sequence[str] | None]
+    ) -> np.ndarray:
+        """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
+        scores = []
+        for prompt, completion, refs in zip(prompts, completions, references, strict=True):
+            if not refs:
+                raise ValueError(f"{self.name} needs references, and prompt {prompt[:60]!r} has none")
+            scores.append(self.score_one(prompt, completion, list(refs)))
+        return np.array(scores, dtype=np.float64)
+
+    def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
+        """The score of one completion (``references`` is not empty)."""
+        raise NotImplementedError
+
+
+class RougeL(_ReferenceScorer):
     """ROUGE-L F1 of the completion against the example's references (the best over them), in ``[0, 1]``.
 
     Computed by the ``rouge-score`` package (Porter stemming on), the implementation summarisation papers report, never
@@ -46,13 +68,41 @@ class RougeL:
 
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
-    def score(
-        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Sequence[str] | None]
-    ) -> np.ndarray:
-        """:return: the best ROUGE-L F1 of each completion over its references, shape ``(len(completions),)``."""
-        scores = []
-        for prompt, completion, refs in zip(prompts, completions, references, strict=True):
-            if not refs:
-                raise ValueError(f"ROUGE-L needs references, and prompt {prompt[:60]!r} has none")
-            scores.append(max(self._scorer.score(ref, completion)["rougeL"].fmeasure for ref in refs))
-        return np.array(scores, dtype=np.float64)
+    def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
+        """The best ROUGE-L F1 of the completion over its references."""
+        return max(self._scorer.score(ref, completion)["rougeL"].fmeasure for ref in references)
+
+
+class ChrF(_ReferenceScorer):
+    """chrF (character n-gram F-score, Popović 2015) of the reply against the example's references, in ``[0, 1]``,
+    with penalties that close the two cheap ways to score without replying.
+
+    chrF is computed by ``sacrebleu`` (``sacrebleu.metrics.CHRF``, its defaults: character 6-grams, beta 2; the best
+    over the references), never by hand. Character n-grams give partial credit for inflections and near-misses,
+    which word-level BLEU gives a one-line reply almost never. An empty (whitespace-only) reply scores
+    ``-empty_penalty``; a reply that matches the prompt or one of its lines (chrF) at least ``copy_threshold`` and
+    better than any reference is an echo and loses ``copy_penalty``. An echo the corpus itself gives ("Hello" to
+    "Hello") is not penalised. It takes the ``references`` column; a prompt without references is an error.
+
+    :param empty_penalty: score of an empty reply, negated (default 1: below every non-empty reply).
+    :param copy_penalty: subtracted from an echo's chrF (default 1: an echo scores at most 0).
+    :param copy_threshold: chrF against the prompt, in ``[0, 1]``, from which a reply counts as a copy.
+    """
+
+    name = "chrF (sacrebleu)"
+
+    def __init__(self, empty_penalty: float = 1.0, copy_penalty: float = 1.0, copy_threshold: float = 0.6) -> None:
+        from sacrebleu.metrics import CHRF
+
+        self._chrf = CHRF()
+        self.empty_penalty, self.copy_penalty, self.copy_threshold = empty_penalty, copy_penalty, copy_threshold
+
+    def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
+        """The reply's penalised chrF, in ``[-max(penalties), 1]``."""
+        reply = completion.strip()
+        if not reply:
+            return -self.empty_penalty
+        chrf = self._chrf.sentence_score(reply, references).score / 100
+        turns = [prompt.strip(), *(line.strip() for line in prompt.splitlines() if line.strip())]
+        echo = self._chrf.sentence_score(reply, turns).score / 100  # the whole prompt or one of its lines
+        return chrf - self.copy_penalty if echo >= self.copy_threshold and echo > chrf else chrf

@@ -1,0 +1,148 @@
+"""The base model on every task: its mean gold score on the first eval prompts, and, for tasks judged against
+references, the corpus metrics papers report: BLEU and chrF (``sacrebleu``), ROUGE-1/2/L F1 (``rouge-score``).
+
+What RL starts from, per task: a gold near its ceiling would leave nothing to learn. Completions are sampled the
+way ``textgen train`` evaluates (:func:`agents.evaluate.evaluate`: one episode per prompt in the task's env, the
+task's length and stop strings, the untrained :class:`~agents.policies.CausalLMPolicy`), with the gold scorer as
+reward. BLEU, chrF and ROUGE are on a 0-100 scale; the gold is on its scorer's own scale.
+
+Run: ``python benchmarks/tasks.py`` (every registered task, default model) writes ``benchmarks/results/tasks.md``
+and ``tasks.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.evaluate import evaluate
+from agents.policies import CausalLMPolicy
+from text_env.models import DEFAULT_MODEL
+from text_env.prompts import Example
+from text_env.rewards import scorer_name
+from text_env.tasks import get_task, list_tasks
+from text_env.vec_env import make_text_vec_env
+
+REFERENCE_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
+
+
+def reference_metrics(completions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu, several references per completion allowed) and the mean best-reference
+    ROUGE-1/2/L F1 (rouge-score, stemmed), all 0-100."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
+    width = max(len(refs) for refs in references)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]  # None: no k-th
+    rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rows = [rouge.score_multi(list(refs), completion) for completion, refs in zip(completions, references, strict=True)]
+    return {
+        "bleu": BLEU().corpus_score(list(completions), streams).score,  # type: ignore[arg-type]
+        "chrf": CHRF().corpus_score(list(completions), streams).score,  # type: ignore[arg-type]
+        **{key: 100 * float(np.mean([row[key].fmeasure for row in rows])) for key in ("rouge1", "rouge2", "rougeL")},
+    }
+
+
+def measure_task(
+    name: str,
+    model: str,
+    n_prompts: int,
+    n_envs: int,
+    seed: int,
+    bf16: bool,
+    max_new_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The base model on the first ``n_prompts`` eval prompts of task ``name``: gold and, with references, the
+    reference metrics."""
+    task = get_task(name)
+    examples: list[Example] = task.examples("eval")[:n_prompts]
+    env = make_text_vec_env(
+        min(n_envs, len(examples)), seed=seed, model=model, task=task, split="eval", reward_model="gold",
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
+    policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=model, bf16=bf16)
+    started = time.time()
+    evaluation = evaluate(policy, env, examples, seed=seed)
+    env.close()
+    result: dict[str, Any] = {
+        "task": name, "gold_metric": scorer_name(task.gold), "n_prompts": len(examples),
+        "n_eval": len(task.examples("eval")), "n_train": len(task.examples("train")),
+        "gold_mean": float(evaluation.gold_score.mean()), "gold_std": float(evaluation.gold_score.std()),
+        "length": float(evaluation.n_tokens.mean()), "seconds": time.time() - started,
+    }  # fmt: skip
+    if all(e.references for e in examples):
+        result |= reference_metrics(evaluation.completions, [e.references for e in examples])
+    result["samples"] = [
+        {"prompt": e.prompt, "completion": c, "references": list(e.references), "gold": float(g)}
+        for e, c, g in zip(examples[:3], evaluation.completions[:3], evaluation.gold_score[:3], strict=True)
+    ]
+    return result
+
+
+def _markdown(results: list[dict[str, Any]], command: str, model: str) -> str:
+    lines = [
+        "# The base model on every task",
+        "",
+        f"`{command}`",
+        "",
+        f"Model: `{model}`, untrained, sampled (temperature 1) in each task's env with its length and stop strings "
+        "(`agents.evaluate.evaluate`); the first eval prompts of each task. Gold on its scorer's scale (mean ± std "
+        "over prompts); BLEU and chrF are sacrebleu corpus scores, ROUGE the mean best-reference F1 (rouge-score), "
+        f"all 0-100. {platform.platform()}, Python {platform.python_version()}.",
+        "",
+        "| task | gold metric | prompts (of eval / train) | gold | BLEU | chrF | ROUGE-1 | ROUGE-2 | ROUGE-L | "
+        "tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        refs = " | ".join(f"{r[k]:.1f}" if k in r else "–" for k in REFERENCE_METRICS)
+        lines.append(
+            f"| {r['task']} | {r['gold_metric']} | {r['n_prompts']} ({r['n_eval']} / {r['n_train']}) | "
+            f"{r['gold_mean']:+.3f} ± {r['gold_std']:.3f} | {refs} | {r['length']:.1f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(list_tasks()), help="comma-separated tasks (default: all registered)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (embedded SmolLM2) or a model directory")
+    p.add_argument("--prompts", type=int, default=32, help="first eval prompts per task (%(default)s)")
+    p.add_argument("--n-envs", type=int, default=16, help="episodes sampled in parallel (%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="episode length (default: each task's)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (default: each task's)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="sample in float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="directory of tasks.md / .json")
+    p.add_argument("--name", default="tasks", help="file stem of the results (%(default)s)")
+    args = p.parse_args(argv)
+    names = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(names) - set(list_tasks()))
+    if unknown:
+        p.error(f"unknown tasks {unknown}; registered: {', '.join(list_tasks())}")
+    command = shlex.join(["python", "benchmarks/tasks.py", *(sys.argv[1:] if argv is None else argv)])
+    results = []
+    for name in names:
+        settings = (args.model, args.prompts, args.n_envs, args.seed, args.bf16)
+        results.append(measure_task(name, *settings, args.max_new_tokens, args.max_prompt_tokens))
+        print(f"{name}: gold {results[-1]['gold_mean']:+.3f} ({results[-1]['seconds']:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"command": command, "config": vars(args), "results": results}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    (out / f"{args.name}.md").write_text(_markdown(results, command, args.model))
+    return results
+
+
+if __name__ == "__main__":
+    main()
