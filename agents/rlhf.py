@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.run import Run, TrainConfig, build_run
+from agents.run import Run, TrainConfig, build_run, run_task
 from agents.train import (
     CHECKPOINT,
     Interrupted,
@@ -71,7 +71,6 @@ from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
 from text_env.rewards.preferences import PreferencePair, generate_pairs, load_preferences
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
 from text_env.rewards.training import evaluate_reward_model, fit_heads, normalize_output_scale, split_pairs
-from text_env.tasks import get_task
 
 __all__ = ["ANNOTATORS", "LOOP_ALGORITHMS", "RLHFConfig", "markdown", "plot", "rlhf"]
 
@@ -211,7 +210,7 @@ class _Loop:
 
     def __init__(self, config: RLHFConfig, verbose: int) -> None:
         self.config, self.verbose = config, verbose
-        self.task = get_task(config.train.task)
+        self.task = run_task(config.train)  # --prompts, when given, are where the pairs come from too
         self.timesteps = 0  # PPO steps saved so far (for the message of an interruption)
         source = config.train.reward_model or self.task.reward_model
         self.round0 = resolve_reward(config.train.reward_model, self.task, config.train.reward_kwargs)

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
 from text_env.models import DEFAULT_MODEL
-from text_env.prompts import Example
+from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
-from text_env.tasks import get_task
+from text_env.tasks import Task, get_task
 from text_env.vec_env import make_text_vec_env
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "make_algorithm",
     "make_env",
     "policy_kwargs",
+    "run_task",
 ]
 
 ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")  # with the causal-LM policy
@@ -80,6 +81,13 @@ class TrainConfig:
     """
 
     task: str = field(default="positive-review", metadata=_help("task name"))
+    prompts: str | None = field(
+        default=None,
+        metadata=_help("train on these prompts (.txt, .jsonl or hf:NAME) instead of the task's train split"),
+    )
+    reference_column: str | None = field(
+        default=None, metadata=_help("the --prompts field (.jsonl, hf:) holding each prompt's reference(s)")
+    )
     model: str = field(default=DEFAULT_MODEL, metadata=_help("'default' (embedded SmolLM2), a directory or a hub id"))
     algo: str = field(default="ppo", metadata=_help("algorithm", ALGORITHMS + BASELINES))
     reward_model: str | None = field(
@@ -121,6 +129,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_r < 0 or self.checkpoint_every < 0 or self.learning_rate <= 0 or self.beta < 0:
             raise ValueError("lora_r and checkpoint_every must be >= 0, learning_rate > 0 and beta >= 0")
+        if self.reference_column is not None and self.prompts is None:
+            raise ValueError("reference_column names a field of --prompts: give --prompts (a .jsonl file or hf:NAME)")
         if self.algo == "trpo" and self.lora_r:
             raise ValueError(
                 "sb3_contrib.TRPO runs one double-backward pass through the LM per trainable tensor, hundreds with "
@@ -202,6 +212,17 @@ def make_algorithm(config: TrainConfig, env: VecEnv, verbose: int = 1) -> BaseAl
     )  # fmt: skip
 
 
+def run_task(config: TrainConfig) -> Task:
+    """``config.task``, its train split replaced by ``config.prompts`` when given (with references from
+    ``config.reference_column``): the one place a run's prompts come from. The task's eval split, gold scorer and
+    generation defaults stay, so held-out evaluation is the same with or without one's own prompts."""
+    task = get_task(config.task)
+    if config.prompts is None:
+        return task
+    examples = load_examples(config.prompts, reference_column=config.reference_column)
+    return replace(task, train_prompts=examples, eval_prompts=task.examples("eval"))
+
+
 def make_env(
     config: TrainConfig, split: str = "train", reward: Scorer | None = None, seed: int | None = None
 ) -> VecEnv:
@@ -210,7 +231,7 @@ def make_env(
     :param reward: a scorer already built (e.g. shared by the train and eval envs); default: ``config``'s.
     :param seed: prompt seed (default ``config.seed``).
     """
-    task = get_task(config.task)
+    task = run_task(config)
     env: VecEnv = make_text_vec_env(
         config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
         reward_model=reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs),
@@ -246,7 +267,7 @@ class Run:
 
 def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
-    task = get_task(config.task)
+    task = run_task(config)
     reward = resolve_reward(config.reward_model, task, config.reward_kwargs)  # one, shared by the train and eval envs
     env = make_env(config, "train", reward)
     eval_env = make_env(config, "eval", reward)

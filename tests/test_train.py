@@ -3,14 +3,16 @@ settings have one source; an interrupted `textgen train` resumes to the same res
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from conftest import TINY_PROMPTS
 
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
-from agents.run import ALGORITHMS, BASELINES, TrainConfig, algorithm_class, build_run, make_algorithm
+from agents.run import ALGORITHMS, BASELINES, TrainConfig, algorithm_class, build_run, make_algorithm, run_task
 from text_env import make_text_vec_env
+from text_env.tasks import get_task
 
 
 def tiny_config(tiny_model: Path) -> dict:
@@ -107,3 +109,25 @@ def test_tensorboard_missing_says_how_to_install(tiny_model: Path, monkeypatch: 
     env = make_text_vec_env(1, model=str(tiny_model), prompts=TINY_PROMPTS, reward_model="gold", max_prompt_tokens=24)
     with pytest.raises(ImportError, match=r"pip install 'textgen-rl\[tensorboard\]'"):
         make_algorithm(TrainConfig(model=str(tiny_model), tensorboard=True, bf16=False), env)
+
+
+def test_own_prompts_with_references_replace_the_task_train_split(tiny_model: Path, tmp_path: Path) -> None:
+    """`textgen train --prompts data.jsonl --reference-column summary`: episodes are drawn from those records (their
+    references reach `info`); the task's held-out split still evaluates."""
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"{p} number {i}", "summary": f"ref {i}"} for i, p in enumerate(TINY_PROMPTS[:3])]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = TrainConfig(**tiny_config(tiny_model), prompts=str(data), reference_column="summary", total_timesteps=8)
+    task = run_task(config)
+    assert [(e.prompt, e.references) for e in task.examples("train")] == [(r["prompt"], (r["summary"],)) for r in rows]
+    assert task.examples("eval") == get_task(config.task).examples("eval")
+    run = build_run(config, verbose=0)
+    assert run.env.core.examples == task.examples("train") and run.eval_env.core.examples == task.examples("eval")
+    obs, finished = run.env.reset(), []
+    for _ in range(config.max_new_tokens):
+        obs, _, dones, infos = run.env.step(run.algo.policy.predict(obs)[0])
+        finished += [info for done, info in zip(dones, infos, strict=True) if done]
+    assert len(finished) == config.n_envs
+    assert all(tuple(info["references"]) in [(r["summary"],) for r in rows] for info in finished)
+    with pytest.raises(ValueError, match="reference_column names a field of --prompts"):
+        TrainConfig(reference_column="summary")

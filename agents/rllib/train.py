@@ -40,7 +40,7 @@ from agents.kl import KLController
 from agents.policies import export_pretrained
 from agents.rllib.learner import KL_BETA, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
-from agents.run import TrainConfig, make_env
+from agents.run import TrainConfig, make_env, run_task
 from agents.train import (
     before_after_table,
     cpu_kind,
@@ -51,7 +51,6 @@ from agents.train import (
     plot_training,
 )
 from text_env.core import resolve_reward
-from text_env.tasks import get_task
 
 __all__ = ["RLHFMetrics", "connect_ray", "export_rllib", "load_rllib_module", "rllib_config", "train_rllib"]
 
@@ -90,6 +89,7 @@ def rllib_config(
         "model": config.model, "task": config.task, "reward_model": config.reward_model,
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
         "max_prompt_tokens": config.max_prompt_tokens, "split": "train",
+        "prompts": run_task(config).examples("train") if config.prompts else None,  # plain records, not a model
     }  # fmt: skip
     train_batch = max(1, config.n_envs * config.n_steps // max(1, num_learners))  # tokens per Learner per iteration
     model_config = {
@@ -272,7 +272,7 @@ def train_rllib(
     engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
     (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
     torch.manual_seed(config.seed)
-    task = get_task(config.task)
+    task = run_task(config)
     eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs))
     prompts = list(task.eval_prompts[: config.eval_prompts])
     spec = algo_config.rl_module_spec
