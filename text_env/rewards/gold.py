@@ -6,11 +6,12 @@ shows up as a gap between reward-model score and gold score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ChrF", "RougeL", "VaderSentiment"]
+__all__ = ["ChrF", "Coverage", "RougeL", "VaderSentiment"]
 
 
 class VaderSentiment:
@@ -32,6 +33,24 @@ class VaderSentiment:
         return np.array([self._analyzer.polarity_scores(c)["compound"] for c in completions], dtype=np.float64)
 
 
+def _score_rows(
+    name: str,
+    column: str,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    values: Sequence[Sequence[str] | None],
+    score_one: Callable[[str, str, list[str]], float],
+) -> np.ndarray:
+    """``score_one(prompt, completion, value)`` of each row, for a scorer that needs a list ``column`` on every row:
+    a row without it is an error, not a 0 (the task, not the policy, is wrong)."""
+    scores = []
+    for prompt, completion, value in zip(prompts, completions, values, strict=True):
+        if not value:
+            raise ValueError(f"{name} needs {column}, and prompt {prompt[:60]!r} has none")
+        scores.append(score_one(prompt, completion, list(value)))
+    return np.array(scores, dtype=np.float64)
+
+
 class _ReferenceScorer:
     """A gold scorer that judges each completion against its example's ``references`` column, one row at a time; a
     prompt without references is an error, not a 0 (the task, not the policy, is wrong)."""
@@ -42,12 +61,7 @@ class _ReferenceScorer:
         self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Sequence[str] | None]
     ) -> np.ndarray:
         """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
-        scores = []
-        for prompt, completion, refs in zip(prompts, completions, references, strict=True):
-            if not refs:
-                raise ValueError(f"{self.name} needs references, and prompt {prompt[:60]!r} has none")
-            scores.append(self.score_one(prompt, completion, list(refs)))
-        return np.array(scores, dtype=np.float64)
+        return _score_rows(self.name, "references", prompts, completions, references, self.score_one)
 
     def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
         """The score of one completion (``references`` is not empty)."""
@@ -106,3 +120,53 @@ class ChrF(_ReferenceScorer):
         turns = [prompt.strip(), *(line.strip() for line in prompt.splitlines() if line.strip())]
         echo = self._chrf.sentence_score(reply, turns).score / 100  # the whole prompt or one of its lines
         return chrf - self.copy_penalty if echo >= self.copy_threshold and echo > chrf else chrf
+
+
+class Coverage:
+    """Concept coverage (CommonGen's constrained generation): the fraction of the example's ``concepts`` that the
+    sentence uses, in ``[0, 1]``, with penalties for the two cheap ways to cover them without writing a sentence.
+
+    A concept counts when a word of the completion is the concept or a regular inflection of it (plural ``-s``,
+    ``-es``, ``-ies``, ``-ed``, ``-ing``, ``-er``: :func:`text_env.tasks.concepts.inflections`), case-insensitively;
+    irregular forms ("ran") do not. A **list** (at least half of the comma-, semicolon- or newline-separated parts
+    are bare concept words, joined at most by "and"/"or", and they hold two concept words or more, as in "dog,
+    frisbee, catch" or an echo of the prompt) loses ``list_penalty``; every use of a concept beyond ``max_repeats``
+    loses ``repeat_penalty``, at most 1 in all. The score is clipped to ``[-1, 1]``; an empty (whitespace-only)
+    completion scores -1, the floor. It takes the ``concepts`` column; a prompt without concepts is an error.
+
+    :param list_penalty: subtracted from a list's coverage (default 1: a list scores at most 0).
+    :param repeat_penalty: subtracted per use of a concept beyond ``max_repeats``.
+    :param max_repeats: uses of one concept that cost nothing (a sentence may name a thing twice).
+    """
+
+    name = "concept coverage"
+
+    _CONNECTORS = frozenset({"and", "or"})
+
+    def __init__(self, list_penalty: float = 1.0, repeat_penalty: float = 0.25, max_repeats: int = 2) -> None:
+        self.list_penalty, self.repeat_penalty, self.max_repeats = list_penalty, repeat_penalty, max_repeats
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], concepts: Sequence[Sequence[str] | None]
+    ) -> np.ndarray:
+        """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
+        return _score_rows(self.name, "concepts", prompts, completions, concepts, self.score_one)
+
+    def score_one(self, prompt: str, completion: str, concepts: list[str]) -> float:
+        """The penalised coverage of one completion, in ``[-1, 1]`` (the concepts say it all, not the prompt)."""
+        from text_env.tasks.concepts import inflections
+
+        if not completion.strip():
+            return -1.0
+        forms = {concept: inflections(concept.lower()) for concept in concepts}
+        words = re.findall(r"[a-z]+", completion.lower())
+        uses = {concept: sum(word in forms[concept] for word in words) for concept in concepts}
+        coverage = sum(n > 0 for n in uses.values()) / len(concepts)
+        any_form = set().union(*forms.values())
+        parts = [re.findall(r"[a-z]+", part) for part in re.split(r"[,;\n]", completion.lower())]
+        parts = [part for part in parts if part]
+        bare = [part for part in parts if all(w in any_form or w in self._CONNECTORS for w in part)]
+        is_list = 2 * len(bare) >= len(parts) and sum(w in any_form for part in bare for w in part) >= 2
+        excess = sum(max(0, n - self.max_repeats) for n in uses.values())
+        penalty = self.list_penalty * is_list + min(1.0, self.repeat_penalty * excess)
+        return float(np.clip(coverage - penalty, -1.0, 1.0))

@@ -109,3 +109,4 @@ def _builtin(module: str) -> Callable[[], Task]:
 register_task("positive-review", _builtin("positive_review"))
 register_task("summarize-docstring", _builtin("summarize_docstring"))
 register_task("dialogue", _builtin("dialogue"))
+register_task("concepts", _builtin("concepts"))
