@@ -106,21 +106,24 @@ def _trl_grpo(cfg: Any, spaces: tuple[Any, Any]) -> tuple[Any, list[dict[str, fl
     from agents.policies import CausalLMPolicy
     from text_env.core import resolve_reward
     from text_env.models import load_causal_lm, load_tokenizer
-    from text_env.prompts import render_prompt
+    from text_env.prompts import columns_of, render_prompt
+    from text_env.rewards import call_scorer
     from text_env.tasks import get_task
 
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
     reward_model = resolve_reward(cfg.reward_model, task)
-    rendered = {render_prompt(tokenizer, p, task.instruction): p for p in task.train_prompts}  # what the env shows
+    # what the env shows -> the record it came from (its references and meta are the scorers' columns)
+    rendered = {render_prompt(tokenizer, e.prompt, task.instruction): e for e in task.examples("train")}
     new_tokens = cfg.max_new_tokens or task.max_new_tokens
     batch, generations = 16, 8
     curve: list[dict[str, float]] = []
 
     def reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        originals = [rendered[p] for p in prompts]
-        scores = reward_model.score(originals, completions)
-        gold = task.gold.score(originals, completions)
+        examples = [rendered[p] for p in prompts]
+        originals, columns = [e.prompt for e in examples], columns_of(examples)
+        scores = call_scorer(reward_model, originals, completions, columns, "reward_model")
+        gold = call_scorer(task.gold, originals, completions, columns, "gold scorer")
         tokens = (len(curve) + 1) * batch * new_tokens
         curve.append({"timesteps": float(tokens), "reward_model_score": float(np.mean(scores)),
                       "gold_score": float(np.mean(gold))})  # fmt: skip
@@ -338,14 +341,17 @@ def plot(
 # --- command line ------------------------------------------------------------------------------------------------
 
 
-def _quick_config(tmp: Path) -> BenchConfig:
-    """A tiny random LM and the gold reward: checks the harness end to end in seconds."""
+def _quick_config(tmp: Path, task: str = "positive-review") -> BenchConfig:
+    """A tiny random LM and the gold reward: checks the harness end to end in seconds, on any task."""
     from text_env.models import make_tiny_model
+    from text_env.tasks import get_task
 
-    model = make_tiny_model(tmp / "tiny-lm")
+    # The tiny LM's 128-token BPE splits text about 2.6x finer than SmolLM2's: 3x the task's room for the prompt.
+    room = 3 * get_task(task).max_prompt_tokens
+    model = make_tiny_model(tmp / "tiny-lm", max_positions=room + 64)
     shared = dict(
-        model=str(model), reward_model="gold", total_timesteps=96, n_envs=4, n_steps=8, batch_size=16,
-        eval_prompts=4, max_new_tokens=6, max_prompt_tokens=128, bf16=False,
+        task=task, model=str(model), reward_model="gold", total_timesteps=96, n_envs=4, n_steps=8, batch_size=16,
+        eval_prompts=4, max_new_tokens=6, max_prompt_tokens=room, bf16=False,
     )  # fmt: skip
     return BenchConfig(
         shared, {"trpo": {"algo_kwargs": {"cg_max_steps": 2, "n_critic_updates": 1, "line_search_max_iter": 2}}}
@@ -357,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny random LM, gold reward, 2 seeds: seconds")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (3; --quick: 2)")
+    parser.add_argument("--task", default=None, help="task of every method (positive-review)")
     parser.add_argument("--model", default=None, help="LM of every method ('default')")
     parser.add_argument("--reward-model", default=None, help="reward-model directory or 'gold' (task default)")
     parser.add_argument("--timesteps", type=int, default=None, help="environment steps per learner (2048)")
@@ -386,9 +393,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
         torch.set_num_threads(1)  # a tiny model is fastest on one thread
-    cfg = _quick_config(Path(tmp.name)) if args.quick else BenchConfig()
-    for key, field_name in (("model", "model"), ("reward_model", "reward_model"), ("timesteps", "total_timesteps"),
-                            ("eval_prompts", "eval_prompts")):  # fmt: skip
+    cfg = _quick_config(Path(tmp.name), args.task or "positive-review") if args.quick else BenchConfig()
+    for key, field_name in (("task", "task"), ("model", "model"), ("reward_model", "reward_model"),
+                            ("timesteps", "total_timesteps"), ("eval_prompts", "eval_prompts")):  # fmt: skip
         if getattr(args, key) is not None:
             cfg.shared[field_name] = getattr(args, key)
     seeds = args.seeds or (2 if args.quick else 3)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from text_env.tasks import list_tasks
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,19 @@ def test_quick_mode_produces_every_row(tmp_path: Path) -> None:
     assert all(bench.LABELS[m] in table for m in bench.METHODS) and "--quick" in table
     assert (tmp_path / "compare_algorithms_quick_curves.png").stat().st_size > 10_000
     assert (tmp_path / "compare_algorithms_quick_frontier.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("task", [t for t in list_tasks() if t != "positive-review"])
+def test_quick_mode_runs_every_method_on_every_task(tmp_path: Path, task: str) -> None:
+    """`compare_algorithms.py --quick --task X`: every method trains and is judged by X's gold, references and all."""
+    bench = load_benchmark()
+    bench.main(["--quick", "--task", task, "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "compare_algorithms_quick.json").read_text())
+    if importlib.util.find_spec("trl") is None:
+        result["summary"].pop("trl_grpo")
+    assert {m: row["errors"] for m, row in result["summary"].items() if row["errors"]} == {}
+    assert all(row["gold_score"][0] == row["gold_score"][0] for row in result["summary"].values())  # not NaN
+    assert f"Task `{task}`" in (tmp_path / "compare_algorithms_quick.md").read_text()
 
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
