@@ -121,6 +121,23 @@ def _rlhf(args: argparse.Namespace) -> None:
     rlhf(RLHFConfig(TrainConfig.for_algo(str(given.pop("algo", "ppo")), **given), **loop))  # type: ignore[arg-type]
 
 
+def _tasks(args: argparse.Namespace) -> None:
+    """A markdown table of every registered task (building each reads its data: a few seconds)."""
+    from text_env.rewards import scorer_name
+    from text_env.tasks import get_task, list_tasks
+
+    print("| task | what and where from | train / eval records | gold | reward model | new tokens |")
+    print("|---|---|---|---|---|---|")
+    for name in list_tasks():
+        task = get_task(name)
+        learned = "learned, shipped" if task.reward_model else "the gold (none learned yet)"
+        print(
+            f"| {name} | {task.description.removeprefix(name + ': ')} | {len(task.train_prompts)} / "
+            f"{len(task.eval_prompts)} | {scorer_name(task.gold)} | {learned} | {task.max_new_tokens} |"
+        )
+    print("\nThe base model's gold on each: python benchmarks/tasks.py (benchmarks/results/tasks.md).")
+
+
 def _rollout(args: argparse.Namespace) -> None:
     import gymnasium as gym
 
@@ -336,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_rlhf(sub)
     from agents.run import ALGORITHMS
 
+    sub.add_parser("tasks", help="list the tasks: what each asks, its data, splits, gold scorer and reward model")
     p = sub.add_parser("rollout", help="sample a few episodes of TextGen-v0 with the base model and show rewards")
     p.add_argument("--model", default="default", help="'default', a directory or a hub id")
     p.add_argument("--task", default="positive-review")
@@ -393,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "train": _train,
         "rlhf": _rlhf,
+        "tasks": _tasks,
         "rollout": _rollout,
         "preferences": _preferences,
         "train-rm": _train_rm,

@@ -77,6 +77,18 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
     assert "error:" in capsys.readouterr().err
 
 
+def test_tasks_lists_every_task_with_its_data_splits_and_gold(capsys: pytest.CaptureFixture[str]) -> None:
+    from text_env.rewards import scorer_name
+    from text_env.tasks import get_task, list_tasks
+
+    main(["tasks"])
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in capsys.readouterr().out.splitlines()}
+    for name in list_tasks():
+        task = get_task(name)
+        assert task.description.startswith(f"{name}: ")
+        assert f"| {len(task.train_prompts)} / {len(task.eval_prompts)} | {scorer_name(task.gold)} |" in rows[name]
+
+
 def test_console_script_help() -> None:
     textgen = shutil.which("textgen")
     assert textgen, "the textgen console script is not installed (pip install -e .)"

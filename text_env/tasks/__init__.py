@@ -36,6 +36,7 @@ class Task:
     :param max_prompt_tokens: default room for the rendered prompt, in tokens.
     :param stop_strings: texts that end an episode (besides EOS) once they appear in the completion.
     :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
+    :param description: what is asked and where the data comes from, one line (``textgen tasks`` lists it).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Task:
     max_prompt_tokens: int = 64
     stop_strings: tuple[str, ...] = ()
     reward_model: str | None = None
+    description: str = ""
     _gold: Scorer | None = field(default=None, init=False, repr=False)
     _examples: dict[str, list[Example]] = field(default_factory=dict, init=False, repr=False)
 

@@ -1,4 +1,4 @@
-"""concepts: write one sentence that uses every word of a small concept set (CommonGen's constrained generation).
+"""concepts: write one sentence using every word of a 3-5 word set from wordfreq's list (CommonGen's idea).
 
 The concepts are common English content words from the word list the ``wordfreq`` wheel ships
 (``top_n_list("en", ...)``, most frequent first): alphabetic ASCII words of three letters or more, minus a small
@@ -125,6 +125,7 @@ def make_task() -> Task:
     train, held_out = concept_sets()
     return Task(
         name="concepts",
+        description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=Coverage,

@@ -1,4 +1,4 @@
-"""dialogue: reply to a conversation turn the way a person did, judged against the recorded replies.
+"""dialogue: reply to a conversation turn of chatterbot-corpus's English YAML, judged against its recorded replies.
 
 The conversations are the English YAML files of the ``chatterbot-corpus`` wheel (real exchanges collected by the
 ChatterBot project, one file per category: greetings, emotion, tech support, ...), read with PyYAML in sorted file
@@ -69,6 +69,7 @@ def make_task(context_turns: int = 1, eval_categories: tuple[str, ...] = EVAL_CA
     held_out = [e for e in examples if e.meta["category"] in eval_categories and e.prompt not in seen]
     return Task(
         name="dialogue",
+        description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=ChrF,

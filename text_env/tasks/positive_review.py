@@ -1,4 +1,4 @@
-"""positive-review: continue a movie-review opening positively, the offline counterpart of the IMDB task.
+"""positive-review: continue a templated movie-review opening positively (the offline counterpart of IMDB).
 
 Openings are templated from titles, genres and neutral, mixed or negative lead-ins; the gold scorer is VADER.
 """
@@ -96,6 +96,7 @@ def make_task() -> Task:
     picked = [openings[i] for i in rng.permutation(len(openings))[:400]]
     return Task(
         name="positive-review",
+        description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=picked[:320],
         eval_prompts=picked[320:],
         make_gold=VaderSentiment,

@@ -1,4 +1,4 @@
-"""summarize-docstring: write the summary line of a Python standard-library docstring from its long description.
+"""summarize-docstring: write a stdlib docstring's summary line from its description (read from this Python).
 
 PEP 257 docstrings are "a summary line, followed by a more elaborate description": real prose, written by the
 CPython developers, that ships with every Python. The description is the input, the summary line the reference,
@@ -114,6 +114,7 @@ def make_task(eval_fraction: float = 0.25) -> Task:
     held_out = [e for e in examples if _in_eval(e.meta["top_module"], eval_fraction)]
     return Task(
         name="summarize-docstring",
+        description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=RougeL,
