@@ -22,7 +22,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
-from text_env.prompts import Example
+from text_env.prompts import Example, as_example
 
 __all__ = ["Evaluation", "distinct_n", "evaluate"]
 
@@ -162,7 +162,7 @@ def evaluate(
             kl.append(sums[0, i] - sums[1, i])
             ref_sum.append(sums[1, i])
             n_tokens.append(int(sums[2, i]))
-    texts = [p.prompt if isinstance(p, Example) else p for p in prompts]
+    texts = [as_example(p).prompt for p in prompts]
     return Evaluation(
         texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
     )

@@ -29,10 +29,10 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.cached_lm import token_log_probs
-from agents.run import ALGORITHMS, TrainConfig, algorithm_class, make_env
+from agents.run import ALGORITHMS, TrainConfig, algorithm_class, make_env, run_task
 from text_env.core import resolve_reward
+from text_env.prompts import Example, as_example
 from text_env.rewards import Scorer
-from text_env.tasks import get_task
 
 __all__ = [
     "ENGINES",
@@ -265,7 +265,7 @@ def _token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 @torch.no_grad()
 def inspect_policy(
-    policy: InspectablePolicy, env: VecEnv, prompts: Sequence[str], seed: int = 0
+    policy: InspectablePolicy, env: VecEnv, prompts: Sequence[str | Example], seed: int = 0
 ) -> tuple[list[CompletionTrace], list[CompletionTrace]]:
     """Base-model and trained-policy completions of ``prompts`` in ``env``, with their per-token arrays.
 
@@ -307,8 +307,9 @@ def inspect_policy(
                 assert info is not None
                 log_prob, ref, ids = stacked["log_prob"][i, :t], stacked["ref_log_prob"][i, :t], actions[i, :t].copy()
                 trace = CompletionTrace(
-                    chunk[i], info["completion"], _token_pieces(tokenizer, ids), ids, log_prob, ref, log_prob - ref,
-                    stacked["value"][i, :t], float(info["reward_model_score"]), float(info["gold_score"]),
+                    as_example(chunk[i]).prompt, info["completion"], _token_pieces(tokenizer, ids), ids, log_prob, ref,
+                    log_prob - ref, stacked["value"][i, :t], float(info["reward_model_score"]),
+                    float(info["gold_score"]),
                 )  # fmt: skip
                 results[from_base].append(trace)
     return results[True], results[False]
@@ -317,7 +318,7 @@ def inspect_policy(
 def inspect_run(
     run_dir: str | os.PathLike[str],
     n_prompts: int = 8,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[str | Example] | None = None,
     split: str = "eval",
     seed: int = 0,
     reward: Scorer | None = None,
@@ -336,8 +337,9 @@ def inspect_run(
     """
     loaded = load_run(run_dir)
     config = loaded.config
-    task = get_task(config.task)
-    chosen = list(prompts) if prompts is not None else task.prompts(split)[:n_prompts]
+    task = run_task(config)
+    # records, not bare texts: a reference-based gold scorer needs each prompt's references
+    chosen = list(prompts) if prompts is not None else task.examples(split)[:n_prompts]
     if not chosen:
         raise ValueError("no prompts to inspect: n_prompts must be at least 1")
     scorer = reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs)
@@ -351,7 +353,7 @@ def inspect_run(
         "task": config.task, "model": config.model, "reward_model": config.reward_model or task.reward_model or "gold",
         "split": split, "seed": seed,
     }  # fmt: skip
-    return Inspection(chosen, base, trained, meta)
+    return Inspection([as_example(p).prompt for p in chosen], base, trained, meta)
 
 
 def render_html(inspection: Inspection, title: str | None = None) -> str:

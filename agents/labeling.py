@@ -39,7 +39,7 @@ import numpy as np
 from text_env.prompts import check_prompt, read_jsonl
 from text_env.rewards import Scorer, check_scores
 from text_env.rewards.annotators import SimulatedAnnotator
-from text_env.rewards.preferences import load_preferences, sample_completions
+from text_env.rewards.preferences import drop_torn_last_line, load_preferences, prompt_order, sample_completions
 from text_env.tasks import Task, get_task
 
 __all__ = [
@@ -159,9 +159,7 @@ def sample_pairs_to_label(
     prompts = task.prompts(split)
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(prompts)) for _ in range(-(-n_pairs // len(prompts)))])
-    chosen = [prompts[i] for i in order[:n_pairs]]
+    chosen = [prompts[i] for i in prompt_order(len(prompts), n_pairs, seed)]
     lm, tokenizer = _model_and_tokenizer(model)
     import torch
 
@@ -196,15 +194,6 @@ def _append_durably(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _drop_torn_line(path: Path) -> None:
-    """A power cut can leave a last line without its newline: it is no label, and the next append would join it."""
-    if path.is_file() and (data := path.read_bytes()) and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        line = data.count(b"\n", 0, keep) + 1
-        print(f"labeling: dropped the unfinished last line of {path} (line {line}): no label was complete there")
-        path.write_bytes(data[:keep])
 
 
 def _hold_exclusively(path: Path) -> Any:
@@ -254,7 +243,10 @@ class LabelStore:
         self.data.parent.mkdir(parents=True, exist_ok=True)
         self._holder = _hold_exclusively(self.data)  # one server per file: the labels it knows live in memory
         for path in (self.data, self.undecided):
-            _drop_torn_line(path)
+            if (line := drop_torn_last_line(path)) is not None:
+                print(
+                    f"labeling: dropped the unfinished last line of {path} (line {line}): no label was complete there"
+                )
         self._read_labels()
         self.gold_scores: np.ndarray | None = None  # (N, 2) gold of a and b
         self.simulated = SimulatedAnnotator(gold, simulated_beta) if gold is not None else None

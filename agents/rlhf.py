@@ -68,7 +68,7 @@ from agents.train import (
 from text_env.core import resolve_reward
 from text_env.rewards import Scorer
 from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
-from text_env.rewards.preferences import PreferencePair, generate_pairs, load_preferences
+from text_env.rewards.preferences import PreferencePair, drop_torn_last_line, generate_pairs, load_preferences
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
 from text_env.rewards.training import evaluate_reward_model, fit_heads, normalize_output_scale, split_pairs
 
@@ -313,7 +313,7 @@ class _Loop:
         path, c = self._dir(r) / "pairs.jsonl", self.config
         if (self._dir(r) / "reward_model").is_dir():  # labelling finished (a human may have skipped some pairs)
             return load_preferences(path), 0.0
-        _drop_partial_line(path)  # a line cut by a hard kill: that one label is lost, the file stays readable
+        drop_torn_last_line(path)  # a line cut by a hard kill: that one label is lost, the file stays readable
         done = len(load_preferences(path)) if path.is_file() and path.stat().st_size else 0
         seed = _seed(c.train.seed, r)
         annotator = (
@@ -420,13 +420,6 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False))
     tmp.replace(path)
-
-
-def _drop_partial_line(path: Path) -> None:
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _round_line(report: dict[str, Any]) -> str:

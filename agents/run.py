@@ -224,14 +224,19 @@ def run_task(config: TrainConfig) -> Task:
 
 
 def make_env(
-    config: TrainConfig, split: str = "train", reward: Scorer | None = None, seed: int | None = None
+    config: TrainConfig,
+    split: str = "train",
+    reward: Scorer | None = None,
+    seed: int | None = None,
+    task: Task | None = None,
 ) -> VecEnv:
     """The batched TextGen env of ``config`` on a prompt ``split``, with the top-p masks ``maskable_ppo`` needs.
 
     :param reward: a scorer already built (e.g. shared by the train and eval envs); default: ``config``'s.
     :param seed: prompt seed (default ``config.seed``).
+    :param task: :func:`run_task` of ``config`` already built (its prompts read once for several envs).
     """
-    task = run_task(config)
+    task = task if task is not None else run_task(config)
     env: VecEnv = make_text_vec_env(
         config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
         reward_model=reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs),
@@ -269,8 +274,8 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
     task = run_task(config)
     reward = resolve_reward(config.reward_model, task, config.reward_kwargs)  # one, shared by the train and eval envs
-    env = make_env(config, "train", reward)
-    eval_env = make_env(config, "eval", reward)
+    env = make_env(config, "train", reward, task=task)
+    eval_env = make_env(config, "eval", reward, task=task)
     algo = make_algorithm(config, env, verbose)
     return Run(
         config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl), TextMetrics(),

@@ -115,6 +115,18 @@ def test_runs_are_found_however_they_were_saved(run_dir: Path, tmp_path: Path) -
     assert [name for name, (detect, _) in ENGINES.items() if detect(tmp_path / "an-rllib-run")] == ["rllib"]
 
 
+def test_a_reference_task_is_inspected_with_its_records(run_dir: Path, tmp_path: Path) -> None:
+    """The held-out prompts go to the env as records, so a gold scorer that needs references (dialogue's chrF) gets
+    them; the view shows the prompt texts."""
+    copy = tmp_path / "dialogue-run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text()) | {"task": "dialogue", "max_prompt_tokens": 200}
+    (copy / "config.json").write_text(json.dumps(config))
+    view = inspect_run(copy, n_prompts=2)
+    assert view.prompts == get_task("dialogue").eval_prompts[:2]
+    assert all(-1.0 <= t.gold_score <= 1.0 for t in view.base + view.trained)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [(lambda d: d / "missing", "does not exist"),

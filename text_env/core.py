@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium import spaces
 
 from text_env.models import DEFAULT_MODEL, load_config, load_tokenizer
-from text_env.prompts import Example, PromptSource, check_prompt, columns_of, encode_prompt, load_examples
+from text_env.prompts import Example, PromptSource, as_example, columns_of, encode_prompt, load_examples
 from text_env.rewards import Scorer, call_scorer
 from text_env.tasks import Task, get_task
 
@@ -163,8 +163,7 @@ class TextGenCore:
         one drawn with ``rng``."""
         options = check_options(options)
         if "prompt" in options:
-            given = options["prompt"]
-            example = given if isinstance(given, Example) else Example(check_prompt(given, "options['prompt']"))
+            example = as_example(options["prompt"], "options['prompt']")
             ids = self.encode(example.prompt)
         else:
             k = int(rng.integers(len(self.examples)))

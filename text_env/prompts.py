@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 __all__ = [
     "Example",
     "PromptSource",
+    "as_example",
     "check_prompt",
     "columns_of",
     "encode_prompt",
@@ -59,6 +60,11 @@ class Example:
     def columns(self) -> dict[str, Any]:
         """The example's keyword columns: ``references`` (when it has any) and each ``meta`` key."""
         return ({"references": list(self.references)} if self.references else {}) | dict(self.meta)
+
+
+def as_example(prompt: str | Example, where: str = "prompt") -> Example:
+    """A prompt string as a record without references or metadata (a record passes through as it is)."""
+    return prompt if isinstance(prompt, Example) else Example(check_prompt(prompt, where))
 
 
 def columns_of(examples: Sequence[Example]) -> dict[str, list[Any]]:
@@ -188,13 +194,11 @@ def load_examples(
             raise TypeError("a prompt list must hold only strings or Example records")
     examples = []
     for where, item in located:
-        if isinstance(item, Example):
-            examples.append(item)
-        elif isinstance(item, dict):  # a file line or dataset row
+        if isinstance(item, dict):  # a file line or dataset row
             refs = () if reference_column is None else _references(item[reference_column], where)
             examples.append(Example(check_prompt(item[column], where), refs))
         else:
-            examples.append(Example(check_prompt(item, where)))
+            examples.append(as_example(item, where))  # type: ignore[arg-type]
     if not examples:
         raise ValueError(f"no prompts in {source!r}")
     return examples

@@ -273,8 +273,8 @@ def train_rllib(
     (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
     torch.manual_seed(config.seed)
     task = run_task(config)
-    eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs))
-    prompts = list(task.eval_prompts[: config.eval_prompts])
+    eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs), task=task)
+    prompts = list(task.examples("eval")[: config.eval_prompts])  # records: a reference-based gold needs them
     spec = algo_config.rl_module_spec
     start = CausalLMRLModule(
         observation_space=eval_env.observation_space, action_space=eval_env.action_space,

@@ -20,9 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from text_env.prompts import RESERVED_COLUMNS, Example, encode_prompt, read_jsonl
+from text_env.prompts import RESERVED_COLUMNS, Example, as_example, encode_prompt, read_jsonl
 
-__all__ = ["PreferencePair", "append_pairs", "generate_pairs", "load_preferences", "sample_completions"]
+__all__ = [
+    "PreferencePair",
+    "append_pairs",
+    "drop_torn_last_line",
+    "generate_pairs",
+    "load_preferences",
+    "prompt_order",
+    "sample_completions",
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,24 @@ def append_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair]) 
             f.flush()
 
 
+def drop_torn_last_line(path: str | os.PathLike[str]) -> int | None:
+    """Cut a last line left without its newline (a hard kill mid-write): it holds no whole record, and the next
+    append would join it. :return: its line number, or ``None`` when the file ends cleanly (or does not exist)."""
+    path = Path(path)
+    if not path.is_file() or not (data := path.read_bytes()) or data.endswith(b"\n"):
+        return None
+    keep = data.rfind(b"\n") + 1
+    path.write_bytes(data[:keep])
+    return data.count(b"\n", 0, keep) + 1
+
+
+def prompt_order(n_prompts: int, n: int, seed: int) -> np.ndarray:
+    """The first ``n`` prompt indices of successive seeded shuffles of ``range(n_prompts)``: the first ``k`` do not
+    depend on ``n``, so a resumed or extended run continues the very sequence an uninterrupted run would have used."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(n_prompts) for _ in range(max(1, -(-n // n_prompts)))])[:n]
+
+
 @torch.no_grad()
 def sample_completions(
     model: Any,
@@ -170,15 +196,11 @@ def generate_pairs(
         raise ValueError("generate_pairs needs at least one prompt")
     out = Path(out)
     done = load_preferences(out) if out.is_file() and out.stat().st_size else []
-    # Successive seeded shuffles of the prompts: the first k entries do not depend on n_pairs, so a resumed or
-    # extended run continues the very sequence an uninterrupted run would have used.
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(prompts)) for _ in range(max(1, -(-n_pairs // len(prompts))))])
-    todo = [prompts[i] for i in order[len(done) : n_pairs]]
+    todo = [prompts[i] for i in prompt_order(len(prompts), n_pairs, seed)[len(done) :]]
     torch.manual_seed(seed + len(done))
     for start in range(0, len(todo), batch_size * 4):
         chunk = todo[start : start + batch_size * 4]
-        texts = [p.prompt if isinstance(p, Example) else p for p in chunk]
+        texts = [as_example(p).prompt for p in chunk]
         samples = sample_completions(model, tokenizer, texts, instruction, max_new_tokens, 2, batch_size)
         for prompt, (a, b) in zip(chunk, samples, strict=True):
             pairs = annotator.label([prompt], [a], [b])  # empty when a person skips the pair
