@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from textgen_train_seeds import run_seed, seed_rows
 
 from agents.rlhf import RLHFConfig
 from agents.train import cpu_kind
+from text_env.tasks import get_task
 
 METHODS = ("rlhf", "train", "best_of_16")
 
@@ -212,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--methods: rlhf and any of train, best_of_16, not {args.methods!r}")
     loop = ["--rounds", str(args.rounds), "--tokens-per-round", str(args.tokens_per_round), "--pairs-per-round",
             str(args.pairs_per_round)]  # fmt: skip
-    settings = hashlib.sha1(" ".join([*loop, *extra]).encode()).hexdigest()[:10]  # other settings, other runs
+    # Other settings, other runs: the defaults are part of the key, so a changed default never reuses old runs.
+    defaults = json.dumps(asdict(RLHFConfig()), sort_keys=True, default=str)
+    shipped = Path(get_task("positive-review").reward_model or ".", "head.safetensors")  # the round-0 reward model
+    rm = hashlib.sha1(shipped.read_bytes()).hexdigest() if shipped.is_file() else ""
+    settings = hashlib.sha1(" ".join([*loop, *extra, defaults, rm]).encode()).hexdigest()[:10]
     runs = Path(args.runs) / settings
     chosen = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
     seeds = []
