@@ -3,7 +3,10 @@
 The pairs to label come from a JSONL file, one object a line: ``{"prompt", "a", "b"}`` (two completions), or
 ``{"prompt", "chosen", "rejected"}`` to relabel pairs that were labelled before (a ``textgen rlhf`` round's
 ``pairs.jsonl``, simulated labels), shown in a fixed random order so that the old label does not show through the
-position. :func:`sample_pairs_to_label` writes such a file from a model's or a trained run's samples.
+position. A line may also carry the prompt record's ``references`` (a list of strings) and other fields (its
+metadata, e.g. ``category`` or unit tests): a reference-based gold scorer judges the pair against them, and each
+label line keeps them. :func:`sample_pairs_to_label` writes such a file from a model's or a trained run's samples,
+with the task's records.
 
 What is written, one line per label, appended, flushed and ``fsync``-ed before the page is answered:
 
@@ -29,15 +32,15 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from text_env.prompts import check_prompt, read_jsonl
-from text_env.rewards import Scorer, check_scores
+from text_env.prompts import RESERVED_COLUMNS, Example, check_prompt, columns_of, read_jsonl
+from text_env.rewards import Scorer, call_scorer
 from text_env.rewards.annotators import SimulatedAnnotator
 from text_env.rewards.preferences import drop_torn_last_line, load_preferences, prompt_order, sample_completions
 from text_env.tasks import Task, get_task
@@ -57,6 +60,8 @@ __all__ = [
 LABELS = ("a", "b", "tie", "skip")
 ANNOTATOR_PATTERN = r"^[\w.@+-]{1,64}$"  # an id, not free text: letters, digits and . @ + - _
 PAGE = Path(__file__).parent / "labeling_page"
+_PAIR_FIELDS = frozenset({"a", "b", "model", "annotator", "time", "pair_id", "label"})
+"""A pair or label line's own fields; any other field but the reserved ones is the prompt record's metadata."""
 
 
 class LabelingError(Exception):
@@ -69,13 +74,28 @@ class LabelingError(Exception):
 
 @dataclass(frozen=True)
 class LabelPair:
-    """Two completions of a prompt, shown as A and B. ``where`` is the ``file:line`` it was read from."""
+    """Two completions of a prompt, shown as A and B. ``where`` is the ``file:line`` it was read from.
+
+    ``references`` and ``meta`` are the prompt's example record's (a summary, a reply, unit tests): the gold scorer
+    judges the pair against them, and every label line keeps them, as :class:`PreferencePair` does.
+    """
 
     pair_id: str
     prompt: str
     a: str
     b: str
     where: str = ""
+    references: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def example(self) -> Example:
+        """The prompt's record, whose columns a reference-based gold scorer takes."""
+        return Example(self.prompt, self.references, self.meta)
+
+    def columns(self) -> dict[str, Any]:
+        """What a label line carries besides the prompt and the completions: references and metadata."""
+        return self.example.columns()
 
     def public(self) -> dict[str, str]:
         """What the page shows."""
@@ -119,10 +139,14 @@ def load_pairs_to_label(path: str | os.PathLike[str]) -> list[LabelPair]:
             raise ValueError(f"{where}: missing the completions: give fields a and b (or chosen and rejected)")
         prompt = check_prompt(_text(record, "prompt", where), where)
         x, y = (_text(record, k, where) for k in keys)
+        references = record.get("references", [])
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            raise ValueError(f"{where}: 'references' must be a list of strings, got {references!r:.80}")
+        meta = {k: v for k, v in record.items() if k not in RESERVED_COLUMNS | _PAIR_FIELDS}
         pid = pair_id(prompt, x, y)
         if keys == ("chosen", "rejected") and int(pid, 16) % 2:  # a fixed coin flip hides the earlier label
             x, y = y, x
-        pairs.setdefault(pid, LabelPair(pid, prompt, x, y, where))
+        pairs.setdefault(pid, LabelPair(pid, prompt, x, y, where, tuple(references), meta))
     if not pairs:
         raise ValueError(f"pairs file {path} holds no pairs")
     return list(pairs.values())
@@ -156,22 +180,21 @@ def sample_pairs_to_label(
     :param max_new_tokens: completion length (default: the task's).
     """
     task = get_task(task)
-    prompts = task.prompts(split)
+    examples = task.examples(split)
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
-    chosen = [prompts[i] for i in prompt_order(len(prompts), n_pairs, seed)]
+    chosen = [examples[i] for i in prompt_order(len(examples), n_pairs, seed)]
     lm, tokenizer = _model_and_tokenizer(model)
     import torch
 
     torch.manual_seed(seed)
-    samples = sample_completions(
-        lm, tokenizer, chosen, task.instruction, max_new_tokens or task.max_new_tokens, 2, batch_size
-    )
+    length = max_new_tokens or task.max_new_tokens
+    samples = sample_completions(lm, tokenizer, [e.prompt for e in chosen], task.instruction, length, 2, batch_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
-        json.dumps({"prompt": p, "a": a, "b": b, "model": model}, ensure_ascii=False)
-        for p, (a, b) in zip(chosen, samples, strict=True)
+        json.dumps({"prompt": e.prompt, "a": a, "b": b, **e.columns(), "model": model}, ensure_ascii=False)
+        for e, (a, b) in zip(chosen, samples, strict=True)
     ]
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -251,9 +274,9 @@ class LabelStore:
         self.gold_scores: np.ndarray | None = None  # (N, 2) gold of a and b
         self.simulated = SimulatedAnnotator(gold, simulated_beta) if gold is not None else None
         if gold is not None:
-            prompts = [p.prompt for p in self.pairs]
-            score_a = check_scores(gold.score(prompts, [p.a for p in self.pairs]), prompts, "gold scorer")
-            score_b = check_scores(gold.score(prompts, [p.b for p in self.pairs]), prompts, "gold scorer")
+            prompts, columns = [p.prompt for p in self.pairs], columns_of([p.example for p in self.pairs])
+            score_a = call_scorer(gold, prompts, [p.a for p in self.pairs], columns, "gold scorer")
+            score_b = call_scorer(gold, prompts, [p.b for p in self.pairs], columns, "gold scorer")
             self.gold_scores = np.stack([score_a, score_b], axis=1)
 
     def close(self) -> None:
@@ -308,10 +331,10 @@ class LabelStore:
             meta = {"annotator": annotator, "time": _now(), "pair_id": pair_id, "label": label}
             if label in ("a", "b"):
                 chosen, rejected = (pair.a, pair.b) if label == "a" else (pair.b, pair.a)
-                line = {"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, **meta}
+                line = {"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, **pair.columns(), **meta}
                 _append_durably(self.data, line)
             else:
-                line = {"prompt": pair.prompt, "a": pair.a, "b": pair.b, **meta}
+                line = {"prompt": pair.prompt, "a": pair.a, "b": pair.b, **pair.columns(), **meta}
                 _append_durably(self.undecided, line)
             self.labels[pair_id][annotator] = label
             self._leases.pop((pair_id, annotator), None)

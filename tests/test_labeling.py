@@ -82,6 +82,7 @@ def store(pairs_file: Path, tmp_path: Path) -> Any:
      ('{"prompt": "p", "text": "x"}\n', r"to-label.jsonl:1: missing the completions"),
      ('{"prompt": "p", "a": "x", "b": 3}\n', r"to-label.jsonl:1: field 'b' must be a string"),
      ('{"prompt": " ", "a": "x", "b": "y"}\n', r"to-label.jsonl:1: the prompt is empty"),
+     ('{"prompt": "p", "a": "x", "b": "y", "references": "z"}\n', r"to-label.jsonl:1: 'references' must be a list"),
      ("\n", r"holds no pairs")],
 )  # fmt: skip
 def test_malformed_pairs_file_names_the_line(tmp_path: Path, content: str, message: str) -> None:
@@ -89,6 +90,31 @@ def test_malformed_pairs_file_names_the_line(tmp_path: Path, content: str, messa
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_pairs_to_label(path)
+
+
+def test_a_reference_task_is_judged_against_the_references_its_labels_keep(tmp_path: Path) -> None:
+    """The gold of a reference-based task (chrF against a reply) sees each pair's references, and every label line
+    carries them and the record's metadata on, so the preferences can be judged again and fit a reward model."""
+    from text_env.rewards.gold import ChrF
+
+    record = {"prompt": "Hello, how are you?", "a": "I am fine, thank you.", "b": "Bananas are yellow.",
+              "references": ["I am fine, thank you."], "category": "greetings"}  # fmt: skip
+    store = LabelStore(
+        load_pairs_to_label(write_jsonl(tmp_path / "to-label.jsonl", [record])), tmp_path / "p.jsonl", ChrF()
+    )
+    try:
+        (pair,) = store.pairs
+        assert pair.references == ("I am fine, thank you.",) and pair.meta == {"category": "greetings"}
+        assert store.gold_scores is not None
+        right, wrong = store.gold_scores[0] if pair.a == record["a"] else store.gold_scores[0][::-1]
+        assert right == pytest.approx(1.0) and wrong < 0.3  # the reference itself vs an unrelated reply
+        store.record(pair.pair_id, "ann", "a" if pair.a == record["a"] else "b")
+        assert store.stats("ann")["gold"]["rate"] == 1.0
+        (saved,) = load_preferences(tmp_path / "p.jsonl")
+        assert saved.chosen == record["a"] and saved.references == ("I am fine, thank you.",)
+        assert saved.meta["category"] == "greetings"
+    finally:
+        store.close()
 
 
 def test_relabelled_pairs_hide_the_old_label_and_repeats_are_dropped(tmp_path: Path) -> None:
