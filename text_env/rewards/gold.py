@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["ChrF", "Coverage", "RougeL", "VaderSentiment"]
+if TYPE_CHECKING:
+    from text_env.sandbox import Sandbox, TestReport
+
+__all__ = ["ChrF", "Coverage", "RougeL", "TestsPassed", "VaderSentiment"]
 
 
 class VaderSentiment:
@@ -170,3 +174,61 @@ class Coverage:
         excess = sum(max(0, n - self.max_repeats) for n in uses.values())
         penalty = self.list_penalty * is_list + min(1.0, self.repeat_penalty * excess)
         return float(np.clip(coverage - penalty, -1.0, 1.0))
+
+
+class TestsPassed:
+    """The fraction of the example's unit tests that the completed function passes, in ``[0, 1]`` (code generation).
+
+    The program is the prompt (signature and docstring) followed by the completion's body
+    (:func:`text_env.tasks.code.function_body`: cut at the stop strings and the first unindented line); it runs in a
+    :class:`~text_env.sandbox.Sandbox` child, never in this process, and each test counts on its own, so a body
+    that gets half the cases right scores 0.5. A program that does not compile, lacks the entry point, or runs
+    past its time scores 0 for the tests it did not pass. It takes the ``tests`` column (and ``entry_point``, the
+    function bound to ``candidate``); a prompt without tests is an error, not a 0. :meth:`pass_at_1` turns scores
+    into the fraction of problems solved, HumanEval's pass@1 for one sample per problem.
+
+    :param stop_strings: where a body ends (default: :data:`text_env.tasks.code.CODE_STOP_STRINGS`).
+    :param sandbox: the sandbox to run in (default: ``Sandbox()``, 5 s and 1 GiB per program, 1 s per test).
+    """
+
+    name = "tests passed"
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, stop_strings: Sequence[str] | None = None, sandbox: Sandbox | None = None) -> None:
+        from text_env.sandbox import Sandbox
+        from text_env.tasks.code import CODE_STOP_STRINGS
+
+        self.stop_strings = tuple(CODE_STOP_STRINGS if stop_strings is None else stop_strings)
+        self.sandbox = sandbox if sandbox is not None else Sandbox()
+
+    def reports(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tests: Sequence[Sequence[str] | None],
+        entry_point: Sequence[str | None] | None = None,
+    ) -> list[TestReport]:
+        """What each program did: tests passed, of how many, and how the child ended."""
+        from text_env.tasks.code import function_body
+
+        entry_points = list(entry_point) if entry_point is not None else [None] * len(prompts)
+        for prompt, row in zip(prompts, tests, strict=True):
+            if not row:
+                raise ValueError(f"{self.name} needs tests, and prompt {prompt[:60]!r} has none")
+        programs = [p + function_body(c, self.stop_strings) for p, c in zip(prompts, completions, strict=True)]
+        return self.sandbox.run_batch(programs, [list(t or ()) for t in tests], entry_points)
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tests: Sequence[Sequence[str] | None],
+        entry_point: Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """:return: the fraction of each row's tests passed, shape ``(len(completions),)``."""
+        return np.array([r.fraction for r in self.reports(prompts, completions, tests, entry_point)], dtype=np.float64)
+
+    @staticmethod
+    def pass_at_1(scores: Sequence[float] | np.ndarray) -> float:
+        """The fraction of problems whose every test passes (score 1), from one completion each."""
+        return float(np.mean(np.asarray(scores) >= 1.0)) if len(scores) else 0.0
