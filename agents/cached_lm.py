@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,12 +45,16 @@ from text_env.models import bucketed_matmul_rows, load_frozen_causal_lm
 
 __all__ = [
     "CachedLM",
+    "adapters_disabled",
     "cache_keyword",
     "forward_positions",
+    "grouped_forward",
     "reference_log_probs",
     "token_log_probs",
     "valid_ends",
 ]
+
+_GROUP_CHUNK = 64  # rows compared at once when grouping shared prefixes (bounds memory to chunk x B x L)
 
 
 def valid_ends(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,6 +170,120 @@ def forward_positions(
     return logits.float(), hidden
 
 
+def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For each row, the index of a row whose valid tokens it is a prefix of, with the longest such row chosen.
+
+    PPO's minibatches hold many steps of the same episode: every step's observation is a prefix of the
+    episode's last one, so one forward pass over that row yields all their log-probs and values.
+
+    :return: ``(B,)`` representative row per row (a row that no longer row extends is its own representative).
+    """
+    b, length = ids.shape
+    ends = valid_ends(mask)  # (B,)
+    seq = torch.where(mask > 0, ids, torch.full_like(ids, -1))  # (B, L)
+    slots = torch.arange(length, device=ids.device)
+    order = ends * (b + 1) + (b - torch.arange(b, device=ids.device))  # longest first, then lowest index
+    reps = torch.empty(b, dtype=torch.long, device=ids.device)
+    for start in range(0, b, _GROUP_CHUNK):
+        rows = slice(start, min(b, start + _GROUP_CHUNK))
+        beyond = slots[None, :] >= ends[rows, None]  # (c, L) slots after each row's end do not count
+        equal = (seq[rows, None, :] == seq[None, :, :]) | beyond[:, None, :]  # (c, B, L)
+        covered = equal.all(-1) & (ends[None, :] >= ends[rows, None])  # (c, B) row is a prefix of column
+        reps[rows] = torch.where(covered, order[None, :], torch.full_like(covered, -1, dtype=torch.long)).argmax(1)
+    return reps
+
+
+def grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, V)`` (float32) and hidden states ``(B, H)`` at each row's last valid slot, one pass per episode.
+
+    The training pass of a policy (a minibatch of whole episodes, in any order) and the KL reference's pass over a
+    finished rollout: rows that are prefixes of a longer row (earlier steps of its episode) are read off that row's
+    pass, and the episodes' common prompt prefix is encoded once (:func:`forward_positions`).
+
+    :param ids: ``(B, L)`` token ids (SB3 observations).
+    :param mask: ``(B, L)`` attention mask.
+    """
+    reps = _shared_prefix_groups(ids, mask)  # (B,)
+    unique_reps, slot_of = torch.unique(reps, return_inverse=True)  # (R,), (B,) row -> its rep's index
+    ends = valid_ends(mask)  # (B,)
+    members = [torch.nonzero(slot_of == r).squeeze(1) for r in range(unique_reps.numel())]
+    width = max(int(m.numel()) for m in members)
+    positions = torch.zeros(unique_reps.numel(), width, dtype=torch.long, device=ids.device)  # (R, K)
+    column = torch.zeros_like(reps)  # (B,) which of its rep's positions a row reads
+    for r, m in enumerate(members):
+        positions[r, : m.numel()] = ends[m] - 1
+        positions[r, m.numel() :] = ends[m[0]] - 1
+        column[m] = torch.arange(m.numel(), device=ids.device)
+    span = int(ends[unique_reps].max())
+    logits, hidden = forward_positions(model, ids[unique_reps, :span], mask[unique_reps, :span], positions)
+    return logits[slot_of, column], hidden[slot_of, column]  # (B, V), (B, H)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run a peft model as its base model (LoRA switched off) inside the block; any other model as it is.
+
+    The layers are switched directly: peft's ``disable_adapter()`` also audits every layer's status on each call,
+    ~40 ms on SmolLM2, as much as half a decode step.
+    """
+    base = getattr(model, "base_model", None)
+    if not hasattr(base, "disable_adapter_layers"):
+        yield
+        return
+    base.disable_adapter_layers()  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        base.enable_adapter_layers()  # type: ignore[union-attr]
+
+
+def _lora_layers(model: nn.Module) -> dict[str, Any] | None:
+    """``{name: layer}`` of the model's LoRA-adapted ``nn.Linear`` layers if every adapted layer is plain LoRA
+    (active adapters, no DoRA or other variant, no LoRA bias, not merged in place): what :func:`_weight_copies`
+    can merge. ``None`` for a model without LoRA or with layers it cannot merge."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for layer in layers.values():
+        plain = (
+            type(layer) is LoraLinear
+            and isinstance(layer.base_layer, nn.Linear)
+            and not layer.disable_adapters
+            and not layer.merged
+            and all(a in layer.lora_A and a not in layer.lora_variant for a in layer.active_adapters)
+            and not any(layer.lora_bias.get(a, False) for a in layer.active_adapters)
+        )
+        if not plain:
+            return None
+    return layers or None
+
+
+def _weight_copies(model: nn.Module, dtype: torch.dtype | None, merge: bool) -> dict[str, torch.Tensor] | None:
+    """The weights a rollout runs on, made once per cache lifetime: ``"module.weight" -> tensor``.
+
+    - ``dtype`` (autocast's): every ``nn.Linear`` weight cast to it (autocast passes them through unchanged).
+    - ``merge`` (when every LoRA layer can be merged, :func:`_lora_layers`): each LoRA layer's base weight
+      replaced by ``W + s·B·A`` (peft's ``get_delta_weight``, summed over the active adapters; computed in float32,
+      then cast), the adapters' own weights left out: run with :func:`adapters_disabled`, a decode step costs what
+      the plain model's does.
+
+    :return: ``None`` when there is nothing to copy (no ``dtype``, nothing merged).
+    """
+    layers = (_lora_layers(model) if merge else None) or {}
+    copies: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if dtype is not None and isinstance(module, nn.Linear) and not (layers and ".lora_" in name):
+            copies[f"{name}.weight"] = module.weight.detach().to(dtype)
+    for name, layer in layers.items():
+        weight = layer.base_layer.weight.detach()  # (out, in)
+        merged = weight.float() + sum(layer.get_delta_weight(a).float() for a in layer.active_adapters)
+        copies[f"{name}.base_layer.weight"] = merged.to(dtype or weight.dtype)
+    return copies or None
+
+
 class CachedLM:
     """Next-token logits and hidden states for a batch of observations, reusing keys/values between calls.
 
@@ -174,6 +292,10 @@ class CachedLM:
     :param context: a context manager factory entered around every forward (autocast, disabled adapters).
     :param autocast_dtype: the dtype ``context`` autocasts to, if any: its ``nn.Linear`` weights are then cast
         once per cache lifetime rather than once per call (same results).
+    :param merge_lora: run a peft LoRA model on merged weight copies ``W + s·B·A`` (made once per cache lifetime,
+        in ``autocast_dtype`` if set) with its adapters switched off, instead of running every adapter at every
+        step: the same function, within the rounding of the copies' dtype. Models without (mergeable) LoRA
+        layers run as they are.
     """
 
     def __init__(
@@ -181,17 +303,21 @@ class CachedLM:
         model: PreTrainedModel,
         context: Callable[[], Any] = contextlib.nullcontext,
         autocast_dtype: torch.dtype | None = None,
+        merge_lora: bool = False,
     ) -> None:
         self.model = model
         self.context = context
         self.autocast_dtype = autocast_dtype
+        self.merge_lora = merge_lora
         self.cache_keyword = cache_keyword(model)
         self.reset()
 
     def reset(self) -> None:
         """Forget every cached row and cast weight (call it whenever the weights may have changed)."""
         self._forget_rows()
-        self.weights: dict[str, torch.Tensor] | None = None  # "module.weight" -> cast copy
+        self.weights: dict[str, torch.Tensor] | None = None  # "module.weight" -> cast (or merged) copy
+        self.merged = False  # whether the weights are LoRA-merged copies (the adapters then run switched off)
+        self._copied = False
         self.prefix_ids: torch.Tensor | None = None  # (k,) a token prefix shared by re-encoded rows
         self.prefix_cache: list[tuple[torch.Tensor, ...]] = []  # per layer keys, values (1, h_kv, k, d)
 
@@ -223,13 +349,11 @@ class CachedLM:
         )
         decode = torch.nonzero(extends & ~same).squeeze(1)
         prefill = torch.nonzero(~extends & ~same).squeeze(1)
-        if self.autocast_dtype is not None and self.weights is None:
-            self.weights = {
-                f"{name}.weight": module.weight.detach().to(self.autocast_dtype)
-                for name, module in self.model.named_modules()
-                if isinstance(module, nn.Linear)
-            }
-        with self.context():
+        if not self._copied:
+            self.merged = self.merge_lora and _lora_layers(self.model) is not None
+            self.weights = _weight_copies(self.model, self.autocast_dtype, self.merged)
+            self._copied = True
+        with self.context(), adapters_disabled(self.model) if self.merged else contextlib.nullcontext():
             if decode.numel():
                 self._decode(decode, input_ids, old_ends)  # at most n rows: a bounded set of matmul shapes
             if prefill.numel():
@@ -342,13 +466,22 @@ class CachedLM:
 
 
 def reference_log_probs(
-    model: str, device: torch.device | str = "cpu"
+    model: str, device: torch.device | str = "cpu", cached: bool = True
 ) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
-    """``(obs, actions) -> log π_ref(a|s)`` of the named LM (frozen, shared, KV-cached): the reference of policies
-    that have none of their own, for the KL penalty and for evaluation alike."""
-    lm = CachedLM(load_frozen_causal_lm(model).to(device))
+    """``(obs, actions) -> log π_ref(a|s)`` ``(B,)`` of the named LM (frozen, shared): the reference of policies
+    that have none of their own, for the KL penalty and for evaluation alike.
 
+    :param cached: KV-cached, for one rollout step's batch at a time (evaluation); ``False``: one
+        :func:`grouped_forward` pass per call, for the steps of whole episodes at once (the KL penalty's pass over a
+        finished rollout).
+    """
+    lm = load_frozen_causal_lm(model).to(device)
+    cache = CachedLM(lm) if cached else None
+
+    @torch.no_grad()
     def log_prob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        return token_log_probs(lm(obs["input_ids"], obs["attention_mask"])[0], actions)
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        logits = cache(ids, mask)[0] if cache is not None else grouped_forward(lm, ids, mask)[0]
+        return token_log_probs(logits, actions)
 
     return log_prob

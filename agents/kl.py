@@ -1,10 +1,16 @@
 """The KL leash of RLHF, for every SB3 on-policy algorithm: reward - β·KL(π‖π_ref).
 
-:class:`KLPenalty` is a callback that, at every rollout step, subtracts ``β·(log π(a_t|s_t) − log π_ref(a_t|s_t))``
-from that step's reward *before* SB3 stores it in the rollout buffer (SB3 calls ``on_step`` between
-``env.step`` and ``rollout_buffer.add``, and the callback edits the same ``rewards`` array in place). Every
-algorithm therefore optimises the same per-token-penalised return, exactly as in Ziegler et al. (2019) and
-InstructGPT, without any change to the algorithm.
+:class:`KLPenalty` is a callback that subtracts ``β·(log π(a_t|s_t) − log π_ref(a_t|s_t))`` from every step's reward
+in the rollout buffer *before* SB3 computes returns and advantages from them. Every algorithm therefore optimises
+the same per-token-penalised return, exactly as in Ziegler et al. (2019) and InstructGPT, without any change to the
+algorithm.
+
+``log π(a_t|s_t)`` is what the policy stored while sampling (``rollout_buffer.log_probs``). ``log π_ref`` is computed
+once the rollout is complete, in batched passes over its episodes (each episode's steps read off one forward pass of
+its longest observation, the prompt prefix shared) rather than by a reference decode step beside every policy step:
+SB3 calls ``rollout_buffer.compute_returns_and_advantage`` right after its last step, and the callback runs the
+pass at that call (a hook it sets on the buffer at each rollout's start), then lets the buffer go on. Every
+on-policy algorithm of SB3 and sb3-contrib (PPO, A2C, TRPO, MaskablePPO, RecurrentPPO) fills one such buffer.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class KLController:
 
 
 class KLPenalty(BaseCallback):
-    """Per-token KL penalty in the reward, with logging of KL and β every rollout.
+    """Per-token KL penalty in the rewards of each rollout, with logging of KL and β every rollout.
 
     :param beta: the KL coefficient (initial value when adaptive).
     :param target_kl: nats per episode that an adaptive β steers toward (Ziegler et al.); ``None``: β stays fixed.
@@ -55,6 +61,9 @@ class KLPenalty(BaseCallback):
     :param reference: where ``log π_ref`` comes from: a model name/directory loads that LM; ``None`` uses the
         policy's own frozen reference (``CausalLMPolicy.reference_log_prob``) or, for policies without an LM
         prior (``MultiInputPolicy`` baselines), the env's LM, so that all methods are leashed to the same one.
+    :param envs_per_pass: episodes of this many envs (all their steps in the rollout) go through the reference
+        together; ``None``: all envs in one pass. Fewer bound the pass's memory (its logits are
+        ``envs_per_pass * n_steps * V`` floats, 100 MB for 16 x 32 steps of SmolLM2).
     """
 
     def __init__(
@@ -63,12 +72,17 @@ class KLPenalty(BaseCallback):
         target_kl: float | None = None,
         horizon: int = 10_000,
         reference: str | None = None,
+        envs_per_pass: int | None = 4,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
+        if envs_per_pass is not None and envs_per_pass < 1:
+            raise ValueError(f"envs_per_pass must be >= 1 (or None: all envs), got {envs_per_pass}")
         self.controller = KLController(beta, target_kl, horizon)
         self.reference = reference
+        self.envs_per_pass = envs_per_pass
         self._reference_lm: Any = None  # log π_ref of the named reference LM, when there is one
+        self._pending = False  # a rollout is being collected: its rewards are not penalised yet
         self._kl_sum = 0.0
         self._tokens = 0
         self._episodes = 0
@@ -83,23 +97,54 @@ class KLPenalty(BaseCallback):
                     "KLPenalty(reference='default') (or the model the env was built on)"
                 ) from None
         if self.reference is not None:
-            self._reference_lm = reference_log_probs(self.reference, self.model.device)
+            self._reference_lm = reference_log_probs(self.reference, self.model.device, cached=False)
 
     def reference_log_prob(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        """``log π_ref(a|s)``, shape ``(n_envs,)``."""
+        """``log π_ref(a|s)`` ``(B,)`` of a batch of steps of whole episodes (any order), in one pass per episode."""
         if self._reference_lm is None:
-            return self.model.policy.reference_log_prob(obs, actions)
+            return self.model.policy.reference_log_prob(obs, actions, cached=False)
         return self._reference_lm(obs, actions)
 
-    def _on_step(self) -> bool:
-        obs, actions = self.locals["obs_tensor"], torch.as_tensor(self.locals["actions"]).reshape(-1)
-        log_pi = self.locals["log_probs"].detach().reshape(-1).float().cpu()
-        log_ref = self.reference_log_prob(obs, actions.to(self.model.device)).float().cpu()
-        kl = (log_pi - log_ref).numpy()  # (n_envs,) unbiased per-token estimate of KL(π‖π_ref)
-        rewards: np.ndarray = self.locals["rewards"]
-        rewards -= (self.controller.beta * kl).astype(rewards.dtype)  # in place: this array goes to the buffer
+    def _on_rollout_start(self) -> None:
+        buffer = self.model.rollout_buffer
+        compute = type(buffer).compute_returns_and_advantage  # the class's own: never wrap a wrapper
+
+        def penalise_then_compute(*args: Any, **kwargs: Any) -> None:
+            if self._pending:
+                self.penalise(buffer)
+            compute(buffer, *args, **kwargs)
+
+        buffer.compute_returns_and_advantage = penalise_then_compute  # type: ignore[method-assign]
+        self._pending = True
+
+    def penalise(self, buffer: Any) -> np.ndarray:
+        """Subtract ``β·(log π − log π_ref)`` from every step's reward in a full rollout buffer, in place.
+
+        :param buffer: an SB3 rollout buffer before ``compute_returns_and_advantage`` (arrays ``(n_steps, n_envs,
+            ...)``; observations ``input_ids`` / ``attention_mask`` of ``(n_steps, n_envs, L)``).
+        :return: the per-token KL estimates ``(n_steps, n_envs)``.
+        """
+        self._pending = False
+        n_steps, n_envs = buffer.rewards.shape
+        kl = np.zeros((n_steps, n_envs), dtype=np.float32)
+        step = n_envs if self.envs_per_pass is None else self.envs_per_pass
+        for first in range(0, n_envs, step):
+            envs = slice(first, min(n_envs, first + step))  # all steps of these envs: whole episodes
+            obs = {
+                key: torch.as_tensor(buffer.observations[key][:, envs]).reshape(-1, buffer.observations[key].shape[-1])
+                for key in ("input_ids", "attention_mask")
+            }  # (n_steps * e, L)
+            actions = torch.as_tensor(buffer.actions[:, envs]).reshape(-1).long()  # (n_steps * e,)
+            obs = {k: v.to(self.model.device) for k, v in obs.items()}
+            log_ref = self.reference_log_prob(obs, actions.to(self.model.device)).float().cpu().numpy()
+            log_pi = buffer.log_probs[:, envs].reshape(-1)  # what the policy stored while sampling
+            kl[:, envs] = (log_pi - log_ref).reshape(n_steps, -1)  # unbiased per-token estimate of KL(π‖π_ref)
+        buffer.rewards -= (self.controller.beta * kl).astype(buffer.rewards.dtype)
         self._kl_sum += float(kl.sum())
         self._tokens += kl.size
+        return kl
+
+    def _on_step(self) -> bool:
         self._episodes += int(np.sum(self.locals["dones"]))
         return True
 
@@ -113,6 +158,10 @@ class KLPenalty(BaseCallback):
         self.logger.record("rlhf/beta", self.controller.beta)
         self.controller.update(kl_episode, self._episodes)
         self._kl_sum, self._tokens, self._episodes = 0.0, 0, 0
+
+    def _on_training_end(self) -> None:
+        self._pending = False
+        self.model.rollout_buffer.__dict__.pop("compute_returns_and_advantage", None)  # the class's own again
 
     def state(self) -> dict[str, Any]:
         """β and the controller settings, to save with a run."""

@@ -32,38 +32,14 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from agents.cached_lm import CachedLM, forward_positions, token_log_probs, valid_ends
+from agents.cached_lm import CachedLM, adapters_disabled, grouped_forward, token_log_probs
 from agents.masks import top_p_mask
 from text_env.models import ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer, resolve_model
 
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
 
-_GROUP_CHUNK = 64  # rows compared at once when grouping shared prefixes (bounds memory to chunk x B x L)
 _FRAMES_TO_ALGORITHM = 8  # the policy's __init__ chain up to the algorithm's _setup_model, with room to spare
 _LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
-
-
-def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """For each row, the index of a row whose valid tokens it is a prefix of, with the longest such row chosen.
-
-    PPO's minibatches hold many steps of the same episode: every step's observation is a prefix of the
-    episode's last one, so one forward pass over that row yields all their log-probs and values.
-
-    :return: ``(B,)`` representative row per row (a row that no longer row extends is its own representative).
-    """
-    b, length = ids.shape
-    ends = valid_ends(mask)  # (B,)
-    seq = torch.where(mask > 0, ids, torch.full_like(ids, -1))  # (B, L)
-    slots = torch.arange(length, device=ids.device)
-    order = ends * (b + 1) + (b - torch.arange(b, device=ids.device))  # longest first, then lowest index
-    reps = torch.empty(b, dtype=torch.long, device=ids.device)
-    for start in range(0, b, _GROUP_CHUNK):
-        rows = slice(start, min(b, start + _GROUP_CHUNK))
-        beyond = slots[None, :] >= ends[rows, None]  # (c, L) slots after each row's end do not count
-        equal = (seq[rows, None, :] == seq[None, :, :]) | beyond[:, None, :]  # (c, B, L)
-        covered = equal.all(-1) & (ends[None, :] >= ends[rows, None])  # (c, B) row is a prefix of column
-        reps[rows] = torch.where(covered, order[None, :], torch.full_like(covered, -1, dtype=torch.long)).argmax(1)
-    return reps
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -306,7 +282,8 @@ class _CausalLMMixin:
         nn.init.normal_(self.value_head.weight, std=1.0 / hidden)
         nn.init.zeros_(self.value_head.bias)
         cast = torch.bfloat16 if self.bf16 else None
-        self._actor_cache = CachedLM(self.lm, self._autocast, autocast_dtype=cast)
+        # LoRA: rollouts run on merged copies W + s·B·A (adapters off), as fast as the plain model
+        self._actor_cache = CachedLM(self.lm, self._autocast, autocast_dtype=cast, merge_lora=self.lora is not None)
         self._reference_cache = CachedLM(self._reference_model(), self._reference_context, autocast_dtype=cast)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
@@ -335,18 +312,9 @@ class _CausalLMMixin:
 
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[None]:
-        if self.lora is None:
-            with self._autocast():
-                yield
-            return
-        # LoRA's base is the reference. The layers are switched directly: peft's ``disable_adapter()`` also audits
-        # every layer's status on each call, ~40 ms on SmolLM2 (a rollout step's reference pass costs ~70 ms).
-        self.lm.base_model.disable_adapter_layers()
-        try:
-            with self._autocast():
-                yield
-        finally:
-            self.lm.base_model.enable_adapter_layers()
+        # LoRA's base is the reference: the same network with its adapters switched off
+        with adapters_disabled(self.lm) if self.lora is not None else contextlib.nullcontext(), self._autocast():
+            yield
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(device) moves the unregistered reference too
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
@@ -386,27 +354,9 @@ class _CausalLMMixin:
             # The math attention kernel: TRPO differentiates this pass twice (Fisher-vector products), which the
             # fused SDPA kernels (flash, memory-efficient) do not support; on CPU it is no slower at these lengths.
             with self._autocast(), sdpa_kernel(SDPBackend.MATH):
-                logits, hidden = self._grouped_forward(self.lm, ids, mask)
+                logits, hidden = grouped_forward(self.lm, ids, mask)
         values = self.value_head(hidden.float())  # (B, 1)
         return logits, values
-
-    @staticmethod
-    def _grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(B, V)`` and hidden states ``(B, H)`` at each row's last valid slot, one pass per episode."""
-        reps = _shared_prefix_groups(ids, mask)  # (B,)
-        unique_reps, slot_of = torch.unique(reps, return_inverse=True)  # (R,), (B,) row -> its rep's index
-        ends = valid_ends(mask)  # (B,)
-        members = [torch.nonzero(slot_of == r).squeeze(1) for r in range(unique_reps.numel())]
-        width = max(int(m.numel()) for m in members)
-        positions = torch.zeros(unique_reps.numel(), width, dtype=torch.long, device=ids.device)  # (R, K)
-        column = torch.zeros_like(reps)  # (B,) which of its rep's positions a row reads
-        for r, m in enumerate(members):
-            positions[r, : m.numel()] = ends[m] - 1
-            positions[r, m.numel() :] = ends[m[0]] - 1
-            column[m] = torch.arange(m.numel(), device=ids.device)
-        span = int(ends[unique_reps].max())
-        logits, hidden = forward_positions(model, ids[unique_reps, :span], mask[unique_reps, :span], positions)
-        return logits[slot_of, column], hidden[slot_of, column]  # (B, V), (B, H)
 
     def distribution_from_logits(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
         """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
@@ -455,17 +405,23 @@ class _CausalLMMixin:
 
     # --- what the KL leash and evaluation need ---------------------------------------------------------------
     @torch.no_grad()
-    def reference_logits(self, obs: PyTorchObs) -> torch.Tensor:
-        """Next-token logits ``(B, V)`` of the frozen starting model (float32), KV-cached like the actor's."""
+    def reference_logits(self, obs: PyTorchObs, cached: bool = True) -> torch.Tensor:
+        """Next-token logits ``(B, V)`` of the frozen starting model (float32).
+
+        :param cached: KV-cached like the actor's, for one rollout step's batch at a time; ``False``: one
+            :func:`~agents.cached_lm.grouped_forward` pass, for the steps of whole episodes at once (what
+            ``KLPenalty`` runs over a finished rollout).
+        """
         ids, mask = _token_ids(obs)  # (B, L)
-        if self._use_cache(self._reference_cache, ids, frozen=True):
+        if cached and self._use_cache(self._reference_cache, ids, frozen=True):
             return self._reference_cache(ids, mask)[0]
         with self._reference_context():
-            return self._grouped_forward(self._reference_model(), ids, mask)[0]
+            return grouped_forward(self._reference_model(), ids, mask)[0]
 
-    def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor) -> torch.Tensor:
-        """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``."""
-        return token_log_probs(self.reference_logits(obs), actions)
+    def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor, cached: bool = True) -> torch.Tensor:
+        """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``;
+        ``cached`` as in :meth:`reference_logits`."""
+        return token_log_probs(self.reference_logits(obs, cached), actions)
 
     def set_training_mode(self, mode: bool) -> None:
         if mode != self.training:  # a switch between rolling out and updating (not every ``predict`` call)

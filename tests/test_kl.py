@@ -11,15 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import lm_kwargs, make_env, unpadded_outputs
-from stable_baselines3 import PPO
+from helpers import as_tensors, lm_kwargs, make_env, unpadded_outputs
+from sb3_contrib import TRPO, MaskablePPO
+from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 
 from agents.baselines import BagOfTokens
-from agents.buffers import EpisodeRolloutBuffer
+from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.kl import KLController, KLPenalty
-from agents.policies import CausalLMPolicy
+from agents.masks import TopPMask
+from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from text_env.models import load_causal_lm
 
 
@@ -96,7 +98,7 @@ def run_one_rollout(model: Any, penalty: KLPenalty, folder: Path) -> tuple[StepR
     """One rollout (and its update) with recorders around the penalty; the logger writes CSV to ``folder``."""
     before, after = StepRecorder(), StepRecorder()
     model.set_logger(configure(str(folder), ["csv"]))
-    model.learn(model.n_steps * model.n_envs, callback=CallbackList([before, penalty, after]))
+    model.learn(model.n_steps * model.n_envs, callback=CallbackList([before, penalty, after]), log_interval=1)
     return before, after
 
 
@@ -114,29 +116,82 @@ def test_penalty_is_zero_for_a_policy_equal_to_its_reference(
     assert logged(tmp_path, "rlhf/beta") == [1.0]
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.0])
-def test_penalty_shapes_rewards(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path, beta: float) -> None:
-    venv = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
-    # gamma=0: SB3 adds gamma·V(terminal) to truncated steps' rewards, which would blur the comparison
-    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, gamma=0.0, seed=0,
-                policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
-    with torch.no_grad():
-        for p in model.policy.lm.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    rollout_lm = copy.deepcopy(model.policy.lm)  # the weights the rollout runs with (training comes after it)
-    before, after = run_one_rollout(model, KLPenalty(beta=beta), tmp_path)
+PENALTY_CASES = [  # (algorithm, policy, buffer, LoRA): every on-policy algorithm, with and without adapters
+    pytest.param(PPO, CausalLMPolicy, EpisodeRolloutBuffer, None, id="ppo"),
+    pytest.param(PPO, CausalLMPolicy, EpisodeRolloutBuffer, {"r": 4}, id="ppo-lora"),
+    pytest.param(PPO, CausalLMPolicy, None, None, id="ppo-stock-buffer"),
+    pytest.param(A2C, CausalLMPolicy, EpisodeRolloutBuffer, None, id="a2c"),
+    pytest.param(TRPO, CausalLMPolicy, EpisodeRolloutBuffer, None, id="trpo"),
+    pytest.param(MaskablePPO, MaskableCausalLMPolicy, MaskableEpisodeRolloutBuffer, {"r": 4}, id="maskable-ppo-lora"),
+]
 
-    log_pi = log_probs_of(rollout_lm, before.steps)  # (n_steps, n_envs)
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+@pytest.mark.parametrize(("algo", "policy_class", "buffer_class", "lora"), PENALTY_CASES)
+def test_penalty_shapes_rewards(
+    tiny_env_kwargs: dict,
+    tiny_model: Path,
+    tmp_path: Path,
+    beta: float,
+    algo: type,
+    policy_class: type,
+    buffer_class: type | None,
+    lora: dict | None,
+) -> None:
+    """The rewards SB3 computes advantages from are the env's minus β·(log π − log π_ref) at every step: the
+    reference's log-probs of a finished rollout, computed in one pass per episode, equal a per-step reference
+    decode's (the KV-cached reference the penalty ran beside every policy step before) and plain forwards'."""
+    venv: Any = make_env(tiny_env_kwargs, 4, reward_model=ConstantReward())
+    if algo is MaskablePPO:
+        venv = TopPMask(venv, tiny_model, top_p=0.9, bf16=False)
+    # gamma=0: SB3 adds gamma·V(terminal) to truncated steps' rewards, which would blur the comparison
+    extra = {} if algo is A2C else {"batch_size": 32}
+    model = algo(policy_class, venv, n_steps=8, gamma=0.0, seed=0, rollout_buffer_class=buffer_class,
+                 policy_kwargs=lm_kwargs(tiny_model, lora=lora), **extra)  # fmt: skip
+    if algo in (PPO, MaskablePPO):
+        model.n_epochs = 1
+    with torch.no_grad():
+        for p in model.policy.lm.parameters():  # the trained weights (LoRA's B starts at zero; its base is the
+            if p.requires_grad:  # reference and stays)
+                p.add_(0.1 * torch.randn_like(p))
+    rollout_lm = copy.deepcopy(model.policy.lm)  # the weights the rollout runs with (training comes after it)
+    compute = type(model.rollout_buffer).compute_returns_and_advantage
+    seen: list[np.ndarray] = []  # the rewards returns and advantages are computed from
+    penalty = KLPenalty(beta=beta, envs_per_pass=3)  # 4 envs: two passes, one of them partial
+
+    def spy(buffer: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(buffer.rewards.copy())
+        compute(buffer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.rollout_buffer), "compute_returns_and_advantage", spy)
+        before, after = run_one_rollout(model, penalty, tmp_path)
+
+    log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])  # (n_steps, n_envs) what the policy stored
+    if algo is not MaskablePPO:  # (which samples from the top-p-masked, renormalised distribution)
+        np.testing.assert_allclose(log_pi, log_probs_of(rollout_lm, before.steps), atol=1e-5)
     log_ref = log_probs_of(load_causal_lm(tiny_model), before.steps)
-    np.testing.assert_allclose(np.stack([s["log_probs"].numpy() for s in before.steps]), log_pi, atol=1e-5)
     kl = log_pi - log_ref
     assert np.abs(kl).mean() > 1e-2  # the perturbed policy really differs from its reference
-    expected = np.stack([s["rewards"] for s in before.steps]) - beta * kl
+    env_rewards = np.stack([s["rewards"] for s in before.steps])
+    expected = env_rewards - beta * kl
+    np.testing.assert_allclose(seen[0], expected, atol=2e-5)
     np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
-    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), expected, atol=2e-5)
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards)  # untouched per step
+    # the per-step reference the penalty used to run: the policy's KV-cached reference_log_prob at each step
+    policy = model.policy
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        per_step = np.stack([
+            policy.reference_log_prob(as_tensors(s["obs"]), torch.as_tensor(s["actions"])).numpy()
+            for s in before.steps
+        ])  # fmt: skip
+    np.testing.assert_allclose(per_step, log_ref, atol=1e-5)
     np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_token"), [kl.mean()], atol=1e-5)
     n_episodes = sum(int(s["dones"].sum()) for s in before.steps)
     np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_episode"), [kl.sum() / n_episodes], rtol=1e-4)
+    assert "compute_returns_and_advantage" not in vars(model.rollout_buffer)  # the hook goes with training
 
 
 def test_adaptive_beta_rises_when_kl_is_over_target(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
@@ -161,7 +216,6 @@ def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: P
     kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
     assert np.abs(kl).max() > 1e-3
     expected = np.stack([s["rewards"] for s in before.steps]) - 0.5 * kl
-    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), expected, atol=2e-5)
     np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
 
 

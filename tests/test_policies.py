@@ -44,13 +44,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import agents.policies
-from agents import cached_lm, policies
+from agents import cached_lm
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.cached_lm import CachedLM
+from agents.cached_lm import CachedLM, _shared_prefix_groups
 from agents.evaluate import distinct_n, evaluate
 from agents.kl import KLPenalty
 from agents.masks import TopPMask, top_p_mask
-from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy, _shared_prefix_groups, export_pretrained
+from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy, export_pretrained
 from text_env.models import ModelLoadError, bucket_rows, load_causal_lm, make_tiny_model
 
 # prompts whose tokens start alike, as a chat template and an instruction make them: their prefix is shared
@@ -291,7 +291,8 @@ def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: 
             p.add_(0.02 * torch.randn_like(p))
     policy.set_training_mode(False)
     for held in (policy._actor_cache, policy._reference_cache):
-        plain = CachedLM(held.model, held.context)  # autocast casts the float32 weights on every call
+        # autocast casts the float32 (LoRA: merged) weights on every call
+        plain = CachedLM(held.model, held.context, merge_lora=held.merge_lora)
         for obs, _ in random_rollout(venv, 10, seed=3):
             obs_t = as_tensors(obs)
             with_copies = held(obs_t["input_ids"], obs_t["attention_mask"])
@@ -302,6 +303,53 @@ def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: 
     assert policy.lm.get_input_embeddings().weight.dtype == torch.float32
     policy.set_training_mode(True)  # weights may change now: the copies go with the cache
     assert policy._actor_cache.weights is None and policy._reference_cache.weights is None
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_lora_rollouts_run_on_merged_weights(tiny_env_kwargs: dict, tiny_model: Path, bf16: bool) -> None:
+    """With LoRA, rollouts run on copies W + s·B·A with the adapters off: the adapted model's outputs within the
+    copies' rounding, no adapter runs, and training (and the model itself) still sees the adapters."""
+    venv = make_env(tiny_env_kwargs, 3, seed=4, prompts=SHARED_PREFIX_PROMPTS)
+    policy = lm_ppo(venv, tiny_model, bf16=bf16, lora={"r": 4, "lora_alpha": 8}).policy
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():  # LoRA's B starts at zero: make the adapters count
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    unmerged = CachedLM(policy.lm, policy._autocast, autocast_dtype=torch.bfloat16 if bf16 else None)
+    adapter_calls = []
+    hooks = [m.register_forward_hook(lambda *_: adapter_calls.append(1))
+             for n, m in policy.lm.named_modules() if n.endswith("lora_A.default")]  # fmt: skip
+    exact = CachedLM(policy.lm)  # float32, adapters on
+    policy.set_training_mode(False)
+    for obs, _ in random_rollout(venv, 10, seed=4):
+        obs_t = as_tensors(obs)
+        with torch.no_grad():
+            merged = policy._actor_cache(obs_t["input_ids"], obs_t["attention_mask"])
+            assert not adapter_calls  # the merged copies run without the adapters
+            truth = unmerged(obs_t["input_ids"], obs_t["attention_mask"])
+            assert adapter_calls  # (which are switched on again)
+            reference = exact(obs_t["input_ids"], obs_t["attention_mask"])
+            adapter_calls.clear()
+        for a, b, c in zip(merged, truth, reference, strict=True):
+            if bf16:  # W + s·B·A rounded once, against x·W and x·A·B rounded apart: errors of the same size
+                assert (a - c).abs().max() <= 2 * (b - c).abs().max() + 1e-3
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    atol = 1e-2
+    assert policy._actor_cache.merged and not policy._reference_cache.merged
+    names = policy._actor_cache.weights.keys()
+    assert not [k for k in names if "lora_" in k] and any(k.endswith("base_layer.weight") for k in names)
+    with torch.no_grad():  # the merged copies are of the adapted model, not its base (the reference)
+        logits = policy._actor_cache(obs_t["input_ids"], obs_t["attention_mask"])[0]
+        assert (logits - policy.reference_logits(obs_t)).abs().max() > 10 * atol
+    for hook in hooks:
+        hook.remove()
+    policy.set_training_mode(True)  # training runs the adapters, and the copies are gone
+    assert policy._actor_cache.weights is None and not policy._actor_cache.merged
+    _, log_prob, _ = policy.evaluate_actions(obs_t, torch.zeros(3, dtype=torch.long))
+    lora_grads = torch.autograd.grad(log_prob.sum(), [p for n, p in policy.lm.named_parameters() if "lora_" in n])
+    assert all(g.abs().sum() > 0 for g in lora_grads)
 
 
 def test_terminal_value_does_not_evict_the_rollout_cache(tiny_env_kwargs: dict, tiny_model: Path) -> None:
@@ -364,7 +412,7 @@ def test_grouped_training_pass_matches_per_row_forwards(
 
 @pytest.mark.parametrize("chunk", [64, 2])
 def test_shared_prefix_groups(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    monkeypatch.setattr(policies, "_GROUP_CHUNK", chunk)
+    monkeypatch.setattr(cached_lm, "_GROUP_CHUNK", chunk)
     rows = [  # (input_ids, attention_mask); prompt "5 6" left-padded to slot 2, generated tokens after
         ([0, 0, 5, 6, 7, 0], [0, 0, 1, 1, 1, 0]),  # 0: prompt + 7            -> prefix of 2
         ([0, 0, 5, 6, 0, 0], [0, 0, 1, 1, 0, 0]),  # 1: the prompt alone      -> prefix of 0, 2, 3, 5: longest is 2
