@@ -75,13 +75,42 @@ def test_resume_keeps_finished_runs(tmp_path: Path) -> None:
 def test_rollout_and_update_measures_every_figure(tiny_model: Path, tmp_path: Path) -> None:
     bench = load_benchmark("rollout_and_update")
     out = tmp_path / "speed.json"
-    tiny = ["--model", str(tiny_model), "--max-prompt-tokens", "128", "--n-envs", "2", "--tokens", "4"]
-    bench.main([*tiny, "--skip-rss", "--out", str(out)])
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "2",
+            "--tokens", "4"]  # fmt: skip
+    bench.main([*tiny, "--quick", "--out", str(out)])
     result = json.loads(out.read_text())
-    for key in ("rollout_tok_s", "generate_tok_s", "rollout_vs_generate", "update_epoch_s_T", "update_epoch_s_2T"):
-        assert result[key] > 0, key
-    assert result["rollout_vs_generate"] == pytest.approx(result["rollout_tok_s"] / result["generate_tok_s"])
-    assert "| rollout_vs_generate |" in out.with_suffix(".md").read_text()
+    for config in bench.CONFIGS:  # textgen train's LoRA default and full fine-tuning
+        keys = ["rollout_tok_s", "generate_tok_s", "rollout_vs_generate"]
+        keys += [f"{k}_{t}" for k in ("update_epoch_s", "floor_s", "update_vs_floor") for t in ("T", "2T")]
+        for key in keys:
+            assert result[f"{config}_{key}"] > 0, (config, key)
+        ratio = result[f"{config}_rollout_tok_s"] / result[f"{config}_generate_tok_s"]
+        assert result[f"{config}_rollout_vs_generate"] == pytest.approx(ratio)
+    assert result["lora_rollout_vs_generate_merged"] > 0
+    profiles = result["profiles"]
+    for phase in ("rollout, lora", "rollout, full", "update epoch, lora, T", "update epoch, full, T"):
+        assert all(v == v for v in profiles[phase].values()), phase  # not NaN
+    assert profiles["rollout, lora"]["KL reference pass over the episodes"] > 0
+    assert profiles["update epoch, lora, T"]["backward"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "| lora_rollout_vs_generate |" in table and "### Where the time goes: rollout, lora" in table
+
+
+def test_trl_comparison_measures_every_method(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    bench = load_benchmark("trl_comparison")
+    out = tmp_path / "trl.json"
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "4",
+            "--n-steps", "4", "--batch-size", "8", "--n-epochs", "2", "--generations", "2", "--no-bf16"]  # fmt: skip
+    bench.main([*tiny, "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert list(result["methods"]) == list(bench.METHODS)
+    for method, row in result["methods"].items():
+        for key in ("seconds", "tokens", "tok_s", "sampling_s", "training_s", "reward_s", "textgen_speedup"):
+            assert row[key] > 0, (method, key)
+        assert row["optimizer_steps"] == 4  # 1 update x 2 epochs x 2 minibatches, for every method
+    assert result["methods"]["textgen_ppo"]["tokens"] == 16  # 4 envs x 4 steps, every one trained on
+    assert "| trl_rloo |" in out.with_suffix(".md").read_text()
 
 
 def test_textgen_train_seeds_reports_mean_and_worst(tiny_model: Path, tmp_path: Path) -> None:
