@@ -7,7 +7,7 @@ task's length and stop strings, the untrained :class:`~agents.policies.CausalLMP
 reward. BLEU, chrF and ROUGE are on a 0-100 scale; the gold is on its scorer's own scale.
 
 Run: ``python benchmarks/tasks.py`` (every registered task, default model) writes ``benchmarks/results/tasks.md``
-and ``tasks.json``.
+and ``tasks.json``; ``--tasks code --split train`` measures one task on its train split, keeping the other rows.
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ def measure_task(
     bf16: bool,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
+    split: str = "eval",
 ) -> dict[str, Any]:
-    """The base model on the first ``n_prompts`` eval prompts of task ``name``: gold and, with references, the
-    reference metrics."""
+    """The base model on the first ``n_prompts`` prompts of task ``name``'s ``split``: gold and, with references,
+    the reference metrics; with a gold that counts solved problems (``pass_at_1``), that fraction too."""
     task = get_task(name)
-    examples: list[Example] = task.examples("eval")[:n_prompts]
+    examples: list[Example] = task.examples(split)[:n_prompts]
     env = make_text_vec_env(
-        min(n_envs, len(examples)), seed=seed, model=model, task=task, split="eval", reward_model="gold",
+        min(n_envs, len(examples)), seed=seed, model=model, task=task, split=split, reward_model="gold",
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
     )  # fmt: skip
     policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=model, bf16=bf16)
@@ -75,11 +76,13 @@ def measure_task(
     evaluation = evaluate(policy, env, examples, seed=seed)
     env.close()
     result: dict[str, Any] = {
-        "task": name, "gold_metric": scorer_name(task.gold), "n_prompts": len(examples),
+        "task": name, "split": split, "gold_metric": scorer_name(task.gold), "n_prompts": len(examples),
         "n_eval": len(task.examples("eval")), "n_train": len(task.examples("train")),
         "gold_mean": float(evaluation.gold_score.mean()), "gold_std": float(evaluation.gold_score.std()),
         "length": float(evaluation.n_tokens.mean()), "seconds": time.time() - started,
     }  # fmt: skip
+    if hasattr(task.gold, "pass_at_1"):  # code: the fraction of problems whose every test passes
+        result["pass_at_1"] = task.gold.pass_at_1(evaluation.gold_score)
     if all(e.references for e in examples):
         result |= reference_metrics(evaluation.completions, [e.references for e in examples])
     result["samples"] = [
@@ -89,26 +92,31 @@ def measure_task(
     return result
 
 
-def _markdown(results: list[dict[str, Any]], command: str, model: str) -> str:
+def _markdown(results: list[dict[str, Any]], model: str) -> str:
+    commands = dict.fromkeys(r["command"] for r in results)
     lines = [
         "# The base model on every task",
         "",
-        f"`{command}`",
+        *(f"`{command}`  " for command in commands),
         "",
         f"Model: `{model}`, untrained, sampled (temperature 1) in each task's env with its length and stop strings "
         "(`agents.evaluate.evaluate`); the first eval prompts of each task. Gold on its scorer's scale (mean ± std "
         "over prompts); BLEU and chrF are sacrebleu corpus scores, ROUGE the mean best-reference F1 (rouge-score), "
-        f"all 0-100. {platform.platform()}, Python {platform.python_version()}.",
+        f"all 0-100; pass@1 (code) is the fraction of problems whose every test passes, one sample each. "
+        f"{platform.platform()}, Python {platform.python_version()}.",
         "",
-        "| task | gold metric | prompts (of eval / train) | gold | BLEU | chrF | ROUGE-1 | ROUGE-2 | ROUGE-L | "
-        "tokens | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | gold metric | prompts (of eval / train) | gold | pass@1 | BLEU | chrF | ROUGE-1 | ROUGE-2 | "
+        "ROUGE-L | tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         refs = " | ".join(f"{r[k]:.1f}" if k in r else "–" for k in REFERENCE_METRICS)
+        solved = f"{r['pass_at_1']:.3f}" if "pass_at_1" in r else "–"
+        task = r["task"] if r["split"] == "eval" else f"{r['task']} ({r['split']} split)"
         lines.append(
-            f"| {r['task']} | {r['gold_metric']} | {r['n_prompts']} ({r['n_eval']} / {r['n_train']}) | "
-            f"{r['gold_mean']:+.3f} ± {r['gold_std']:.3f} | {refs} | {r['length']:.1f} | {r['seconds']:.0f} |"
+            f"| {task} | {r['gold_metric']} | {r['n_prompts']} ({r['n_eval']} / {r['n_train']}) | "
+            f"{r['gold_mean']:+.3f} ± {r['gold_std']:.3f} | {solved} | {refs} | {r['length']:.1f} | "
+            f"{r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -117,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(list_tasks()), help="comma-separated tasks (default: all registered)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (embedded SmolLM2) or a model directory")
-    p.add_argument("--prompts", type=int, default=32, help="first eval prompts per task (%(default)s)")
+    p.add_argument("--prompts", type=int, default=32, help="first prompts of the split per task (%(default)s)")
+    p.add_argument("--split", default="eval", choices=("eval", "train"), help="prompt split (%(default)s)")
     p.add_argument("--n-envs", type=int, default=16, help="episodes sampled in parallel (%(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="episode length (default: each task's)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (default: each task's)")
@@ -134,14 +143,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results = []
     for name in names:
         settings = (args.model, args.prompts, args.n_envs, args.seed, args.bf16)
-        results.append(measure_task(name, *settings, args.max_new_tokens, args.max_prompt_tokens))
+        results.append(measure_task(name, *settings, args.max_new_tokens, args.max_prompt_tokens, args.split))
+        results[-1]["command"] = command
         print(f"{name}: gold {results[-1]['gold_mean']:+.3f} ({results[-1]['seconds']:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": command, "config": vars(args), "results": results}
+    table = _merged(out / f"{args.name}.json", results)
+    record = {"command": command, "config": vars(args), "results": table}
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    (out / f"{args.name}.md").write_text(_markdown(results, command, args.model))
+    (out / f"{args.name}.md").write_text(_markdown(table, args.model))
     return results
+
+
+def _merged(path: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of an earlier ``path`` (each with the command that measured it), those of the same (task, split) as
+    one of ``results`` replaced by it in place, then the other ``results``: one run may measure one task without
+    dropping the other tasks' rows."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    new = {(r["task"], r["split"]): r for r in results}
+    rows = [{"split": "eval", "command": earlier.get("command", "?")} | r for r in earlier.get("results", [])]
+    table = [new.pop((r["task"], r["split"]), r) for r in rows]
+    return table + list(new.values())
 
 
 if __name__ == "__main__":
