@@ -286,7 +286,12 @@ class _CausalLMMixin:
         self._actor_cache = CachedLM(self.lm, self._autocast, autocast_dtype=cast, merge_lora=self.lora is not None)
         self._reference_cache = CachedLM(self._reference_model(), self._reference_context, autocast_dtype=cast)
         trainable = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        kwargs = dict(self.optimizer_kwargs)
+        if self.optimizer_class in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+            # One kernel over all tensors. On CPU torch otherwise loops over them one by one: an Adam step of every
+            # SmolLM2 weight took 1.6 s against 0.4 s fused, LoRA's 420 adapter tensors 98 ms against 27 ms.
+            kwargs["fused"] = True
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
@@ -360,7 +365,8 @@ class _CausalLMMixin:
 
     def distribution_from_logits(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
         """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
-        logits = logits / self.temperature  # (B, V)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature  # (B, V)
         if self.top_k or self.top_p < 1.0:
             logits = logits.masked_fill(~top_p_mask(logits, self.top_p, self.top_k), float("-inf"))
         distribution = self.action_dist.proba_distribution(action_logits=logits)  # type: ignore[attr-defined]
