@@ -41,7 +41,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -70,7 +70,7 @@ from text_env.rewards import Scorer
 from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
 from text_env.rewards.preferences import PreferencePair, drop_torn_last_line, generate_pairs, load_preferences
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
-from text_env.rewards.training import evaluate_reward_model, fit_heads, normalize_output_scale, split_pairs
+from text_env.rewards.training import CachedHeads, FeatureCache, evaluate_reward_model, train_reward_model
 
 __all__ = ["ANNOTATORS", "LOOP_ALGORITHMS", "RLHFConfig", "markdown", "plot", "rlhf"]
 
@@ -172,39 +172,6 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _Features:
-    """Frozen-backbone features of each ``(prompt, completion)``, computed once and kept for the whole run: every
-    refit and every head's accuracy reads them from here instead of running the backbone again."""
-
-    def __init__(self, model: RewardModel, batch_size: int = 32) -> None:
-        self.model, self.batch_size = model.eval(), batch_size
-        self.table: dict[tuple[str, str], torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """``(N, H)`` features, the missing ones computed in batches."""
-        keys = list(zip(prompts, completions, strict=True))
-        missing = list(dict.fromkeys(k for k in keys if k not in self.table))
-        for start in range(0, len(missing), self.batch_size):
-            batch = missing[start : start + self.batch_size]
-            features = self.model.features([p for p, _ in batch], [c for _, c in batch])  # (b, H)
-            self.table.update(zip(batch, features.cpu(), strict=True))
-        return torch.stack([self.table[k] for k in keys])
-
-
-class _HeadScorer:
-    """A reward model's heads on :class:`_Features`: a scorer that never runs the backbone twice for one text (an
-    ensemble's members are aggregated as the model's ``aggregate`` says)."""
-
-    def __init__(self, model: RewardModel, features: _Features) -> None:
-        self.model, self.features = model, features
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        members = self.model.member_outputs(self.features(prompts, completions))  # (K, B)
-        return self.model.combine(members).double().numpy()
-
-
 class _Loop:
     """The loop's state: the task, the round-0 reward model, the refit settings, the feature cache."""
 
@@ -230,7 +197,7 @@ class _Loop:
                 f"a refit needs at least 4 pairs, and round 1 has {config.pairs_per_round} with "
                 f"{len(self.base_pairs)} base pairs: raise pairs_per_round or give base_pairs"
             )
-        self.features: _Features | None = None  # built at the first refit (it loads the backbone)
+        self.features: FeatureCache | None = None  # built at the first refit (it loads the backbone)
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run(self, run_dir: Path) -> dict[str, Any]:
@@ -330,42 +297,25 @@ class _Loop:
         return pairs, time.time() - started
 
     def _refit(self, r: int, fresh: list[PreferencePair]) -> dict[str, Any]:
-        """Refit on every pair so far, as ``train_reward_model`` would (same split, fit and output scale), from
+        """Refit on every pair so far with ``train_reward_model`` (its split, fit, output scale and test report) on
         cached features; also measure round ``r - 1``'s reward model on the fresh pairs, which it never saw."""
         out = self._dir(r) / "reward_model"
         if (out / "report.json").is_file():
             return json.loads((out / "report.json").read_text())
-        started = time.time()
         if self.features is None:
-            self.features = _Features(RewardModel(self.rm_config))
-        gold = self.task.gold
-        previous = evaluate_reward_model(self._scorer(r - 1), fresh, gold)
+            self.features = FeatureCache(RewardModel(self.rm_config))
+        previous = evaluate_reward_model(self._scorer(r - 1), fresh, self.task.gold)
         pairs = self.base_pairs + [p for k in range(1, r + 1) for p in load_preferences(self._dir(k) / "pairs.jsonl")]
         if len(pairs) < 4:
             raise ValueError(f"a refit needs at least 4 pairs, round {r} has {len(pairs)} (too many skipped?)")
-        train, val, test = split_pairs(pairs, seed=self.config.train.seed)
-        fitted = [*train, *val]  # the train split fits, the validation split chooses the L2 strength
-        prompts = [p.prompt for p in fitted]
-        f_chosen = self.features(prompts, [p.chosen for p in fitted])  # (N, H)
-        f_rejected = self.features(prompts, [p.rejected for p in fitted])  # (N, H)
-        model = RewardModel(self.rm_config, **self.config.train.reward_kwargs)  # new heads; the backbone is shared
-        margins = torch.tensor([p.margin or 0.0 for p in fitted])
-        histories, decays, train_scores = fit_heads(model, f_chosen, f_rejected, len(train), margins,
-                                                    seed=self.config.train.seed)  # fmt: skip
-        one = len(model.heads) == 1  # an ensemble's report is its aggregate's; the members choose their own decays
-        history, decay = (histories[0], decays[0]) if one else ([], math.nan)
-        # The output scale of train_reward_model: the train split's completions (the base model's and every
-        # round's policy samples) score mean 0, std 1, so that β keeps its meaning from round to round.
-        normalize_output_scale(model, train_scores)
-        scorer = _HeadScorer(model, self.features)
-        report = evaluate_reward_model(scorer, test, gold)  # the test split: never fitted on, never chose anything
-        report.validation_accuracy = evaluate_reward_model(scorer, val).accuracy
-        report.n_train, report.n_validation, report.weight_decay, report.history = len(train), len(val), decay, history
-        report.out_gain, report.out_bias = float(model.head.out_gain), float(model.head.out_bias)
-        report.seconds, report.epochs = time.time() - started, len(history)
+        # The output scale makes the train split's completions (the base model's and every round's policy samples)
+        # score mean 0, std 1, so that β keeps its meaning from round to round.
+        model, report = train_reward_model(
+            pairs, self.rm_config, self.task.gold, seed=self.config.train.seed, progress=False, features=self.features
+        )
         record = {
-            **report.__dict__, "n_pairs": len(pairs), "n_base_pairs": len(self.base_pairs),
-            "previous_on_fresh_pairs": previous.__dict__,
+            **asdict(report), "n_pairs": len(pairs), "n_base_pairs": len(self.base_pairs),
+            "previous_on_fresh_pairs": asdict(previous),
         }  # fmt: skip
         new = out.with_name("reward_model.new")  # complete before it takes the final name
         shutil.rmtree(new, ignore_errors=True)
@@ -380,7 +330,7 @@ class _Loop:
         kwargs = self.config.train.reward_kwargs
         model = self.round0 if r == 0 else RewardModel.load(self._dir(r) / "reward_model", **kwargs)
         if isinstance(model, RewardModel) and model.config == self.rm_config:
-            return _HeadScorer(model, self.features)
+            return CachedHeads(model, self.features)
         return model
 
     def _finish(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:

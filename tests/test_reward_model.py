@@ -31,6 +31,8 @@ from text_env.rewards.reward_model import (
 )
 from text_env.rewards.training import (
     WEIGHT_DECAYS,
+    CachedHeads,
+    FeatureCache,
     _spearman,
     evaluate_reward_model,
     split_pairs,
@@ -609,3 +611,30 @@ def test_scoring_runs_bf16_matmuls_on_bucketed_rows(head_model: tuple) -> None:
     with Rows():
         head_model[0].score(["the movie was", "a sad , dull", "great"], ["it was good", "", "so awful and bad ok"])
     assert seen and all(rows == bucket_rows(rows) for rows in seen), seen
+
+
+def _texts(pairs: list[PreferencePair]) -> set[tuple[str, str]]:
+    return {(p.prompt, text) for p in pairs for text in (p.chosen, p.rejected)}
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 3])
+def test_cached_features_fit_the_same_reward_model(tiny_model: Path, ensemble_size: int) -> None:
+    """``train_reward_model(features=FeatureCache(...))`` (textgen rlhf's refits) fits and reports what a fit that runs
+    the backbone itself does, and computes each text's features once: a second fit on more pairs only adds theirs."""
+    pairs, cfg = sentiment_pairs(60, seed=0), config(tiny_model, pooling="mean", ensemble=ensemble_size)
+    plain, plain_report = train_reward_model(pairs, cfg, gold=WordGold(), progress=False)
+    cache = FeatureCache(RewardModel(cfg))
+    cached, cached_report = train_reward_model(pairs, cfg, gold=WordGold(), progress=False, features=cache)
+    assert len(cache.table) == len(_texts(pairs))  # every distinct completion once
+    assert cached_report.accuracy == plain_report.accuracy and cached_report.spearman == pytest.approx(
+        plain_report.spearman, abs=1e-6
+    )
+    prompts, texts = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    np.testing.assert_allclose(cached.score(prompts, texts), plain.score(prompts, texts), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(CachedHeads(cached, cache).score(prompts, texts), cached.score(prompts, texts),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    more = pairs + sentiment_pairs(10, seed=5)
+    train_reward_model(more, cfg, progress=False, features=cache)
+    assert len(cache.table) == len(_texts(more))
+    with pytest.raises(ValueError, match="cannot read"):
+        train_reward_model(pairs, config(tiny_model, pooling="last"), progress=False, features=cache)

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents import rlhf as rlhf_module
 from agents.callbacks import TextMetrics
 from agents.cli import main
 from agents.rlhf import RLHFConfig, rlhf
 from agents.run import TrainConfig
 from agents.train import Interrupted
+from text_env.rewards import training as reward_training
 from text_env.rewards.annotators import SimulatedAnnotator
 from text_env.rewards.preferences import PreferencePair, append_pairs, load_preferences
 from text_env.rewards.reward_model import RewardModel, RewardModelConfig
@@ -172,7 +172,7 @@ def _lines(path: Path) -> int:
       lambda d: _steps(d / "checkpoint/state.json") == 8 and not (d / "round-1/checkpoint").exists()),
      (SimulatedAnnotator, "label", PAIRS + 2,  # at round 2's 2nd label: round 1 done, one label of round 2 kept
       lambda d: (d / "round-1/report.json").is_file() and _lines(d / "round-2/pairs.jsonl") == 1),
-     (rlhf_module, "fit_heads", 2,  # in round 2's refit: every label of round 2 kept, no refit saved
+     (reward_training, "fit_heads", 2,  # in round 2's refit: every label of round 2 kept, no refit saved
       lambda d: _lines(d / "round-2/pairs.jsonl") == PAIRS and not (d / "round-2/reward_model").exists())],
     ids=["ppo", "labelling", "refit"],
 )  # fmt: skip

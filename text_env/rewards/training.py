@@ -18,6 +18,8 @@ from text_env.rewards.preferences import PreferencePair
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
 
 __all__ = [
+    "CachedHeads",
+    "FeatureCache",
     "RewardModelReport",
     "evaluate_members",
     "evaluate_reward_model",
@@ -112,7 +114,7 @@ def evaluate_reward_model(
 
 
 def evaluate_members(
-    model: RewardModel, pairs: Sequence[PreferencePair], gold: Scorer | None = None, batch_size: int = 32
+    model: RewardModel | CachedHeads, pairs: Sequence[PreferencePair], gold: Scorer | None = None, batch_size: int = 32
 ) -> tuple[RewardModelReport, list[RewardModelReport]]:
     """:func:`evaluate_reward_model` of an ensemble (as it aggregates now) and of each member, from one backbone
     pass per text: the members' scores are computed once and aggregated here exactly as ``model.score`` would."""
@@ -164,6 +166,63 @@ def _bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Ten
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
+class FeatureCache:
+    """Frozen-backbone features of each ``(prompt, completion)``, computed once and kept: a loop that refits heads
+    on a growing set of pairs (``textgen rlhf``) and scores the same texts again runs the backbone once per text.
+
+    :param model: a head-mode reward model whose :meth:`~RewardModel.features` are cached (its heads are unused).
+    """
+
+    def __init__(self, model: RewardModel, batch_size: int = 32) -> None:
+        if model.config.mode != "head":
+            raise ValueError(f"features can be cached for a frozen backbone (mode='head'), not {model.config.mode!r}")
+        self.model, self.batch_size = model.eval(), batch_size
+        self.table: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """``(N, H)`` features, the missing ones computed in batches."""
+        keys = list(zip(prompts, completions, strict=True))
+        missing = list(dict.fromkeys(k for k in keys if k not in self.table))
+        for start in range(0, len(missing), self.batch_size):
+            batch = missing[start : start + self.batch_size]
+            features = self.model.features([p for p, _ in batch], [c for _, c in batch])  # (b, H)
+            self.table.update(zip(batch, features.cpu(), strict=True))
+        return torch.stack([self.table[k] for k in keys])
+
+    def matches(self, config: RewardModelConfig) -> bool:
+        """Whether a head-mode reward model of ``config`` reads these features (same backbone, layer, pooling...)."""
+        mine = self.model.config
+        same = ("backbone", "layer", "pooling", "max_length")
+        return config.mode == "head" and all(getattr(config, k) == getattr(mine, k) for k in same)
+
+
+class CachedHeads:
+    """A head-mode reward model's heads on a :class:`FeatureCache`: the model's scores (an ensemble aggregated as
+    its ``aggregate`` says) without running the backbone again for a text it has seen."""
+
+    def __init__(self, model: RewardModel, features: FeatureCache) -> None:
+        if not features.matches(model.config):
+            raise ValueError(
+                f"the cached features are not this reward model's: {features.model.config} vs {model.config}"
+            )
+        self.model, self.features = model, features
+
+    @torch.no_grad()
+    def member_scores(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Each member's score, ``(K, N)`` float64, as :meth:`RewardModel.member_scores`."""
+        return self.model.member_outputs(self.features(prompts, completions)).double().numpy()
+
+    def combine(self, members: torch.Tensor) -> torch.Tensor:
+        """Members' scores ``(K, B)`` -> scores ``(B,)``, as :meth:`RewardModel.combine`."""
+        return self.model.combine(members)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """The reward model's scores ``(N,)``, as :meth:`RewardModel.score`."""
+        return self.combine(self.model.member_outputs(self.features(prompts, completions))).double().numpy()
+
+
 def train_reward_model(
     pairs: Sequence[PreferencePair],
     config: RewardModelConfig | None = None,
@@ -178,6 +237,7 @@ def train_reward_model(
     seed: int = 0,
     normalize: bool = True,
     progress: bool = True,
+    features: FeatureCache | None = None,
 ) -> tuple[RewardModel, RewardModelReport]:
     """Fit a reward model on the train split, choose by the validation split, report on the test split.
 
@@ -196,6 +256,8 @@ def train_reward_model(
     :param normalize: set the output scale so that the train split's completions (the base policy's samples)
         score mean 0, standard deviation 1 (an ensemble: each member, then the aggregated score, see
         :class:`RewardModel`).
+    :param features: ``head`` mode: features cached by an earlier fit on the same backbone (``textgen rlhf``'s
+        refits), computed only for texts not seen before; the fit and the report are the same as without.
 
     **Ensembles** (``config.ensemble = K > 1``, ``head`` mode): the features are computed once; member ``i`` is
     fitted like a single head on a bootstrap resample of the train split (``numpy.random.default_rng((seed, i))``)
@@ -205,6 +267,8 @@ def train_reward_model(
     act on. Per member, each is a reward model in its own right and ``K = 1`` is the single head, unchanged.
     """
     config = config or RewardModelConfig()
+    if features is not None and not features.matches(config):
+        raise ValueError(f"features are cached for {features.model.config}, which {config} cannot read")
     if len(pairs) < 4:
         raise ValueError(f"need at least 4 preference pairs to train and hold out, got {len(pairs)}")
     started = time.time()
@@ -215,7 +279,7 @@ def train_reward_model(
         decays = WEIGHT_DECAYS if weight_decay is None else weight_decay
         decays = [decays] if isinstance(decays, (int, float)) else list(decays)
         histories, member_decays, train_scores = _fit_heads(
-            model, train_pairs, val_pairs, decays, batch_size, seed, progress
+            model, train_pairs, val_pairs, decays, batch_size, seed, progress, features
         )
         history, chosen_decay = (histories[0], member_decays[0]) if config.ensemble == 1 else ([], math.nan)
     else:
@@ -230,14 +294,15 @@ def train_reward_model(
     model.eval()
     if normalize:  # the train split's completions are the base policy's samples on training prompts
         normalize_output_scale(model, train_scores)
+    scorer = model if features is None else CachedHeads(model, features)
     if config.ensemble == 1:
-        report = evaluate_reward_model(model, test_pairs, gold, batch_size)
-        report.validation_accuracy = evaluate_reward_model(model, val_pairs, batch_size=batch_size).accuracy
+        report = evaluate_reward_model(scorer, test_pairs, gold, batch_size)
+        report.validation_accuracy = evaluate_reward_model(scorer, val_pairs, batch_size=batch_size).accuracy
         report.out_gain, report.out_bias = float(model.head.out_gain), float(model.head.out_bias)
     else:
-        report, members = evaluate_members(model, test_pairs, gold, batch_size)  # the mean aggregation's report
+        report, members = evaluate_members(scorer, test_pairs, gold, batch_size)  # the mean aggregation's report
         report.members, report.ensemble = members, config.ensemble
-        validation, members_validation = evaluate_members(model, val_pairs, batch_size=batch_size)
+        validation, members_validation = evaluate_members(scorer, val_pairs, batch_size=batch_size)
         report.validation_accuracy, report.out_gain = validation.accuracy, float(model.agg_gain)
         report.out_bias = float(model.agg_bias)
         for i, member in enumerate(members):
@@ -273,9 +338,14 @@ def _fit_heads(
     batch_size: int,
     seed: int,
     progress: bool,
+    cache: FeatureCache | None = None,
 ) -> tuple[list[list[float]], list[float], np.ndarray]:
-    """Features of the frozen backbone once, then :func:`fit_heads`."""
-    feats = _features(model, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
+    """Features of the frozen backbone once (or from ``cache``), then :func:`fit_heads`."""
+    if cache is None:
+        feats = _features(model, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
+    else:
+        both = [*train, *val]
+        feats = cache([p.prompt for p in both] * 2, [p.chosen for p in both] + [p.rejected for p in both])
     total = len(train) + len(val)
     margins = torch.tensor([p.margin or 0.0 for p in [*train, *val]])
     return fit_heads(model, feats[:total], feats[total:], len(train), margins, decays, seed, progress)
