@@ -177,12 +177,12 @@ def profile_rollout(run: Run, repeats: int) -> dict[str, float]:
             go()
             timers["rollout total"] = time.perf_counter() - started
         rows.append(timers)
-    rows = rows[1:]  # the first one warms up
-    result = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     inner = ("policy step (sampling, values)", "bootstrap values after the last step",
              "KL reference pass over the episodes", "env step (scoring included)")  # fmt: skip
-    result["SB3 and callbacks (the rest)"] = result["rollout total"] - sum(result.get(k, 0.0) for k in inner)
-    return result
+    for row in rows:
+        row["SB3 and callbacks (the rest)"] = row["rollout total"] - sum(row.get(k, 0.0) for k in inner)
+    rows = rows[1:]  # the first one warms up
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}  # each phase's median over the repeats
 
 
 def profile_update(run: Run, repeats: int) -> dict[str, float]:
@@ -201,13 +201,10 @@ def profile_update(run: Run, repeats: int) -> dict[str, float]:
             started = time.perf_counter()
             run.algo.train()
             timers["epoch total"] = time.perf_counter() - started
+        timers["SB3 losses, minibatches (the rest)"] = 2 * timers["epoch total"] - sum(timers.values())
         rows.append(timers)
     rows = rows[1:]
-    result = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    result["SB3 losses, minibatches (the rest)"] = result["epoch total"] - sum(
-        v for k, v in result.items() if k != "epoch total"
-    )
-    return result
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}  # each phase's median over the repeats
 
 
 def peak_rss_of_train(model: str) -> float:
@@ -232,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after a warm-up (median)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of lora, full to measure")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one repeat, no RSS run: checks every figure is made")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_and_update.json"))
@@ -245,10 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_tokens = args.n_envs * args.tokens
     profiles: dict[str, dict[str, float]] = {}
 
-    for name, lora_r in CONFIGS.items():
-        run = make_run(args, lora_r, args.tokens)
+    for name in args.configs.split(","):
+        run = make_run(args, CONFIGS[name], args.tokens)
         runs = [rollout(run), generate(run, run.algo.policy.lm)]
-        merged = copy.deepcopy(run.algo.policy.lm).merge_and_unload() if lora_r else None
+        merged = copy.deepcopy(run.algo.policy.lm).merge_and_unload() if CONFIGS[name] else None
         if merged is not None:
             runs.append(generate(run, merged))
         seconds = median_seconds(runs, args.repeats)
@@ -259,33 +257,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[f"{name}_generate_merged_tok_s"] = n_tokens / seconds[2]
             results[f"{name}_rollout_vs_generate_merged"] = seconds[2] / seconds[0]
         del merged, runs
+        print({k: v for k, v in results.items() if k.startswith(name)}, flush=True)
         profiles[f"rollout, {name}"] = profile_rollout(run, args.repeats)
+        print(profiles[f"rollout, {name}"], flush=True)
         for label, tokens in (("T", args.tokens), ("2T", 2 * args.tokens)):
             if tokens != args.tokens:
                 del run
-                run = make_run(args, lora_r, tokens)
+                run = make_run(args, CONFIGS[name], tokens)
                 rollout(run)()
             epoch, plain = median_seconds([run.algo.train, floor(run)], args.repeats)
             results[f"{name}_update_epoch_s_{label}"] = epoch
             results[f"{name}_floor_s_{label}"] = plain
             results[f"{name}_update_vs_floor_{label}"] = epoch / plain
+            print(name, label, epoch, plain, epoch / plain, flush=True)
             if label == "T":
                 profiles[f"update epoch, {name}, T"] = profile_update(run, args.repeats)
         epochs = results[f"{name}_update_epoch_s_2T"], results[f"{name}_update_epoch_s_T"]
         results[f"{name}_update_ratio_2T_vs_T"] = epochs[0] / epochs[1]
         del run
+        write(results, profiles, args.out)
 
     if not args.skip_rss:
         results["train_peak_rss_gb"] = peak_rss_of_train(args.model)
+    write(results, profiles, args.out)
+    print(report(results))
+    return results
+
+
+def write(results: dict[str, Any], profiles: dict[str, dict[str, float]], path: str) -> None:
+    """The results so far as JSON and Markdown (after each configuration: a long run keeps what it measured)."""
     results["bench_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     results["profiles"] = profiles
-    out = Path(args.out)
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(report(results))
-    print(report(results))
-    return results
 
 
 TARGETS = {
