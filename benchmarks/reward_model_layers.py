@@ -1,5 +1,6 @@
 """Which layer's features should the default reward model score? One backbone pass over every pair, a head per
-layer, the layer chosen on the validation split, and only the chosen one reported on the test split.
+layer (and per concatenation of a few layers, :data:`COMBINATIONS`), the features chosen on the validation split,
+and only the chosen ones (beside the best single layer and the last) reported on the test split.
 
 Run::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +45,17 @@ def layer_features(model: RewardModel, prompts: list[str], texts: list[str], bat
     return torch.cat(out, dim=1)
 
 
+COMBINATIONS = [(1, 20), (16, 20), (18, 20), (20, 22), (1, 16, 20), (20, 0)]
+"""Concatenated features tried beside single layers: the best single layers' neighbours, an early lexical layer, and
+the last normalised state (index 0) beside the best middle one."""
+
+
+def _features_name(layer: int | list[int] | None) -> str:
+    if isinstance(layer, list):
+        return "layers " + " + ".join(str(k or "last") for k in layer)
+    return f"layer {layer}" if layer else "last, normalised"
+
+
 def metrics(scores_c: np.ndarray, scores_r: np.ndarray, gold_c: np.ndarray, gold_r: np.ndarray) -> dict[str, float]:
     decided, large = gold_c != gold_r, np.abs(gold_c - gold_r) >= LARGE_GAP
     agree = (scores_c > scores_r) == (gold_c > gold_r)
@@ -61,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default="default")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results/reward_model_layers")
+    argv = sys.argv[1:] if argv is None else argv  # the command in the results is the one that was run
     args = parser.parse_args(argv)
     task = get_task("positive-review")
     data = args.data or os.path.relpath(Path(task.reward_model) / "prefs.jsonl")
@@ -74,23 +88,28 @@ def main(argv: list[str] | None = None) -> dict:
     gold_c = task.gold.score(prompts[:total], [p.chosen for p in pairs])
     gold_r = task.gold.score(prompts[:total], [p.rejected for p in pairs])
     rows = []
-    for k in range(feats.shape[0]):
-        head = RewardHead(feats.shape[-1])
-        f_c, f_r = feats[k, :total], feats[k, total:]
+    combinations = [c for c in COMBINATIONS if max(c) < feats.shape[0]]  # those a smaller backbone has
+    for layers in [(k,) for k in range(feats.shape[0])] + combinations:
+        chosen = torch.cat([feats[k] for k in layers], dim=-1)  # (2 * total, H * len(layers))
+        head = RewardHead(chosen.shape[-1])
+        f_c, f_r = chosen[:total], chosen[total:]
         _, decay, _ = fit_head(head, f_c[: n + n_val], f_r[: n + n_val], n)
         with torch.no_grad():
             s_c, s_r = head.raw(f_c).double().numpy(), head.raw(f_r).double().numpy()
         diff = torch.from_numpy(s_c[n : n + n_val] - s_r[n : n + n_val])
         val_loss = float(-torch.nn.functional.logsigmoid(diff).mean())  # what chooses: labels only, no gold
         v, t = slice(n, n + n_val), slice(n + n_val, None)
-        rows.append({"layer": k or None, "weight_decay": decay, "validation_loss": val_loss,
+        rows.append({"layer": (layers[0] or None) if len(layers) == 1 else list(layers), "weight_decay": decay,
+                     "validation_loss": val_loss,
                      "validation": metrics(s_c[v], s_r[v], gold_c[v], gold_r[v]),
                      "_test": metrics(s_c[t], s_r[t], gold_c[t], gold_r[t])})  # fmt: skip
     best = min(rows, key=lambda r: r["validation_loss"])
+    single = min((r for r in rows if not isinstance(r["layer"], list)), key=lambda r: r["validation_loss"])
     last = rows[0]
     result = {
         "data": data, "split": {"train": n, "validation": n_val, "test": total - n - n_val, "seed": 0},
-        "chosen_layer": best["layer"], "chosen_test": best["_test"], "last_layer_test": last["_test"],
+        "chosen_layer": best["layer"], "chosen_test": best["_test"], "best_single_layer": single["layer"],
+        "best_single_layer_test": single["_test"], "last_layer_test": last["_test"],
         "layers": [{k: v for k, v in r.items() if k != "_test"} for r in rows], "seconds": time.time() - started,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }  # fmt: skip
@@ -102,19 +121,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"Command: `python benchmarks/reward_model_layers.py{' ' + ' '.join(argv) if argv else ''}` "
         f"({result['seconds']:.0f} s; {result['machine']})", "",
         f"Data: `{data}`; split {result['split']} (train fits a linear head per layer and weight decay; validation "
-        "chooses the weight decay and the layer, by Bradley-Terry loss on the labels; test is reported for the "
-        "chosen layer and, for comparison, the previous default, the last normalised hidden state).", "",
+        "chooses the weight decay and the features, by Bradley-Terry loss on the labels; test is reported for the "
+        "chosen features, the best single layer (the shipped reward model's `--layer`) and the last normalised "
+        "hidden state). Candidates: every single layer, then concatenations of a few layers' features "
+        f"({', '.join('+'.join(map(str, c)) for c in combinations) or 'none fit this backbone'}; 0: the last, normed).",
+        "",
         "| features | test label acc. | test gold acc. | test large-gap acc. | test Spearman |",
         "|---|---|---|---|---|",
     ]  # fmt: skip
-    for name, t in ((f"layer {best['layer']} (chosen)", best["_test"]), ("last, normalised (before)", last["_test"])):
+    shown = {f"{_features_name(best['layer'])} (chosen)": best["_test"]}
+    if single is not best:
+        shown[f"{_features_name(single['layer'])} (best single layer)"] = single["_test"]
+    shown["last, normalised"] = last["_test"]
+    for name, t in shown.items():
         lines.append(f"| {name} | {t['label_accuracy']:.3f} | {t['gold_accuracy']:.3f} | "
                      f"{t['large_gap_accuracy']:.3f} (n={t['n_large_gap']}) | {t['spearman']:.3f} |")  # fmt: skip
-    lines += ["", "| layer | validation loss | val. label acc. | val. large-gap acc. | val. Spearman |",
+    lines += ["", "| features | validation loss | val. label acc. | val. large-gap acc. | val. Spearman |",
               "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         v = r["validation"]
-        lines.append(f"| {r['layer'] or 'last (normed)'} | {r['validation_loss']:.4f} | {v['label_accuracy']:.3f} | "
+        lines.append(f"| {_features_name(r['layer'])} | {r['validation_loss']:.4f} | {v['label_accuracy']:.3f} | "
                      f"{v['large_gap_accuracy']:.3f} | {v['spearman']:.3f} |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
