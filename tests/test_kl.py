@@ -214,6 +214,9 @@ def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: P
     before, after = run_one_rollout(model, KLPenalty(beta=0.5, reference=str(tiny_model)), tmp_path)
     log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])
     kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
+    np.testing.assert_allclose(  # the per-step rewards are the env's: the penalty goes into the buffer
+        np.stack([s["rewards"] for s in after.steps]), np.stack([s["rewards"] for s in before.steps])
+    )
     assert np.abs(kl).max() > 1e-3
     expected = np.stack([s["rewards"] for s in before.steps]) - 0.5 * kl
     np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
