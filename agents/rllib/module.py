@@ -7,8 +7,7 @@ not copied but reused:
 - **exploration** (EnvRunners): the policy's KV-cached step (one new token per row per call) and Gumbel-max
   sampling; the reference model's log-probability of the sampled token is computed there too, with its own
   cache, and travels with the episode as :data:`REF_LOGP` (SB3's ``KLPenalty`` instead runs one batched reference
-  pass over the finished rollout; an EnvRunner's episodes leave it before the Learner sees them, so here the
-  per-step cached reference is the cheaper place).
+  pass over the finished rollout; moving this one into the KL learner connector the same way is not done yet).
 - **training** (Learners): the policy's grouped forward, one pass per episode for all of its timesteps in a
   minibatch (RLlib's minibatches are contiguous slices of the episode-ordered batch unless
   ``shuffle_batch_per_epoch``), giving logits and values of the same pass.
