@@ -259,7 +259,7 @@ def isolated_registry(monkeypatch) -> None:
 
 def test_get_task_unknown_lists_registered(isolated_registry: None) -> None:
     register_task("zzz-other", lambda: Task("zzz-other", ["a"], ["b"], VaderSentiment))
-    registered = "concepts, dialogue, positive-review, summarize-docstring, zzz-other"
+    registered = "code, concepts, dialogue, positive-review, summarize-docstring, zzz-other"  # sorted, built-ins too
     with pytest.raises(ValueError, match=rf"unknown task 'nope'; registered tasks: {registered}$"):
         get_task("nope")
 
