@@ -14,12 +14,14 @@ from text_env.env import TextGenEnv
 from text_env.rewards.gold import TestsPassed
 from text_env.tasks import get_task, list_tasks
 from text_env.tasks.code import (
-    CODE_STOP_STRINGS,
+    REPLY_STOP_STRINGS,
     TEMPLATES,
     function_body,
     humaneval_problems,
     humaneval_tests,
     make_task,
+    program,
+    request,
     train_problems,
 )
 
@@ -31,17 +33,21 @@ def test_splits_are_fixed() -> None:
     task = get_task("code")
     train, held_out = task.examples("train"), task.examples("eval")
     assert (len(train), len(held_out)) == (284, 164) == (sum(len(t.params) for t in TEMPLATES), 164)
-    assert task.description.startswith("code: ") and task.stop_strings == CODE_STOP_STRINGS
+    assert task.description.startswith("code: ") and task.stop_strings == REPLY_STOP_STRINGS
+    assert task.instruction is None  # the request is the user turn
     for e in train + held_out:
-        assert set(e.meta) == {"tests", "entry_point", "task_id"} and e.references == ()
-        assert e.meta["tests"] and f"def {e.meta['entry_point']}(" in e.prompt and e.prompt.endswith("\n")
+        assert set(e.meta) == {"tests", "entry_point", "task_id", "stub"} and e.references == ()
+        assert e.prompt == request(e.meta["stub"]) and e.prompt.startswith("Complete this Python function:\n\n")
+        assert e.meta["tests"] and f"def {e.meta['entry_point']}(" in e.meta["stub"] and e.prompt.endswith("\n")
     assert held_out[0].meta["task_id"] == "HumanEval/0" and held_out[0].meta["entry_point"] == "has_close_elements"
     assert len({e.meta["task_id"] for e in train}) == 284 and all(len(e.meta["tests"]) == 4 for e in train)
     rebuilt = make_task()  # built again: the same records in the same order
     assert rebuilt.examples("train") == train and rebuilt.examples("eval") == held_out
     other = train_problems(seed=1)
-    assert [p.prompt.split("\n")[0] for p in other] == [e.prompt.split("\n")[0] for e in train]  # same functions
-    assert [p.tests for p in other] != [e.meta["tests"] for e in train]  # other inputs
+    assert sorted(p.entry_point for p in other) == sorted(e.meta["entry_point"] for e in train)  # same functions
+    tests = {e.meta["entry_point"]: e.meta["tests"] for e in train}
+    assert all(list(p.tests) != tests[p.entry_point] for p in other)  # other inputs, another order
+    assert [e.meta["entry_point"] for e in train[:3]] != ["add_1", "add_2", "add_3"]  # families mixed
     with pytest.raises(ValueError, match="n_tests"):
         train_problems(n_tests=0)
 
@@ -124,6 +130,27 @@ def test_gold_counts_the_tests_a_body_passes() -> None:
         gold.score([prompt], ["    return 2 * x"], tests=[None], entry_point=["double"])
 
 
+def test_replies_become_programs() -> None:
+    """A chat reply is judged as code: its function (fenced or not, prose around it dropped) after the stub, or its
+    indented lines as the stub's body."""
+    stub = 'import math\n\ndef double(x: int) -> int:\n    """Return 2 * x."""\n'
+    fenced = (
+        "Here it is:\n\n```python\ndef double(x: int) -> int:\n    return int(math.fabs(x)) * 2\n```\n\nIt doubles."
+    )
+    assert (
+        program(stub, fenced, "double") == stub + "\n\ndef double(x: int) -> int:\n    return int(math.fabs(x)) * 2\n\n"
+    )
+    bare = "def double(x):\n    return x + x\n\nThis function adds x to itself."
+    assert program(stub, bare, "double") == stub + "\n\ndef double(x):\n    return x + x\n\n"  # the prose is cut
+    assert program(stub, "    return 2 * x\nDone.", "double") == stub + "    return 2 * x"  # a bare body
+    assert program(stub, "```python\ndef other(x):\n    return x\n```", "double") == stub  # no such function
+    gold = get_task("code").gold
+    replies = [fenced, bare, "```python\ndef double(x):\n    return x * x\n```", "I cannot help."]
+    tests = [[f"assert candidate({x}) == {2 * x}" for x in (0, 2, 3, -1)]] * 4
+    scores = gold.score([request(stub)] * 4, replies, tests=tests, entry_point=["double"] * 4, stub=[stub] * 4)
+    assert scores.tolist() == [0.75, 1.0, 0.5, 0.0]  # fabs: right for 0, 2, 3; x * x: right for 0, 2
+
+
 def test_env_scores_the_task_with_its_tests(tiny_model: Path) -> None:
     """On the tiny model: both env checkers pass, and an episode's gold is the tests passed by its completion."""
     example = next(p for p in train_problems() if p.entry_point == "add_1").example()
@@ -139,7 +166,7 @@ def test_env_scores_the_task_with_its_tests(tiny_model: Path) -> None:
     while not done:
         _, reward, terminated, truncated, info = env.step(env.action_space.sample())
         done = terminated or truncated
-    columns = {"tests": [example.meta["tests"]], "entry_point": ["add_1"]}
+    columns = {"tests": [example.meta["tests"]], "entry_point": ["add_1"], "stub": [example.meta["stub"]]}
     expected = get_task("code").gold.score([example.prompt], [info["completion"]], **columns)
     assert reward == info["gold_score"] == pytest.approx(float(expected[0]))
     assert np.isfinite(reward) and 0.0 <= reward <= 1.0

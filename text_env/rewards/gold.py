@@ -179,15 +179,16 @@ class Coverage:
 class TestsPassed:
     """The fraction of the example's unit tests that the completed function passes, in ``[0, 1]`` (code generation).
 
-    The program is the prompt (signature and docstring) followed by the completion's body
-    (:func:`text_env.tasks.code.function_body`: cut at the stop strings and the first unindented line); it runs in a
-    :class:`~text_env.sandbox.Sandbox` child, never in this process, and each test counts on its own, so a body
-    that gets half the cases right scores 0.5. A program that does not compile, lacks the entry point, or runs
-    past its time scores 0 for the tests it did not pass. It takes the ``tests`` column (and ``entry_point``, the
-    function bound to ``candidate``); a prompt without tests is an error, not a 0. :meth:`pass_at_1` turns scores
-    into the fraction of problems solved, HumanEval's pass@1 for one sample per problem.
+    The program is :func:`text_env.tasks.code.program` of the ``stub`` column (imports, signature and docstring;
+    without one, the prompt itself, HumanEval's base-model format) and the completion: the function the completion
+    writes, or its lines as the stub's body. It runs in a :class:`~text_env.sandbox.Sandbox` child, never in this
+    process, and each test counts on its own, so a function that gets half the cases right scores 0.5. A program
+    that does not compile, lacks the entry point, or runs past its time scores 0 for the tests it did not pass. It
+    takes the ``tests`` column (and ``entry_point``, the function bound to ``candidate``, and ``stub``); a prompt
+    without tests is an error, not a 0. :meth:`pass_at_1` turns scores into the fraction of problems solved,
+    HumanEval's pass@1 for one sample per problem.
 
-    :param stop_strings: where a body ends (default: :data:`text_env.tasks.code.CODE_STOP_STRINGS`).
+    :param stop_strings: where a bare body ends (default: :data:`text_env.tasks.code.CODE_STOP_STRINGS`).
     :param sandbox: the sandbox to run in (default: ``Sandbox()``, 5 s and 1 GiB per program, 1 s per test).
     """
 
@@ -207,15 +208,18 @@ class TestsPassed:
         completions: Sequence[str],
         tests: Sequence[Sequence[str] | None],
         entry_point: Sequence[str | None] | None = None,
+        stub: Sequence[str | None] | None = None,
     ) -> list[TestReport]:
         """What each program did: tests passed, of how many, and how the child ended."""
-        from text_env.tasks.code import function_body
+        from text_env.tasks.code import program
 
         entry_points = list(entry_point) if entry_point is not None else [None] * len(prompts)
+        stubs = [s or p for s, p in zip(stub, prompts, strict=True)] if stub is not None else list(prompts)
         for prompt, row in zip(prompts, tests, strict=True):
             if not row:
                 raise ValueError(f"{self.name} needs tests, and prompt {prompt[:60]!r} has none")
-        programs = [p + function_body(c, self.stop_strings) for p, c in zip(prompts, completions, strict=True)]
+        rows = zip(stubs, completions, entry_points, strict=True)
+        programs = [program(s, c, e, self.stop_strings) for s, c, e in rows]
         return self.sandbox.run_batch(programs, [list(t or ()) for t in tests], entry_points)
 
     def score(
@@ -224,9 +228,11 @@ class TestsPassed:
         completions: Sequence[str],
         tests: Sequence[Sequence[str] | None],
         entry_point: Sequence[str | None] | None = None,
+        stub: Sequence[str | None] | None = None,
     ) -> np.ndarray:
         """:return: the fraction of each row's tests passed, shape ``(len(completions),)``."""
-        return np.array([r.fraction for r in self.reports(prompts, completions, tests, entry_point)], dtype=np.float64)
+        reports = self.reports(prompts, completions, tests, entry_point, stub)
+        return np.array([r.fraction for r in reports], dtype=np.float64)
 
     @staticmethod
     def pass_at_1(scores: Sequence[float] | np.ndarray) -> float:
