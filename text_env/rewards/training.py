@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -341,11 +341,8 @@ def _fit_heads(
     cache: FeatureCache | None = None,
 ) -> tuple[list[list[float]], list[float], np.ndarray]:
     """Features of the frozen backbone once (or from ``cache``), then :func:`fit_heads`."""
-    if cache is None:
-        feats = _features(model, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
-    else:
-        both = [*train, *val]
-        feats = cache([p.prompt for p in both] * 2, [p.chosen for p in both] + [p.rejected for p in both])
+    encode = model.features if cache is None else cache
+    feats = _features(encode, [*train, *val], batch_size, progress)  # (2N, H): chosen of all pairs, then rejected
     total = len(train) + len(val)
     margins = torch.tensor([p.margin or 0.0 for p in [*train, *val]])
     return fit_heads(model, feats[:total], feats[total:], len(train), margins, decays, seed, progress)
@@ -514,11 +511,17 @@ def _trained(key: str, config: RewardModelConfig) -> bool:
 
 
 @torch.no_grad()
-def _features(model: RewardModel, pairs: Sequence[PreferencePair], batch_size: int, progress: bool) -> torch.Tensor:
-    """Frozen-backbone features of every chosen, then every rejected completion: ``(2N, H)``."""
+def _features(
+    encode: Callable[[Sequence[str], Sequence[str]], torch.Tensor],
+    pairs: Sequence[PreferencePair],
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Frozen-backbone features (``encode``: a model's ``features`` or a :class:`FeatureCache`) of every chosen,
+    then every rejected completion: ``(2N, H)``."""
     prompts = [p.prompt for p in pairs] * 2
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc="backbone features", disable=not progress):
-        chunks.append(model.features(prompts[start : start + batch_size], texts[start : start + batch_size]))
+        chunks.append(encode(prompts[start : start + batch_size], texts[start : start + batch_size]))
     return torch.cat(chunks)
