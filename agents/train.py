@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -160,7 +161,9 @@ def unfinished_config(run_dir: Path, command: str = "textgen train") -> dict[str
 
 
 def new_run_dir(out: str | Path, name: str) -> Path:
-    """Make and return ``out/<name>-<time>`` (with a suffix when that exists already)."""
+    """Make and return ``out/<name>-<time>`` (with a suffix when that exists already); characters a file name may
+    not hold everywhere (the ``:`` of a ``module:task`` name) become ``_``."""
+    name = re.sub(r"[^\w.-]", "_", name)
     base = Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, k = base, 1
     while run_dir.exists():  # two runs started in the same second

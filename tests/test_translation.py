@@ -4,6 +4,7 @@ against the reference translations."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,35 @@ def test_registered_task_runs_in_the_env(
     expected = task.gold.score([example.prompt], [info["completion"]], references=[list(example.references)])
     assert reward == info["gold_score"] == pytest.approx(float(expected[0]))
     assert np.isfinite(reward) and -1.0 <= reward <= 1.0
+
+
+def test_own_task_module_trains_from_the_command_line(
+    en_fr: tuple[Path, Path], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--task module:name`` imports one's module, which registers the task on one's data (gymnasium's
+    ``module:Env-v0``): translation reaches ``textgen train`` without being a built-in task."""
+    from agents.cli import main
+
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks, "_BUILT", dict(tasks._BUILT))
+    module = "my_en_fr_tasks"
+    (tmp_path / f"{module}.py").write_text(
+        "from text_env.tasks import register_task\nfrom text_env.tasks.translation import make_task\n"
+        f"register_task('en-fr', lambda: make_task({str(en_fr[0])!r}, {str(en_fr[1])!r}, 'English', 'French', "
+        "name='en-fr'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    args = ["--model", str(tiny_model), "--reward-model", "gold", "--total-timesteps", "16", "--n-envs", "2",
+            "--n-steps", "8", "--batch-size", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16",
+            "--max-new-tokens", "4", "--out", str(tmp_path / "runs")]  # fmt: skip
+    main(["train", "--task", f"{module}:en-fr", *args])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"{module}_en-fr-ppo-")  # no ':' in a file name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["config"]["task"] == f"{module}:en-fr" and "gold_score" in report["after"]
+    assert "en-fr" in list_tasks() and f"{module}:en-fr" not in list_tasks()
+    with pytest.raises(ValueError, match=rf"task '{module}:nope': importing '{module}' registered no task 'nope'"):
+        get_task(f"{module}:nope")
+    with pytest.raises(ValueError, match=r"task 'no_such_module_xyz:en-fr': cannot import 'no_such_module_xyz'"):
+        get_task("no_such_module_xyz:en-fr")

@@ -93,9 +93,26 @@ def list_tasks() -> list[str]:
 
 
 def get_task(task: str | Task) -> Task:
-    """Return a registered task by name (a :class:`Task` passes through)."""
+    """Return a registered task by name (a :class:`Task` passes through).
+
+    ``"module:name"`` first imports ``module``, which registers ``name`` (gymnasium's ``gym.make("module:Env-v0")``
+    convention): how a task of one's own, e.g. :func:`text_env.tasks.translation.make_task` on one's parallel data,
+    reaches ``textgen train --task`` and every other place that takes a task name.
+    """
     if isinstance(task, Task):
         return task
+    if task not in _REGISTRY and ":" in task:
+        module, _, name = task.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"task {task!r}: cannot import {module!r} to register {name!r} ({e})") from e
+        if name not in _REGISTRY:
+            raise ValueError(
+                f"task {task!r}: importing {module!r} registered no task {name!r}; registered tasks: "
+                f"{', '.join(list_tasks())}"
+            )
+        task = name
     if task not in _REGISTRY:
         raise ValueError(f"unknown task {task!r}; registered tasks: {', '.join(list_tasks())}")
     if task not in _BUILT:

@@ -14,7 +14,8 @@ Example:
     >>> register_task("en-fr", lambda: make_task("train.jsonl", "eval.jsonl", "English", "French"))  # doctest: +SKIP
 
 then ``gym.make("TextGen-v0", task="en-fr")`` or ``build_run(TrainConfig(task="en-fr"))``. From the command line,
-``textgen train --prompts train.jsonl --reference-column target`` replaces only a registered task's train split.
+with that registration in a module of one's own: ``textgen train --task my_tasks:en-fr`` (see
+:func:`~text_env.tasks.get_task`).
 """
 
 from __future__ import annotations
