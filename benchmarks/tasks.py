@@ -8,11 +8,15 @@ reward. BLEU, chrF and ROUGE are on a 0-100 scale; the gold is on its scorer's o
 
 Run: ``python benchmarks/tasks.py`` (every registered task, default model) writes ``benchmarks/results/tasks.md``
 and ``tasks.json``; ``--tasks code --split train`` measures one task on its train split, keeping the other rows.
+``--train`` also runs ``textgen train --task X --seed S`` (the default budget and reward: the task's shipped reward
+model, or its gold when none ships; options after ``--`` go to it) in its own process per task and reports the
+held-out gold before and after, the KL and distinct-2; finished runs under ``--runs`` are reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shlex
@@ -23,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from textgen_train_seeds import run_seed
 
 from agents.evaluate import evaluate
 from agents.policies import CausalLMPolicy
@@ -92,6 +99,49 @@ def measure_task(
     return result
 
 
+def train_task(name: str, seed: int, runs: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``textgen train --task NAME --seed SEED [EXTRA]``, every other setting its default, in its own process (a
+    finished run of the same settings under ``runs`` is reused): held-out gold before and after, KL, distinct-2."""
+    out = runs / hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10] / name
+    done = sorted((out / f"seed{seed}").glob("*/report.json"))
+    report = json.loads(done[-1].read_text()) if done else run_seed(seed, ["--task", name, *extra], out)
+    before, after = report["before"], report["after"]
+    return {
+        "seed": seed, "reward": "learned (shipped)" if get_task(name).reward_model else "gold",
+        "eval_prompts": report["config"]["eval_prompts"], "gold_before": before["gold_score"],
+        "gold_after": after["gold_score"], "kl": after["kl"], "distinct_2": after["distinct_2"],
+        "rm_before": before["reward_model_score"], "rm_after": after["reward_model_score"],
+        "minutes": report["train_seconds"] / 60, "peak_rss_gb": report["peak_rss_gb"],
+        "total_timesteps": report["config"]["total_timesteps"], "machine": report.get("machine", ""),
+    }  # fmt: skip
+
+
+def _trained_markdown(results: list[dict[str, Any]]) -> list[str]:
+    """The table of the ``--train`` runs, if any row has one."""
+    rows = [r for r in results if "trained" in r]
+    if not rows:
+        return []
+    lines = [
+        "", "## After `textgen train --task X` (default budget, one seed)", "",
+        f"Each task trained by `textgen train --task X --seed {rows[0]['trained']['seed']}` with every other setting "
+        f"its default ({rows[0]['trained']['total_timesteps']} PPO tokens, LoRA, β = the default), rewarded by the "
+        "task's shipped reward model, or by its gold where none ships; held-out gold on the task's first eval prompts "
+        "before and after (the number of prompts is given), KL in nats per completion to the base model; minutes of "
+        f"training on {rows[0]['trained']['machine'] or 'this machine'}.", "",
+        "| task | reward | eval prompts | gold before | gold after | gain | KL | distinct-2 | reward before → after "
+        "| minutes | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        t = r["trained"]
+        lines.append(
+            f"| {r['task']} | {t['reward']} | {t['eval_prompts']} | {t['gold_before']:.3f} | {t['gold_after']:.3f} | "
+            f"{t['gold_after'] - t['gold_before']:+.3f} | {t['kl']:.2f} | {t['distinct_2']:.3f} | "
+            f"{t['rm_before']:.3f} → {t['rm_after']:.3f} | {t['minutes']:.1f} | {t['peak_rss_gb']:.2f} |"
+        )
+    return lines
+
+
 def _markdown(results: list[dict[str, Any]], model: str) -> str:
     commands = dict.fromkeys(r["command"] for r in results)
     lines = [
@@ -118,7 +168,7 @@ def _markdown(results: list[dict[str, Any]], model: str) -> str:
             f"{r['gold_mean']:+.3f} ± {r['gold_std']:.3f} | {solved} | {refs} | {r['length']:.1f} | "
             f"{r['seconds']:.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _trained_markdown(results)) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -134,17 +184,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="directory of tasks.md / .json")
     p.add_argument("--name", default="tasks", help="file stem of the results (%(default)s)")
-    args = p.parse_args(argv)
+    p.add_argument("--train", action="store_true", help="also `textgen train --task X --seed SEED` per task")
+    p.add_argument("--runs", default="runs/tasks_benchmark", help="--train's run directories (finished ones reused)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # more textgen train options for --train
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.model != DEFAULT_MODEL:
+        extra = ["--model", args.model, *extra]
     names = [t for t in args.tasks.split(",") if t]
     unknown = sorted(set(names) - set(list_tasks()))
     if unknown:
         p.error(f"unknown tasks {unknown}; registered: {', '.join(list_tasks())}")
-    command = shlex.join(["python", "benchmarks/tasks.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "benchmarks/tasks.py", *argv])
     results = []
     for name in names:
         settings = (args.model, args.prompts, args.n_envs, args.seed, args.bf16)
         results.append(measure_task(name, *settings, args.max_new_tokens, args.max_prompt_tokens, args.split))
         results[-1]["command"] = command
+        if args.train:
+            results[-1]["trained"] = train_task(name, args.seed, Path(args.runs), extra)
         print(f"{name}: gold {results[-1]['gold_mean']:+.3f} ({results[-1]['seconds']:.0f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -163,3 +163,29 @@ def test_tasks_reports_gold_and_reference_metrics(tiny_model: Path, tmp_path: Pa
     record = json.loads((tmp_path / "tasks.json").read_text())
     assert record["results"] == results and "--tasks positive-review,dialogue" in record["command"]
     assert "| dialogue | chrF (sacrebleu) | 2 (" in (tmp_path / "tasks.md").read_text()
+
+
+def test_tasks_train_reports_gold_after_textgen_train(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--train runs `textgen train --task X` in its own process per task and tabulates before/after; a second
+    call reuses the finished run."""
+    bench = load_benchmark("tasks")
+    tiny = ["--model", str(tiny_model), "--prompts", "2", "--n-envs", "2", "--max-new-tokens", "4", "--no-bf16"]
+    tiny += ["--max-prompt-tokens", "200", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--train"]
+    train = ["--reward-model", "gold", "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "16", "--batch-size",
+             "16", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-new-tokens", "4",
+             "--max-prompt-tokens", "200"]  # fmt: skip
+    (result,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
+    trained = result["trained"]
+    assert trained["reward"] == "gold" and trained["eval_prompts"] == 2 and trained["total_timesteps"] == 32
+    (report,) = (tmp_path / "runs").glob("*/dialogue/seed0/*/report.json")
+    after = json.loads(report.read_text())["after"]
+    assert trained["gold_after"] == after["gold_score"] and trained["kl"] == after["kl"]
+    assert (
+        f"| dialogue | gold | 2 | {trained['gold_before']:.3f} | {trained['gold_after']:.3f} |"
+        in (tmp_path / "tasks.md").read_text()
+    )
+    monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("a finished run was run again"))
+    (again,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
+    assert again["trained"] == trained

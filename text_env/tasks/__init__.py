@@ -15,11 +15,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
 
-__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+__all__ = ["Task", "get_task", "list_tasks", "register_task", "shipped_reward_model"]
 
 
 @dataclass
@@ -75,6 +76,16 @@ class Task:
     def prompts(self, split: str) -> list[str]:
         """Prompt texts of ``split`` (``"train"`` or ``"eval"``)."""
         return [e.prompt for e in self.examples(split)]
+
+
+_PRETRAINED = Path(__file__).parents[1] / "rewards" / "pretrained"  # reward models shipped with the package
+
+
+def shipped_reward_model(task: str) -> str | None:
+    """The directory of the reward model shipped for ``task`` (``text_env/rewards/pretrained/<task>``, with the
+    ``HOW_MADE.md`` that re-makes it), or ``None`` when none ships: a task's default ``reward_model``."""
+    path = _PRETRAINED / task
+    return str(path) if (path / "reward_model.json").is_file() else None
 
 
 _REGISTRY: dict[str, Callable[[], Task]] = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from text_env.prompts import Example
-from text_env.tasks import Task
+from text_env.tasks import Task, shipped_reward_model
 
 __all__ = [
     "CODE_STOP_STRINGS",
@@ -435,6 +435,7 @@ def make_task() -> Task:
 
     return Task(
         name="code",
+        reward_model=shipped_reward_model("code"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=[p.example() for p in train_problems()],
         eval_prompts=[p.example() for p in humaneval_problems()],

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from text_env.prompts import Example
-from text_env.tasks import Task
+from text_env.tasks import Task, shipped_reward_model
 
 __all__ = ["STOP_WORDS", "concept_sets", "concept_vocabulary", "inflections", "make_task", "prompt_of"]
 
@@ -125,6 +125,7 @@ def make_task() -> Task:
     train, held_out = concept_sets()
     return Task(
         name="concepts",
+        reward_model=shipped_reward_model("concepts"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from text_env.prompts import Example
-from text_env.tasks import Task
+from text_env.tasks import Task, shipped_reward_model
 
 __all__ = ["EVAL_CATEGORIES", "dialogue_examples", "make_task"]
 
@@ -69,6 +69,7 @@ def make_task(context_turns: int = 1, eval_categories: tuple[str, ...] = EVAL_CA
     held_out = [e for e in examples if e.meta["category"] in eval_categories and e.prompt not in seen]
     return Task(
         name="dialogue",
+        reward_model=shipped_reward_model("dialogue"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,

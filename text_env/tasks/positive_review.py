@@ -6,16 +6,12 @@ Openings are templated from titles, genres and neutral, mixed or negative lead-i
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 
-from text_env.tasks import Task
+from text_env.tasks import Task, shipped_reward_model
 
 __all__ = ["make_task"]
-
-_PRETRAINED = Path(__file__).parents[1] / "rewards" / "pretrained"  # reward models shipped with the package
-
 
 _TITLES = [
     "The Last Harbor",
@@ -103,5 +99,5 @@ def make_task() -> Task:
         instruction="Write a short review of a movie you watched.",
         max_new_tokens=32,
         max_prompt_tokens=72,  # the longest opening is 69 tokens inside SmolLM2's chat template
-        reward_model=str(_PRETRAINED / "positive-review") if (_PRETRAINED / "positive-review").is_dir() else None,
+        reward_model=shipped_reward_model("positive-review"),
     )

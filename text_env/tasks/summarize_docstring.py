@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from text_env.prompts import Example
-from text_env.tasks import Task
+from text_env.tasks import Task, shipped_reward_model
 
 __all__ = ["docstring_examples", "make_task", "split_docstring"]
 
@@ -114,6 +114,7 @@ def make_task(eval_fraction: float = 0.25) -> Task:
     held_out = [e for e in examples if _in_eval(e.meta["top_module"], eval_fraction)]
     return Task(
         name="summarize-docstring",
+        reward_model=shipped_reward_model("summarize-docstring"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
         train_prompts=train,
         eval_prompts=held_out,
