@@ -175,6 +175,27 @@ def tiny_task() -> str:
     return "tiny-review"
 
 
+@pytest.mark.parametrize("task_name", [t for t in tasks.list_tasks() if t != "positive-review"])
+def test_every_task_gets_a_learned_reward_model_from_the_commands(
+    tiny_model: Path, tmp_path: Path, task_name: str
+) -> None:
+    """`textgen preferences --task X` then `textgen train-rm --task X` make a reward model of any task (labels from
+    its gold, references included), which then scores the task's texts."""
+    data, rm = tmp_path / "p.jsonl", tmp_path / "rm"
+    run(["preferences", "--task", task_name, "--model", str(tiny_model), "--pairs", "10", "--out", str(data),
+         "--batch-size", "10", "--max-new-tokens", "4"])  # fmt: skip
+    pairs = load_preferences(data)
+    task = tasks.get_task(task_name)
+    assert len(pairs) == 10 and {p.prompt for p in pairs} <= set(task.train_prompts)
+    records = {e.prompt: e for e in task.examples("train")}
+    assert all(p.references == records[p.prompt].references for p in pairs)
+    run(["train-rm", "--data", str(data), "--out", str(rm), "--backbone", str(tiny_model), "--task", task_name])
+    scores = RewardModel.load(rm).score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert scores.shape == (10,) and np.isfinite(scores).all()
+    report = json.loads((rm / "report.json").read_text())
+    assert report["n_train"] + report["n_validation"] + report["n_heldout"] == 10
+
+
 def test_rollout_with_reward_model(tiny_model: Path, rlhf_data: dict, tiny_task: str) -> None:
     rm = rlhf_data["dir"] / "rm"
     argv = ["rollout", "--model", str(tiny_model), "--task", tiny_task, "--reward-model", str(rm), "--episodes", "2"]
