@@ -201,10 +201,14 @@ def _train_rm(args: argparse.Namespace) -> None:
         "validation": args.validation, "test": args.test, "seed": args.seed
     }  # fmt: skip
     (Path(args.out) / "report.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    large_gap = (
+        f"{report.gold_accuracy_large_gap:.3f} on the {report.n_large_gap} pairs whose gold differs by >= 0.5"
+        if report.n_large_gap
+        else "no pair's gold differs by >= 0.5"
+    )
     print(
         f"test split ({report.n_heldout} pairs, never used to fit or choose): pairwise accuracy {report.accuracy:.3f} "
-        f"(labels), {report.gold_accuracy:.3f} (noise-free gold), {report.gold_accuracy_large_gap:.3f} on the "
-        f"{report.n_large_gap} pairs whose gold differs by >= 0.5; Spearman vs gold {report.spearman:.3f}. "
+        f"(labels), {report.gold_accuracy:.3f} (noise-free gold), {large_gap}; Spearman vs gold {report.spearman:.3f}. "
         f"Validation accuracy {report.validation_accuracy:.3f} ({report.n_validation} pairs); {report.n_train} "
         f"train pairs; {report.seconds:.0f} s. Saved to {args.out}"
     )
