@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -16,10 +17,11 @@ _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
 _INSPECT_PORT = 8766  # textgen inspect's page, beside textgen label's 8765
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: Any = None) -> None:
     """One ``--option`` per field of the dataclass ``cls`` (its help text, allowed values and default come from the
-    field), unless skipped; an unset option is ``None`` (:func:`_given` leaves it out)."""
-    defaults = cls()
+    field, or from ``defaults``, an instance), unless skipped; an unset option is ``None`` (:func:`_given` leaves it
+    out)."""
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "algo_kwargs":
             continue
@@ -104,13 +106,13 @@ def _add_rlhf(sub: argparse._SubParsersAction) -> None:
         "SIGTERM stops with what is saved, --resume RUN_DIR continues it. Prints and saves a table per round "
         "(held-out gold, reward-model score, KL, the previous reward model's accuracy on the fresh pairs) and a plot.",
     )
-    _add_fields(p, TrainConfig, skip=("total_timesteps",))  # each round trains --tokens-per-round
+    _add_fields(p, TrainConfig, skip=("total_timesteps",), defaults=RLHFConfig().train)  # the loop's own β
     _add_fields(p, RLHFConfig, skip=("train",))
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted loop (its settings come from there)")
 
 
 def _rlhf(args: argparse.Namespace) -> None:
-    from agents.rlhf import RLHFConfig, rlhf
+    from agents.rlhf import LOOP_BETA, RLHFConfig, rlhf
     from agents.run import TrainConfig
 
     given, loop = _given(args, TrainConfig, ("total_timesteps",)), _given(args, RLHFConfig, ("train",))
@@ -118,6 +120,7 @@ def _rlhf(args: argparse.Namespace) -> None:
         _refuse_settings_with_resume(args, {**given, **loop})
         rlhf(resume=args.resume)
         return
+    given.setdefault("beta", LOOP_BETA)
     rlhf(RLHFConfig(TrainConfig.for_algo(str(given.pop("algo", "ppo")), **given), **loop))  # type: ignore[arg-type]
 
 

@@ -9,7 +9,7 @@ gold score says whether what the reward model rewards is real.
 
 import argparse
 
-from agents.rlhf import RLHFConfig, rlhf
+from agents.rlhf import LOOP_BETA, RLHFConfig, rlhf
 from agents.run import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,10 +25,11 @@ parser.add_argument("--eval-prompts", type=int, default=32)
 parser.add_argument("--out", default="runs")
 args = parser.parse_args()
 
-# PPO's settings are textgen train's (LoRA r=16, β = 0.1 to the base model); the loop adds rounds and pairs.
+# PPO's settings are textgen train's (LoRA r=16) but the loop's looser KL leash, β = LOOP_BETA (0.05) to the base
+# model; the loop adds rounds and pairs.
 train = TrainConfig(
     model=args.model, reward_model=args.reward_model, n_envs=args.n_envs, max_new_tokens=args.max_new_tokens,
-    max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts, out=args.out,
+    max_prompt_tokens=args.max_prompt_tokens, eval_prompts=args.eval_prompts, out=args.out, beta=LOOP_BETA,
 )  # fmt: skip
 config = RLHFConfig(
     train, rounds=args.rounds, tokens_per_round=args.tokens_per_round, pairs_per_round=args.pairs_per_round

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pytest
 
 from agents.callbacks import TextMetrics
 from agents.cli import main
-from agents.rlhf import RLHFConfig, rlhf
+from agents.rlhf import LOOP_BETA, RLHFConfig, rlhf
 from agents.run import TrainConfig
 from agents.train import Interrupted
 from text_env.rewards import training as reward_training
@@ -219,6 +220,7 @@ def test_human_annotator_labels_a_round_from_stdin(
     code, out, err = _cli(argv, "1\n", monkeypatch)  # one answer, then the input ends
     (run_dir,) = tmp_path.iterdir()
     assert code == 130 and f"textgen rlhf --resume {run_dir}" in err
+    assert json.loads((run_dir / "config.json").read_text())["train"]["beta"] == LOOP_BETA  # the loop's own default
     first = load_preferences(run_dir / "round-1" / "pairs.jsonl")
     assert len(first) == 1 and f"[1] {first[0].chosen}\n" in out  # answered 1: the first shown is chosen
 
@@ -275,3 +277,4 @@ def test_help_lists_the_train_options_and_the_loops(capsys: pytest.CaptureFixtur
                    "--resume"):  # fmt: skip
         assert option in text, option
     assert "--total-timesteps" not in text
+    assert re.search(rf"--beta BETA\s+KL coefficient [^\n]*\n\s*\(default: {LOOP_BETA}\)", text)  # the loop's β
