@@ -48,7 +48,9 @@ __all__ = [
     "adapters_disabled",
     "cache_keyword",
     "forward_positions",
+    "functional_forward",
     "grouped_forward",
+    "grouped_log_probs",
     "reference_log_probs",
     "token_log_probs",
     "valid_ends",
@@ -108,6 +110,19 @@ def cache_keyword(model: nn.Module) -> str:
     return _cache_keyword(type(base))
 
 
+def functional_forward(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> Callable[..., Any]:
+    """``model``'s forward run on ``weights`` (``"module.weight" -> tensor``, e.g. :class:`CachedLM`'s bf16 copies)
+    in place of its own; ``model`` itself when there are none."""
+    if weights is None:
+        return model
+
+    def forward(**inputs: Any) -> Any:
+        # tie_weights=False: a tied LM head gets its bf16 copy while the embedding it shares stays float32
+        return functional_call(model, weights, args=(), kwargs=inputs, tie_weights=False, strict=False)
+
+    return forward
+
+
 def _encode_prefix(
     forward: Callable[..., Any], model: nn.Module, tokens: torch.Tensor
 ) -> list[tuple[torch.Tensor, ...]]:
@@ -130,19 +145,15 @@ def _prefix_past(config: Any, prefix: list[tuple[torch.Tensor, ...]], first: tor
     return cache
 
 
-def forward_positions(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass; logits and last hidden states read at ``positions`` of each row.
-
-    Leading slots that are padding in every row are skipped, and a token prefix that all rows share (and that no
-    read position falls in) is encoded once, on one row.
-
-    :param input_ids: ``(R, E)`` token ids.
-    :param attention_mask: ``(R, E)``.
-    :param positions: ``(R, K)`` slot indices to read per row.
-    :return: logits ``(R, K, V)`` (float32) and hidden states ``(R, K, H)``.
-    """
+def _forward_columns(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward_positions`' pass: logits ``(R, U, V)`` (the model's dtype) at the ``U`` distinct slots of
+    ``positions`` only, the index ``(R, K)`` of each read slot among them, and hidden states ``(R, K, H)``."""
     first = _first_slots(attention_mask)  # (R,)
     room = int((positions - first[:, None]).min())  # every read slot must lie after the shared prefix
     aligned = _aligned_tokens(input_ids, attention_mask, first, room)
@@ -151,10 +162,11 @@ def forward_positions(
     begin = start + shared  # the first slot the main pass runs on
     past = None
     keep = torch.unique(positions)  # (U,) only these columns go through the LM head
+    forward = functional_forward(model, weights)
     with bucketed_matmul_rows():
         if shared:
-            past = _prefix_past(model.config, _encode_prefix(model, model, aligned[0, :shared]), first, start)
-        out = model(
+            past = _prefix_past(model.config, _encode_prefix(forward, model, aligned[0, :shared]), first, start)
+        out = forward(
             input_ids=input_ids[:, begin:],
             attention_mask=attention_mask[:, start:],
             position_ids=_position_ids(attention_mask[:, start:])[:, shared:],
@@ -164,9 +176,31 @@ def forward_positions(
             **{cache_keyword(model): past},
         )
     column = torch.searchsorted(keep, positions)  # (R, K) index into the kept columns
-    logits = torch.gather(out.logits, 1, column.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1]))  # (R, K, V)
     hidden = out.hidden_states[-1]  # (R, E - begin, H)
     hidden = torch.gather(hidden, 1, (positions - begin).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (R, K, H)
+    return out.logits, column, hidden
+
+
+def forward_positions(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass; logits and last hidden states read at ``positions`` of each row.
+
+    Leading slots that are padding in every row are skipped, and a token prefix that all rows share (and that no
+    read position falls in) is encoded once, on one row.
+
+    :param input_ids: ``(R, E)`` token ids.
+    :param attention_mask: ``(R, E)``.
+    :param positions: ``(R, K)`` slot indices to read per row.
+    :param weights: run on these weights instead of the model's own (:func:`functional_forward`).
+    :return: logits ``(R, K, V)`` (float32) and hidden states ``(R, K, H)``.
+    """
+    logits, column, hidden = _forward_columns(model, input_ids, attention_mask, positions, weights)
+    logits = torch.gather(logits, 1, column.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (R, K, V)
     return logits.float(), hidden
 
 
@@ -193,16 +227,11 @@ def _shared_prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return reps
 
 
-def grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(B, V)`` (float32) and hidden states ``(B, H)`` at each row's last valid slot, one pass per episode.
-
-    The training pass of a policy (a minibatch of whole episodes, in any order) and the KL reference's pass over a
-    finished rollout: rows that are prefixes of a longer row (earlier steps of its episode) are read off that row's
-    pass, and the episodes' common prompt prefix is encoded once (:func:`forward_positions`).
-
-    :param ids: ``(B, L)`` token ids (SB3 observations).
-    :param mask: ``(B, L)`` attention mask.
-    """
+def _episode_reads(
+    ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How one pass per episode reads a batch of steps: each episode's longest row ``(R,)`` and the slots to read
+    on it ``(R, K)``; for each row ``(B,)``, its episode's index and which of those ``K`` slots is its own."""
     reps = _shared_prefix_groups(ids, mask)  # (B,)
     unique_reps, slot_of = torch.unique(reps, return_inverse=True)  # (R,), (B,) row -> its rep's index
     ends = valid_ends(mask)  # (B,)
@@ -214,9 +243,47 @@ def grouped_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> 
         positions[r, : m.numel()] = ends[m] - 1
         positions[r, m.numel() :] = ends[m[0]] - 1
         column[m] = torch.arange(m.numel(), device=ids.device)
-    span = int(ends[unique_reps].max())
-    logits, hidden = forward_positions(model, ids[unique_reps, :span], mask[unique_reps, :span], positions)
+    return unique_reps, positions, slot_of, column
+
+
+def grouped_forward(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weights: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, V)`` (float32) and hidden states ``(B, H)`` at each row's last valid slot, one pass per episode.
+
+    The training pass of a policy (a minibatch of whole episodes, in any order): rows that are prefixes of a longer
+    row (earlier steps of its episode) are read off that row's pass, and the episodes' common prompt prefix is
+    encoded once (:func:`forward_positions`).
+
+    :param ids: ``(B, L)`` token ids (SB3 observations).
+    :param mask: ``(B, L)`` attention mask.
+    :param weights: run on these weights instead of the model's own (:func:`functional_forward`).
+    """
+    reps, positions, slot_of, column = _episode_reads(ids, mask)
+    span = int(valid_ends(mask)[reps].max())
+    logits, hidden = forward_positions(model, ids[reps, :span], mask[reps, :span], positions, weights)
     return logits[slot_of, column], hidden[slot_of, column]  # (B, V), (B, H)
+
+
+def grouped_log_probs(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    actions: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``log softmax(logits)[a]`` ``(B,)`` of each row's action, from :func:`grouped_forward`'s pass: the KL
+    reference's pass over a finished rollout.
+
+    Only the log-probs are read off the LM head's output, one episode's columns at a time: the ``(B, V)`` float32
+    logits and their copies cost more than the LM head itself for a rollout of SmolLM2 (49k tokens).
+    """
+    reps, positions, slot_of, column = _episode_reads(ids, mask)
+    span = int(valid_ends(mask)[reps].max())
+    logits, kept, _ = _forward_columns(model, ids[reps, :span], mask[reps, :span], positions, weights)  # (R, U, V)
+    norm = torch.stack([episode.float().logsumexp(-1) for episode in logits])  # (R, U)
+    at = kept[slot_of, column]  # (B,) each row's column among its episode's kept ones
+    return logits[slot_of, at, actions.long()].float() - norm[slot_of, at]
 
 
 @contextlib.contextmanager
@@ -349,10 +416,7 @@ class CachedLM:
         )
         decode = torch.nonzero(extends & ~same).squeeze(1)
         prefill = torch.nonzero(~extends & ~same).squeeze(1)
-        if not self._copied:
-            self.merged = self.merge_lora and _lora_layers(self.model) is not None
-            self.weights = _weight_copies(self.model, self.autocast_dtype, self.merged)
-            self._copied = True
+        self.weight_copies()
         with self.context(), adapters_disabled(self.model) if self.merged else contextlib.nullcontext():
             if decode.numel():
                 self._decode(decode, input_ids, old_ends)  # at most n rows: a bounded set of matmul shapes
@@ -362,6 +426,15 @@ class CachedLM:
         self.ids, self.mask = input_ids.clone(), attention_mask.clone()
         assert self.logits is not None and self.hidden is not None
         return self.logits.clone(), self.hidden.clone()
+
+    def weight_copies(self) -> dict[str, torch.Tensor] | None:
+        """The weights this cache runs the model on (``None``: the model's own), made once per cache lifetime;
+        with ``merge_lora`` (when ``merged`` turns true) they run with the adapters switched off."""
+        if not self._copied:
+            self.merged = self.merge_lora and _lora_layers(self.model) is not None
+            self.weights = _weight_copies(self.model, self.autocast_dtype, self.merged)
+            self._copied = True
+        return self.weights
 
     def _allocate(self, n: int, length: int, device: torch.device) -> None:
         self._forget_rows()
@@ -451,10 +524,7 @@ class CachedLM:
             self.values[layer_idx][rows, :, slot] = layer.values[r, :, -1].to(self.values[layer_idx].dtype)
 
     def _forward(self, **inputs: Any) -> Any:
-        if self.weights is None:
-            return self.model(**inputs)
-        # tie_weights=False: a tied LM head gets its bf16 copy while the embedding it shares stays float32
-        return functional_call(self.model, self.weights, args=(), kwargs=inputs, tie_weights=False, strict=False)
+        return functional_forward(self.model, self.weights)(**inputs)
 
     def _store_outputs(self, rows: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         n = self.ids.shape[0]  # type: ignore[union-attr]
@@ -472,8 +542,8 @@ def reference_log_probs(
     that have none of their own, for the KL penalty and for evaluation alike.
 
     :param cached: KV-cached, for one rollout step's batch at a time (evaluation); ``False``: one
-        :func:`grouped_forward` pass per call, for the steps of whole episodes at once (the KL penalty's pass over a
-        finished rollout).
+        :func:`grouped_log_probs` pass per call, for the steps of whole episodes at once (the KL penalty's pass over
+        a finished rollout).
     """
     lm = load_frozen_causal_lm(model).to(device)
     cache = CachedLM(lm) if cached else None
@@ -481,7 +551,8 @@ def reference_log_probs(
     @torch.no_grad()
     def log_prob(obs: dict[str, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        logits = cache(ids, mask)[0] if cache is not None else grouped_forward(lm, ids, mask)[0]
-        return token_log_probs(logits, actions)
+        if cache is None:
+            return grouped_log_probs(lm, ids, mask, actions)
+        return token_log_probs(cache(ids, mask)[0], actions)
 
     return log_prob

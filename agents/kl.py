@@ -62,8 +62,10 @@ class KLPenalty(BaseCallback):
         policy's own frozen reference (``CausalLMPolicy.reference_log_prob``) or, for policies without an LM
         prior (``MultiInputPolicy`` baselines), the env's LM, so that all methods are leashed to the same one.
     :param envs_per_pass: episodes of this many envs (all their steps in the rollout) go through the reference
-        together; ``None``: all envs in one pass. Fewer bound the pass's memory (its logits are
-        ``envs_per_pass * n_steps * V`` floats, 100 MB for 16 x 32 steps of SmolLM2).
+        together; ``None`` (the default): all envs in one pass. Fewer bound the pass's memory (its logits are
+        about ``envs_per_pass * n_steps * V`` bf16 values, 50 MB for 16 x 32 steps of SmolLM2) but cost time: each
+        pass encodes the shared prompt prefix again and runs smaller matmuls (on SmolLM2, 16 envs x 32 steps at
+        one thread: 1.2 s in one pass, 1.8 s in 4).
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class KLPenalty(BaseCallback):
         target_kl: float | None = None,
         horizon: int = 10_000,
         reference: str | None = None,
-        envs_per_pass: int | None = 4,
+        envs_per_pass: int | None = None,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -125,6 +127,9 @@ class KLPenalty(BaseCallback):
         :return: the per-token KL estimates ``(n_steps, n_envs)``.
         """
         self._pending = False
+        release = getattr(self.model.policy, "release_rollout_cache", None)
+        if release is not None:  # SB3 has taken the rollout's last step and bootstrap values
+            release()
         n_steps, n_envs = buffer.rewards.shape
         kl = np.zeros((n_steps, n_envs), dtype=np.float32)
         step = n_envs if self.envs_per_pass is None else self.envs_per_pass

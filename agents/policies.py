@@ -32,7 +32,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from agents.cached_lm import CachedLM, adapters_disabled, grouped_forward, token_log_probs
+from agents.cached_lm import CachedLM, adapters_disabled, grouped_forward, grouped_log_probs, token_log_probs
 from agents.masks import top_p_mask
 from text_env.models import ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer, resolve_model
 
@@ -415,27 +415,48 @@ class _CausalLMMixin:
         """Next-token logits ``(B, V)`` of the frozen starting model (float32).
 
         :param cached: KV-cached like the actor's, for one rollout step's batch at a time; ``False``: one
-            :func:`~agents.cached_lm.grouped_forward` pass, for the steps of whole episodes at once (what
-            ``KLPenalty`` runs over a finished rollout).
+            :func:`~agents.cached_lm.grouped_forward` pass, for the steps of whole episodes at once.
         """
         ids, mask = _token_ids(obs)  # (B, L)
         if cached and self._use_cache(self._reference_cache, ids, frozen=True):
             return self._reference_cache(ids, mask)[0]
         with self._reference_context():
-            return grouped_forward(self._reference_model(), ids, mask)[0]
+            return grouped_forward(self._reference_model(), ids, mask, self._reference_weights())[0]
 
+    @torch.no_grad()
     def reference_log_prob(self, obs: PyTorchObs, actions: torch.Tensor, cached: bool = True) -> torch.Tensor:
-        """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``;
-        ``cached`` as in :meth:`reference_logits`."""
-        return token_log_probs(self.reference_logits(obs, cached), actions)
+        """``log π_ref(a|s)`` of the reference model's *raw* distribution (no temperature or filtering), ``(B,)``.
+
+        :param cached: as in :meth:`reference_logits`; ``False``: one :func:`~agents.cached_lm.grouped_log_probs`
+            pass, which reads off the log-probs without materialising ``(B, V)`` logits (what ``KLPenalty`` runs
+            over a finished rollout).
+        """
+        if cached:
+            return token_log_probs(self.reference_logits(obs, cached), actions)
+        ids, mask = _token_ids(obs)  # (B, L)
+        with self._reference_context():
+            return grouped_log_probs(self._reference_model(), ids, mask, actions, self._reference_weights())
+
+    def _reference_weights(self) -> dict[str, torch.Tensor] | None:
+        """The reference cache's bf16 copies of the frozen (LoRA: unmerged base) weights, for uncached passes too:
+        autocast would re-cast every float32 weight at every forward, 44 % of the KL pass on SmolLM2. They go with
+        the cache at the next ``set_training_mode`` (a rollout's lifetime)."""
+        return self._reference_cache.weight_copies()
+
+    def release_rollout_cache(self) -> None:
+        """Free the actor's keys/values and merged weight copies once a rollout's last step is taken, so that the KL
+        pass's reference copies (0.27 GB on SmolLM2) take their place rather than adding to them; a later call
+        fills the cache again, so no result changes."""
+        self._actor_cache.reset()
 
     def set_training_mode(self, mode: bool) -> None:
-        if mode != self.training:  # a switch between rolling out and updating (not every ``predict`` call)
-            _release_free_heap()
+        switch = mode != self.training  # between rolling out and updating (not every ``predict`` call)
         super().set_training_mode(mode)  # type: ignore[misc]
         # Weights change between rollouts: the actor's keys/values and weight copies go stale. The reference's are
         # still valid, but freeing them lets the next rollout's batch shape in.
         self._reset_caches()
+        if switch:  # after the caches: their weight copies' pages go back too
+            _release_free_heap()
 
     def tokenizer(self) -> Any:
         """The LM's tokenizer (loaded on demand)."""

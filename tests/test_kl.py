@@ -128,12 +128,14 @@ PENALTY_CASES = [  # (algorithm, policy, buffer, LoRA): every on-policy algorith
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize("beta", [0.5, 0.0])
+@pytest.mark.parametrize("envs_per_pass", [None, 3], ids=["one-pass", "passes-of-3"])  # 4 envs: 3 + a partial 1
 @pytest.mark.parametrize(("algo", "policy_class", "buffer_class", "lora"), PENALTY_CASES)
 def test_penalty_shapes_rewards(
     tiny_env_kwargs: dict,
     tiny_model: Path,
     tmp_path: Path,
     beta: float,
+    envs_per_pass: int | None,
     algo: type,
     policy_class: type,
     buffer_class: type | None,
@@ -158,7 +160,7 @@ def test_penalty_shapes_rewards(
     rollout_lm = copy.deepcopy(model.policy.lm)  # the weights the rollout runs with (training comes after it)
     compute = type(model.rollout_buffer).compute_returns_and_advantage
     seen: list[np.ndarray] = []  # the rewards returns and advantages are computed from
-    penalty = KLPenalty(beta=beta, envs_per_pass=3)  # 4 envs: two passes, one of them partial
+    penalty = KLPenalty(beta=beta, envs_per_pass=envs_per_pass)
 
     def spy(buffer: Any, *args: Any, **kwargs: Any) -> None:
         seen.append(buffer.rewards.copy())

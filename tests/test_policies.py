@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 import agents.policies
 from agents import cached_lm
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.cached_lm import CachedLM, _shared_prefix_groups
+from agents.cached_lm import CachedLM, _shared_prefix_groups, grouped_forward, token_log_probs
 from agents.evaluate import distinct_n, evaluate
 from agents.kl import KLPenalty
 from agents.masks import TopPMask, top_p_mask
@@ -303,6 +303,40 @@ def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: 
     assert policy.lm.get_input_embeddings().weight.dtype == torch.float32
     policy.set_training_mode(True)  # weights may change now: the copies go with the cache
     assert policy._actor_cache.weights is None and policy._reference_cache.weights is None
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_kl_reference_pass_reads_log_probs_off_bf16_copies(
+    tiny_env_kwargs: dict, tiny_model: Path, lora: dict | None, bf16: bool
+) -> None:
+    """The KL penalty's pass over whole episodes (``reference_log_prob(cached=False)``) runs on the reference cache's
+    bf16 copies of the frozen weights (LoRA: the base, unmerged) and reads the log-probs off the LM head without
+    ``(B, V)`` logits: what autocast over the float32 weights and a log-softmax of grouped logits gave before."""
+    venv = make_env(tiny_env_kwargs, 3, seed=5, prompts=SHARED_PREFIX_PROMPTS)
+    policy = lm_ppo(venv, tiny_model, bf16=bf16, lora=lora).policy
+    with torch.no_grad():
+        for p in policy.lm.parameters():  # the policy differs from its reference (LoRA: the adapters count)
+            p.add_(0.05 * torch.randn_like(p))
+    policy.set_training_mode(False)
+    steps = [as_tensors(obs) for obs, _ in random_rollout(venv, 12, seed=5)]  # episodes end at different steps
+    obs = {k: torch.cat([step[k] for step in steps]) for k in ("input_ids", "attention_mask")}  # whole episodes
+    actions = torch.randint(0, venv.action_space.n, (obs["input_ids"].shape[0],))
+    fast = policy.reference_log_prob(obs, actions, cached=False)
+    copies = policy._reference_cache.weights
+    assert (copies is not None) is bf16 and not policy._reference_cache.merged
+    if bf16:
+        assert all(w.dtype == torch.bfloat16 for w in copies.values())
+    with torch.no_grad(), policy._reference_context():  # the pass before: autocast re-casting the float32 weights
+        logits = grouped_forward(policy._reference_model(), obs["input_ids"].long(), obs["attention_mask"].long())[0]
+    torch.testing.assert_close(fast, token_log_probs(logits, actions), atol=1e-5, rtol=0)
+    with cached_lm.adapters_disabled(policy._reference_model()):  # float32, no grouping, no padding
+        truth = torch.log_softmax(unpadded_outputs(policy._reference_model(), obs)[0], -1)  # (B, V)
+    atol = 0.1 if bf16 else 1e-5
+    torch.testing.assert_close(fast, truth.gather(1, actions[:, None]).squeeze(1), atol=atol, rtol=0)
+    policy.set_training_mode(True)  # the copies go with the cache
+    assert policy._reference_cache.weights is None
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
