@@ -16,12 +16,10 @@ Finished runs under ``--runs`` are reused when the command is run again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
 from compare_algorithms import BenchConfig, run_isolated
-from textgen_train_seeds import run_seed, seed_rows
+from textgen_train_seeds import run_seed, seed_rows, settings_key
 
 from agents.rlhf import RLHFConfig
 from agents.train import cpu_kind
-from text_env.tasks import get_task
 
 METHODS = ("rlhf", "train", "best_of_16")
 
@@ -214,12 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--methods: rlhf and any of train, best_of_16, not {args.methods!r}")
     loop = ["--rounds", str(args.rounds), "--tokens-per-round", str(args.tokens_per_round), "--pairs-per-round",
             str(args.pairs_per_round)]  # fmt: skip
-    # Other settings, other runs: the defaults are part of the key, so a changed default never reuses old runs.
-    defaults = json.dumps(asdict(RLHFConfig()), sort_keys=True, default=str)
-    shipped = Path(get_task("positive-review").reward_model or ".", "head.safetensors")  # the round-0 reward model
-    rm = hashlib.sha1(shipped.read_bytes()).hexdigest() if shipped.is_file() else ""
-    settings = hashlib.sha1(" ".join([*loop, *extra, defaults, rm]).encode()).hexdigest()[:10]
-    runs = Path(args.runs) / settings
+    # Other settings, other runs: defaults and the round-0 reward model are part of the key.
+    runs = Path(args.runs) / settings_key([*loop, *extra], RLHFConfig(), "positive-review")
     chosen = [int(x) for x in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
     seeds = []
     for seed in chosen:

@@ -16,7 +16,6 @@ held-out gold before and after, the KL and distinct-2; finished runs under ``--r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shlex
@@ -29,10 +28,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
-from textgen_train_seeds import run_seed
+from textgen_train_seeds import run_seed, settings_key
 
 from agents.evaluate import evaluate
 from agents.policies import CausalLMPolicy
+from agents.run import TrainConfig
 from text_env.models import DEFAULT_MODEL
 from text_env.prompts import Example
 from text_env.rewards import scorer_name
@@ -102,12 +102,14 @@ def measure_task(
 def train_task(name: str, seed: int, runs: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     """``textgen train --task NAME --seed SEED [EXTRA]``, every other setting its default, in its own process (a
     finished run of the same settings under ``runs`` is reused): held-out gold before and after, KL, distinct-2."""
-    out = runs / hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10] / name
+    out = runs / settings_key(list(extra), TrainConfig(), name) / name
     done = sorted((out / f"seed{seed}").glob("*/report.json"))
     report = json.loads(done[-1].read_text()) if done else run_seed(seed, ["--task", name, *extra], out)
     before, after = report["before"], report["after"]
+    chosen = report["config"]["reward_model"]  # None: the task's default
+    shipped = get_task(name).reward_model
     return {
-        "seed": seed, "reward": "learned (shipped)" if get_task(name).reward_model else "gold",
+        "seed": seed, "reward": chosen or ("learned (shipped)" if shipped else "gold"),
         "eval_prompts": report["config"]["eval_prompts"], "gold_before": before["gold_score"],
         "gold_after": after["gold_score"], "kl": after["kl"], "distinct_2": after["distinct_2"],
         "rm_before": before["reward_model_score"], "rm_after": after["reward_model_score"],

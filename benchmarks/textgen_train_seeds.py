@@ -14,16 +14,29 @@ every seed).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agents.train import cpu_kind
+from text_env.tasks import get_task
+
+
+def settings_key(options: list[str], defaults: Any, task: str) -> str:
+    """A short hash of what decides a benchmark's runs: the command-line options, the resolved defaults (a
+    dataclass instance) and the bytes of ``task``'s shipped reward-model head, so that a changed default or a
+    re-shipped reward model never reuses old runs."""
+    shipped = Path(get_task(task).reward_model or ".", "head.safetensors")
+    rm = hashlib.sha1(shipped.read_bytes()).hexdigest() if shipped.is_file() else ""
+    settings = json.dumps(asdict(defaults), sort_keys=True, default=str)
+    return hashlib.sha1(" ".join([*options, settings, rm]).encode()).hexdigest()[:10]
 
 
 def run_seed(seed: int, extra: list[str], runs: Path, command_name: str = "train") -> dict[str, Any]:
