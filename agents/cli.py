@@ -180,6 +180,19 @@ def _preferences(args: argparse.Namespace) -> None:
     print(f"{len(pairs)} preference pairs in {args.out}")
 
 
+def _layers(text: str) -> list[int]:
+    """``--layer``: one block count (0: the last) or a comma-separated list of distinct counts >= 1."""
+    try:
+        layers = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block count or a list like 1,20") from None
+    if layers != [0] and (min(layers) < 1 or len(set(layers)) != len(layers)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give 0 (the last layer), one block count >= 1, or distinct counts >= 1 like 1,20"
+        )
+    return layers
+
+
 def _train_rm(args: argparse.Namespace) -> None:
     from agents.train import json_safe
     from text_env.rewards.preferences import load_preferences
@@ -188,7 +201,7 @@ def _train_rm(args: argparse.Namespace) -> None:
     from text_env.tasks import get_task
 
     pairs = load_preferences(args.data)
-    layer = None if args.layer == 0 else args.layer
+    layer = None if args.layer == [0] else args.layer[0] if len(args.layer) == 1 else args.layer
     config = RewardModelConfig(
         backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=layer,
         ensemble=args.ensemble,
@@ -390,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--head-hidden", type=int, default=0, help="hidden width of the head (0: linear)")
     p.add_argument(
-        "--layer", type=int, default=RewardModelConfig.layer or 0,
-        help="score hidden states after this many blocks (0: the last; default: %(default)s)",
+        "--layer", type=_layers, default=[RewardModelConfig.layer or 0], metavar="K[,K...]",
+        help="score hidden states after this many blocks (0: the last, normalised), or after several, their "
+        "pooled states side by side (e.g. 1,20; default: 0)",
     )  # fmt: skip
     p.add_argument(
         "--ensemble", type=int, default=1, metavar="K",

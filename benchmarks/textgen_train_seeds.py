@@ -43,8 +43,9 @@ def run_seed(seed: int, extra: list[str], runs: Path, command_name: str = "train
     """One ``textgen train --seed SEED`` (or another ``textgen`` command that makes a run directory with a
     report.json, e.g. ``rlhf``) in its own process; its report.json."""
     out = runs / f"seed{seed}"
-    command = [sys.executable, "-m", "agents.cli", command_name, "--seed", str(seed), "--out", str(out), *extra]
-    subprocess.run(command, check=True)
+    if not list(out.glob("*/report.json")):  # a finished run is reused (e.g. seeds run side by side by hand)
+        command = [sys.executable, "-m", "agents.cli", command_name, "--seed", str(seed), "--out", str(out), *extra]
+        subprocess.run(command, check=True)
     (report,) = out.glob("*/report.json")
     return json.loads(report.read_text())
 
@@ -114,9 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="textgen_train_seeds")
+    parser.add_argument(
+        "--runs", default=None,
+        help="keep the runs in RUNS/seed<S> and reuse the finished ones (default: a temporary directory); "
+        "to run seeds side by side: `textgen train --seed S --out RUNS/seedS <options>` per seed, then this",
+    )  # fmt: skip
     args = parser.parse_args(ours)
     with tempfile.TemporaryDirectory() as tmp:
-        reports = [run_seed(seed, extra, Path(tmp)) for seed in range(args.seeds)]
+        runs = Path(args.runs or tmp)
+        reports = [run_seed(seed, extra, runs) for seed in range(args.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/textgen_train_seeds.py " + " ".join(argv)

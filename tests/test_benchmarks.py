@@ -189,3 +189,20 @@ def test_tasks_train_reports_gold_after_textgen_train(
     monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("a finished run was run again"))
     (again,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
     assert again["trained"] == trained
+
+
+def test_reward_model_data_fits_a_curve_per_feature_set(tiny_model: Path, tmp_path: Path) -> None:
+    """reward_model_data.py: a head per train size and feature set, each measured on the same test split."""
+    from text_env.rewards.preferences import PreferencePair, append_pairs
+
+    words = ["good", "great", "bad", "awful", "fine", "dull"]
+    pairs = [PreferencePair("the movie was", f" {words[i % 2]} {i}", f" {words[2 + i % 2]} {i}") for i in range(40)]
+    append_pairs(tmp_path / "p.jsonl", pairs)
+    bench = load_benchmark("reward_model_data")
+    result = bench.main(["--data", str(tmp_path / "p.jsonl"), "--backbone", str(tiny_model), "--layers", "1,2",
+                         "--sizes", "10", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result["split"] == {"train": 28, "validation": 4, "test": 8, "seed": 0}
+    assert [(r["features"], r["train_pairs"]) for r in result["rows"]] == [
+        ("block 2", 10), ("block 2", 28), ("blocks 1 + 2", 10), ("blocks 1 + 2", 28)]  # fmt: skip
+    assert all(r["test"]["gold_accuracy"] == r["test"]["gold_accuracy"] for r in result["rows"])  # not NaN
+    assert "| blocks 1 + 2 | 28 |" in (tmp_path / "out.md").read_text()

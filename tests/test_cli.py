@@ -68,7 +68,9 @@ def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str) -> No
 @pytest.mark.parametrize(
     "argv",
     [[], ["nope"], ["train-rm", "--out", "x"], ["train-rm", "--data", "d", "--out", "x", "--mode", "bogus"],
-     ["preferences"], ["train", "--algo", "sac"], ["export", "model.zip"]],
+     ["preferences"], ["train", "--algo", "sac"], ["export", "model.zip"],
+     ["train-rm", "--data", "d", "--out", "x", "--layer", "0,1"],
+     ["train-rm", "--data", "d", "--out", "x", "--layer", "a"]],
 )  # fmt: skip
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -117,7 +119,7 @@ def rlhf_data(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         prefs_out = run(["preferences", "--model", str(tiny_model), "--pairs", "8", "--out", str(work / "p.jsonl"),
                          "--batch-size", "4", "--max-new-tokens", "4"])  # fmt: skip
         rm_out = run(["train-rm", "--data", str(work / "p.jsonl"), "--out", str(work / "rm"), "--backbone",
-                      str(tiny_model), "--epochs", "2"])  # fmt: skip
+                      str(tiny_model), "--epochs", "2", "--layer", "1,2"])  # fmt: skip
     return {"dir": work, "preferences": prefs_out, "train-rm": rm_out}
 
 
@@ -131,6 +133,7 @@ def test_preferences_and_train_rm(tiny_model: Path, rlhf_data: dict) -> None:
 
     rm = work / "rm"
     assert {"reward_model.json", "head.safetensors", "report.json"} <= {p.name for p in rm.iterdir()}
+    assert json.loads((rm / "reward_model.json").read_text())["layer"] == [1, 2]  # --layer 1,2: side by side
     assert (
         "test split (2 pairs, never used to fit or choose)" in rlhf_data["train-rm"]
         and f"Saved to {rm}" in rlhf_data["train-rm"]

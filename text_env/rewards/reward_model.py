@@ -73,7 +73,9 @@ class RewardModelConfig:
     :param max_length: prompt + completion tokens kept (the completion's end is kept; the prompt is cut from the left).
     :param layer: score the hidden states after this many transformer blocks (``None``: the last block's, after
         the final norm). Middle layers often carry more of what a task's judge looks at than the last, which is
-        shaped for next-token prediction; the backbone then stops at that block, so scoring is faster too.
+        shaped for next-token prediction; the backbone then stops at that block, so scoring is faster too. A list
+        (e.g. ``[1, 20]``) concatenates those blocks' pooled states: an early, lexical block beside a middle one
+        ranked sentiment better than either alone (``benchmarks/results/reward_model_data.md``), in the same pass.
     :param ensemble: number of heads (``head`` mode only): ``K > 1`` heads on the same frozen features, combined by
         the aggregation chosen at load time (:data:`AGGREGATES`). A reward model of one head saves as it always did.
     """
@@ -83,7 +85,7 @@ class RewardModelConfig:
     pooling: str = "mean"
     head_hidden: int = 0
     max_length: int = 128
-    layer: int | None = None
+    layer: int | list[int] | None = None
     ensemble: int = 1
 
     def __post_init__(self) -> None:
@@ -91,8 +93,16 @@ class RewardModelConfig:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 1):
-            raise ValueError(f"layer must be None (the last) or a block count >= 1, not {self.layer!r}")
+        if isinstance(self.layer, tuple):
+            self.layer = list(self.layer)
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        if self.layer is not None and (
+            not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers)
+            or len(set(layers)) != len(layers)
+        ):  # fmt: skip
+            raise ValueError(
+                f"layer must be None (the last), a block count >= 1 or a list of distinct ones, not {self.layer!r}"
+            )
         if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, int) or self.ensemble < 1:
             raise ValueError(f"ensemble must be a number of heads >= 1, not {self.ensemble!r}")
         if self.ensemble > 1 and self.mode != "head":
@@ -100,6 +110,13 @@ class RewardModelConfig:
                 f"ensemble={self.ensemble} needs mode='head' (K heads on one frozen backbone), not {self.mode!r}: "
                 "an ensemble of trained backbones would cost K backbones"
             )
+
+    @property
+    def layers(self) -> list[int] | None:
+        """The blocks whose pooled states are concatenated, in order (``None``: the last, normalised state)."""
+        if self.layer is None:
+            return None
+        return list(self.layer) if isinstance(self.layer, list) else [self.layer]
 
 
 def check_aggregate(aggregate: str, lam: float) -> None:
@@ -197,7 +214,7 @@ class RewardModel(nn.Module):
             for name, param in self.backbone.named_parameters():
                 param.requires_grad_("lora_" in name)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.backbone)
-        hidden = int(lm.config.get_text_config().hidden_size)
+        hidden = int(lm.config.get_text_config().hidden_size) * len(config.layers or [None])
         self.heads = nn.ModuleList([RewardHead(hidden, config.head_hidden) for _ in range(config.ensemble)])
         # Members' normalised scores (K, M) of the samples the scale was fitted on; (K, 0): none (one head needs none).
         self.register_buffer("calibration", torch.zeros(config.ensemble, 0), persistent=False)
@@ -205,7 +222,7 @@ class RewardModel(nn.Module):
         self.register_buffer("agg_bias", torch.zeros(()), persistent=False)
         self.set_aggregate(aggregate, lam)
         self.bf16 = True
-        if config.layer is not None and config.layer > len(self._blocks()):
+        if config.layers is not None and max(config.layers) > len(self._blocks()):
             raise ValueError(
                 f"layer={config.layer}, but the backbone {config.backbone!r} has {len(self._blocks())} blocks: "
                 f"choose 1..{len(self._blocks())} or None (the last)"
@@ -253,29 +270,36 @@ class RewardModel(nn.Module):
         completion = torch.tensor([r[1] + [0] * (width - len(r[1])) for r in rows])  # (B, T)
         return ids, mask, completion
 
-    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, T, H)`` after ``config.layer`` blocks (the last, normalised, when ``None``).
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states ``(B, T, H)`` after each of ``config.layers`` blocks (one: the last, normalised, when
+        ``layer`` is ``None``).
 
-        For a given layer the forward pass stops right after that block (a hook raises out of it), so blocks
-        above it cost nothing; the shared frozen backbone itself is never modified.
+        The forward pass stops right after the deepest block asked for (a hook raises out of it), so blocks above
+        it cost nothing; the shared frozen backbone itself is never modified.
         """
-        if self.config.layer is None:
+        if self.config.layers is None:
             out = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-            return out.hidden_states[-1]
-        captured: list[torch.Tensor] = []
+            return [out.hidden_states[-1]]
+        blocks, deepest = self._blocks(), max(self.config.layers)
+        captured: dict[int, torch.Tensor] = {}
 
-        def stop(module: nn.Module, inputs: object, output: object) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
-            raise _StopForward
+        def keep(k: int) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: object, output: object) -> None:
+                captured[k] = output[0] if isinstance(output, tuple) else output  # type: ignore[assignment]
+                if k == deepest:
+                    raise _StopForward
 
-        handle = self._blocks()[self.config.layer - 1].register_forward_hook(stop)
+            return hook
+
+        handles = [blocks[k - 1].register_forward_hook(keep(k)) for k in self.config.layers]
         try:
             self.backbone(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured[0]
+            for handle in handles:
+                handle.remove()
+        return [captured[k] for k in self.config.layers]
 
     def _blocks(self) -> nn.ModuleList:
         """The backbone's transformer blocks (the ``...layers`` ModuleList of a decoder, peft-wrapped or not)."""
@@ -285,12 +309,13 @@ class RewardModel(nn.Module):
         raise ValueError(f"cannot find the transformer blocks of {type(self.backbone).__name__}: use layer=None")
 
     def features(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """Pooled hidden states ``(B, H)`` (differentiable unless the backbone is frozen)."""
+        """Pooled hidden states ``(B, H)``, each listed layer's side by side (differentiable unless the backbone is
+        frozen)."""
         device = next(self.backbone.parameters()).device
         ids, mask, completion = (t.to(device) for t in self.encode(prompts, completions))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16), bucketed_matmul_rows():
-            hidden = self.hidden_states(ids, mask)  # (B, T, H): batches of every shape, a few kernel shapes
-        return self.pool(hidden, mask, completion)
+            hidden = self.hidden_states(ids, mask)  # [(B, T, H)]: batches of every shape, a few kernel shapes
+        return torch.cat([self.pool(h, mask, completion) for h in hidden], dim=-1)  # (B, H * layers)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
         """``(B, T, H)`` hidden states -> ``(B, H)`` by ``config.pooling`` (float32)."""
@@ -438,13 +463,13 @@ def _read_config(file: Path) -> RewardModelConfig:
     if unknown:
         raise ModelLoadError(f"{file} has unknown key(s) {unknown}; the allowed keys are {sorted(defaults)}. {redo}")
     for key, value in record.items():
-        expected = type(defaults[key]) if defaults[key] is not None else int  # layer: an int or null
+        # layer: an int, a list of ints (checked by RewardModelConfig) or null
+        expected = (type(defaults[key]),) if defaults[key] is not None else (int, list)
         if value is None and defaults[key] is None:
             continue
         if not isinstance(value, expected) or isinstance(value, bool):
-            raise ModelLoadError(
-                f"{file}: {key!r} must be {expected.__name__}, got {value!r} ({type(value).__name__}). {redo}"
-            )
+            allowed = " or ".join(t.__name__ for t in expected)
+            raise ModelLoadError(f"{file}: {key!r} must be {allowed}, got {value!r} ({type(value).__name__}). {redo}")
     try:
         return RewardModelConfig(**record)
     except ValueError as err:

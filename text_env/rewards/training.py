@@ -408,6 +408,12 @@ def fit_head(
     head.mean.copy_(train_feats.mean(0))
     head.std.copy_(train_feats.std(0).clamp(min=1e-4))
     head.double()
+    with torch.no_grad():  # standardised once: the closure below runs hundreds of times (what head.raw computes)
+        z_chosen, z_rejected = ((f.float() - head.mean) / head.std for f in (f_chosen, f_rejected))
+
+    def raw(z: torch.Tensor) -> torch.Tensor:
+        return head.net(z).squeeze(-1)
+
     params = [p for p in head.parameters() if p.requires_grad]
     initial = {k: v.clone() for k, v in head.state_dict().items()}
     best: tuple[float, float, dict[str, torch.Tensor]] | None = None
@@ -419,7 +425,7 @@ def fit_head(
 
         def closure(decay: float = decay, optimizer: torch.optim.LBFGS = optimizer) -> torch.Tensor:
             optimizer.zero_grad()
-            diff = head.raw(f_chosen[:n].double()) - head.raw(f_rejected[:n].double())  # (n,)
+            diff = raw(z_chosen[:n]) - raw(z_rejected[:n])  # (n,)
             penalty = sum((p**2).sum() for name, p in head.named_parameters() if "weight" in name)
             loss = _bt_loss(diff, torch.zeros_like(diff), margins[:n]) + decay * penalty / 2
             loss.backward()
@@ -427,7 +433,7 @@ def fit_head(
 
         optimizer.step(closure)
         with torch.no_grad():
-            diff = head.raw(f_chosen[n:].double()) - head.raw(f_rejected[n:].double())  # (n_val,)
+            diff = raw(z_chosen[n:]) - raw(z_rejected[n:])  # (n_val,)
             val_loss = float(_bt_loss(diff, torch.zeros_like(diff), margins[n:]))
             history.append(float((diff > 0).double().mean()))
         if best is None or val_loss < best[0]:
