@@ -97,9 +97,11 @@ class LabelPair:
         """What a label line carries besides the prompt and the completions: references and metadata."""
         return self.example.columns()
 
-    def public(self) -> dict[str, str]:
-        """What the page shows."""
-        return {"pair_id": self.pair_id, "prompt": self.prompt, "a": self.a, "b": self.b}
+    def public(self) -> dict[str, Any]:
+        """What the page shows: the pair, and the prompt's references (a summary, a reply) when it has any, so that
+        a person judges against what the task's gold scorer compares with."""
+        return {"pair_id": self.pair_id, "prompt": self.prompt, "a": self.a, "b": self.b,
+                "references": list(self.references)}  # fmt: skip
 
 
 def pair_id(prompt: str, x: str, y: str) -> str:

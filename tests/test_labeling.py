@@ -105,6 +105,7 @@ def test_a_reference_task_is_judged_against_the_references_its_labels_keep(tmp_p
     try:
         (pair,) = store.pairs
         assert pair.references == ("I am fine, thank you.",) and pair.meta == {"category": "greetings"}
+        assert pair.public()["references"] == ["I am fine, thank you."]  # the page shows what the gold compares with
         assert store.gold_scores is not None
         right, wrong = store.gold_scores[0] if pair.a == record["a"] else store.gold_scores[0][::-1]
         assert right == pytest.approx(1.0) and wrong < 0.3  # the reference itself vs an unrelated reply
@@ -333,6 +334,7 @@ def test_keyboard_labels_survive_a_killed_server(pairs_file: Path, tmp_path: Pat
             driver.get(url + "?annotator=alice")
             shown = shown_pair(driver)
             assert shown == ids[0] and driver.find_element("id", "text-a").text == PAIRS[0]["a"]
+            assert not driver.find_element("id", "reference").is_displayed()  # these pairs have no references
             for key in ("a", "b", "t"):  # A better, B better, tie
                 ActionChains(driver).send_keys(key).perform()
                 shown = shown_pair(driver, shown)
@@ -377,6 +379,24 @@ def test_keyboard_labels_survive_a_killed_server(pairs_file: Path, tmp_path: Pat
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.browser
+def test_the_page_shows_a_pairs_references(tmp_path: Path) -> None:
+    """A reference-based task's pair (a dialogue turn and the corpus reply) shows its references under the prompt."""
+    record = {"prompt": "Hello, how are you?", "a": "I am fine.", "b": "Bananas.", "references": ["Fine, thanks."]}
+    process, url = start_server(tmp_path / "prefs.jsonl", write_jsonl(tmp_path / "to-label.jsonl", [record]))
+    try:
+        with chromium(tmp_path / "profile") as driver:
+            driver.get(url + "?annotator=alice")
+            shown_pair(driver)
+            box = driver.find_element("id", "reference")
+            assert box.is_displayed() and "automatic judge" in box.text
+            box.click()  # <details>: the references show when opened
+            wait_for(lambda: driver.find_element("css selector", "#references li").text == "Fine, thanks.", "ref")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(TIMEOUT)
 
 
 def test_cli_needs_pairs_or_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

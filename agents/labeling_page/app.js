@@ -59,6 +59,13 @@
     for (const el of document.querySelectorAll(".completion")) el.classList.remove("picked");
     if (!pair) return;
     $("prompt").textContent = pair.prompt;
+    const references = pair.references || [];
+    $("references").replaceChildren(...references.map((text) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      return item;
+    }));
+    $("reference").hidden = references.length === 0;
     $("text-a").textContent = pair.a;
     $("text-b").textContent = pair.b;
   }
