@@ -28,7 +28,8 @@ __all__ = ["DEFAULT_BETA", "KLController", "KLPenalty"]
 DEFAULT_BETA = 0.1
 """β of ``textgen train`` and of these classes unless told otherwise, per unit of a normalised reward model (base
 samples score mean 0, std 1). Chosen over 3 seeds of ``textgen train`` (benchmarks/results/textgen_train_seeds.md):
-0.05 gained a little more gold but drifted up to 13.8 nats from the base model and lost diversity on one seed."""
+0.05 gained a little more gold but drifted up to 13.8 nats from the base model and lost diversity on one seed;
+re-checked against 0.12 with the blocks 1 + 20 reward model (no better on the worst seed)."""
 
 
 class KLController:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from reward_model_layers import metrics
+
 from agents.train import cpu_kind
-from benchmarks.reward_model_layers import metrics
 from text_env.rewards.preferences import load_preferences
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
 from text_env.rewards.training import _features, fit_head, split_pairs

@@ -4,7 +4,9 @@ and only the chosen ones (beside the best single layer and the last) reported on
 
 Run::
 
-    python benchmarks/reward_model_layers.py        # the shipped 2000 pairs of positive-review (~5 min here)
+    python benchmarks/reward_model_layers.py        # the shipped pairs of positive-review (10,000: ~25 min here)
+    git show e752d62:text_env/rewards/pretrained/positive-review/prefs.jsonl > first2000.jsonl
+    python benchmarks/reward_model_layers.py --data first2000.jsonl   # what the committed results measured
 
 Writes ``benchmarks/results/reward_model_layers.{md,json}``. The split is ``train-rm``'s
 (``text_env.rewards.training.split_pairs``, validation 0.1, test 0.2, seed 0), so the chosen layer's test figures
