@@ -13,7 +13,6 @@ Writes ``benchmarks/results/reward_model_data.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
-from reward_model_layers import metrics
+from reward_model_layers import metrics, save_json
 
 from agents.train import cpu_kind
 from text_env.rewards.preferences import load_preferences
@@ -73,13 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows, "seconds": time.time() - started,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [
-        "# Reward model: more pairs, and which blocks' features", "",
-        f"Command: `python benchmarks/reward_model_data.py{' ' + ' '.join(argv) if argv else ''}` "
-        f"({result['seconds']:.0f} s; {result['machine']})", "",
+    title = "Reward model: more pairs, and which blocks' features"
+    out, lines = save_json(args.out, result, title, "reward_model_data.py", argv)
+    lines += [
         f"Data: `{data}`; split {result['split']} (`train-rm`'s). Each row fits a linear head on the first *m* train "
         "pairs (weight decay chosen on the whole validation split) and is measured on the same test split. Large gap: "
         "pairs whose gold differs by >= 0.5.", "",

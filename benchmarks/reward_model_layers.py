@@ -70,6 +70,15 @@ def metrics(scores_c: np.ndarray, scores_r: np.ndarray, gold_c: np.ndarray, gold
     }
 
 
+def save_json(args_out: str, result: dict, title: str, script: str, argv: list[str]) -> tuple[Path, list[str]]:
+    """Write ``<out>.json``; return the ``.md`` path and its first lines (title and the exact command)."""
+    out = Path(args_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    command = f"python benchmarks/{script}{' ' + ' '.join(argv) if argv else ''}"
+    return out, [f"# {title}", "", f"Command: `{command}` ({result['seconds']:.0f} s; {result['machine']})", ""]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="preference JSONL (default: the shipped positive-review pairs)")
@@ -115,13 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": [{k: v for k, v in r.items() if k != "_test"} for r in rows], "seconds": time.time() - started,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [
-        "# Reward-model features: which layer", "",
-        f"Command: `python benchmarks/reward_model_layers.py{' ' + ' '.join(argv) if argv else ''}` "
-        f"({result['seconds']:.0f} s; {result['machine']})", "",
+    out, lines = save_json(args.out, result, "Reward-model features: which layer", "reward_model_layers.py", argv)
+    lines += [
         f"Data: `{data}`; split {result['split']} (train fits a linear head per layer and weight decay; validation "
         "chooses the weight decay and the features, by Bradley-Terry loss on the labels; test is reported for the "
         "chosen features, the best single layer (the shipped reward model's `--layer`) and the last normalised "
