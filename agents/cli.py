@@ -180,17 +180,21 @@ def _preferences(args: argparse.Namespace) -> None:
     print(f"{len(pairs)} preference pairs in {args.out}")
 
 
-def _layers(text: str) -> list[int]:
-    """``--layer``: one block count (0: the last) or a comma-separated list of distinct counts >= 1."""
+def _layer(text: str) -> int | list[int] | None:
+    """``--layer``: ``0`` (the last layer: ``None``), one block count, or a comma-separated list of them; checked by
+    :class:`RewardModelConfig` itself, so that a bad value is a usage error before any pairs are read."""
+    from text_env.rewards.reward_model import RewardModelConfig
+
     try:
         layers = [int(k) for k in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a block count or a list like 1,20") from None
-    if layers != [0] and (min(layers) < 1 or len(set(layers)) != len(layers)):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give 0 (the last layer), one block count >= 1, or distinct counts >= 1 like 1,20"
-        )
-    return layers
+    layer = None if layers == [0] else layers[0] if len(layers) == 1 else layers
+    try:
+        RewardModelConfig(layer=layer)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err} (0 on the command line means the last)") from None
+    return layer
 
 
 def _train_rm(args: argparse.Namespace) -> None:
@@ -201,9 +205,8 @@ def _train_rm(args: argparse.Namespace) -> None:
     from text_env.tasks import get_task
 
     pairs = load_preferences(args.data)
-    layer = None if args.layer == [0] else args.layer[0] if len(args.layer) == 1 else args.layer
     config = RewardModelConfig(
-        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=layer,
+        backbone=args.backbone, mode=args.mode, pooling=args.pooling, head_hidden=args.head_hidden, layer=args.layer,
         ensemble=args.ensemble,
     )  # fmt: skip
     gold = get_task(args.task).gold if args.task else None
@@ -403,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--head-hidden", type=int, default=0, help="hidden width of the head (0: linear)")
     p.add_argument(
-        "--layer", type=_layers, default=[RewardModelConfig.layer or 0], metavar="K[,K...]",
+        "--layer", type=_layer, default=RewardModelConfig.layer, metavar="K[,K...]",
         help="score hidden states after this many blocks (0: the last, normalised), or after several, their "
         "pooled states side by side (e.g. 1,20; default: 0)",
     )  # fmt: skip

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/reward_model_data.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
-from reward_model_layers import metrics, save_json
+from reward_model_layers import metrics, save_json, split_with_gold
 
 from agents.train import cpu_kind
-from text_env.rewards.preferences import load_preferences
 from text_env.rewards.reward_model import RewardHead, RewardModel, RewardModelConfig
-from text_env.rewards.training import _features, fit_head, split_pairs
-from text_env.tasks import get_task
+from text_env.rewards.training import _features, fit_head
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,17 +36,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/reward_model_data")
     argv = sys.argv[1:] if argv is None else argv  # the command in the results is the one that was run
     args = parser.parse_args(argv)
-    task = get_task("positive-review")
-    data = args.data or os.path.relpath(Path(task.reward_model) / "prefs.jsonl")
-    train, val, test = split_pairs(load_preferences(data), validation=0.1, test=0.2, seed=0)
+    data, (train, val, test), gold_c, gold_r = split_with_gold(args.data)
     pairs = [*train, *val, *test]
     started = time.time()
     layers = [int(k) for k in args.layers.split(",")]
     model = RewardModel(RewardModelConfig(backbone=args.backbone, layer=layers))
     feats = _features(model.features, pairs, batch_size=40, progress=True)  # (2N, 2H): chosen, then rejected
     total, hidden = len(pairs), feats.shape[-1] // len(layers)
-    gold = task.gold.score([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    gold_c, gold_r = gold[:total], gold[total:]
     n, n_val = len(train), len(val)
     v, t = slice(n, n + n_val), slice(n + n_val, total)
     sizes = sorted({*(int(s) for s in args.sizes.split(",") if int(s) < n), n})

@@ -70,6 +70,18 @@ def metrics(scores_c: np.ndarray, scores_r: np.ndarray, gold_c: np.ndarray, gold
     }
 
 
+def split_with_gold(data: str | None) -> tuple[str, tuple[list, list, list], np.ndarray, np.ndarray]:
+    """``data`` (default: the shipped positive-review pairs, as a relative path for the results), ``train-rm``'s
+    split of it, and the gold scores of every pair's chosen and rejected completion (train, validation, test order)."""
+    task = get_task("positive-review")
+    data = data or os.path.relpath(Path(task.reward_model) / "prefs.jsonl")
+    train, val, test = split_pairs(load_preferences(data), validation=0.1, test=0.2, seed=0)
+    pairs = [*train, *val, *test]
+    prompts = [p.prompt for p in pairs]
+    gold_c, gold_r = (task.gold.score(prompts, [getattr(p, side) for p in pairs]) for side in ("chosen", "rejected"))
+    return data, (train, val, test), gold_c, gold_r
+
+
 def save_json(args_out: str, result: dict, title: str, script: str, argv: list[str]) -> tuple[Path, list[str]]:
     """Write ``<out>.json``; return the ``.md`` path and its first lines (title and the exact command)."""
     out = Path(args_out)
@@ -87,17 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/reward_model_layers")
     argv = sys.argv[1:] if argv is None else argv  # the command in the results is the one that was run
     args = parser.parse_args(argv)
-    task = get_task("positive-review")
-    data = args.data or os.path.relpath(Path(task.reward_model) / "prefs.jsonl")
-    train, val, test = split_pairs(load_preferences(data), validation=0.1, test=0.2, seed=0)
+    data, (train, val, test), gold_c, gold_r = split_with_gold(args.data)
     pairs = [*train, *val, *test]
     started = time.time()
     model = RewardModel(RewardModelConfig(backbone=args.backbone))
     prompts = [p.prompt for p in pairs] * 2
     feats = layer_features(model, prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], args.batch_size)
     n, n_val, total = len(train), len(val), len(pairs)
-    gold_c = task.gold.score(prompts[:total], [p.chosen for p in pairs])
-    gold_r = task.gold.score(prompts[:total], [p.rejected for p in pairs])
     rows = []
     combinations = [c for c in COMBINATIONS if max(c) < feats.shape[0]]  # those a smaller backbone has
     for layers in [(k,) for k in range(feats.shape[0])] + combinations:

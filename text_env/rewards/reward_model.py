@@ -95,8 +95,8 @@ class RewardModelConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if isinstance(self.layer, tuple):
             self.layer = list(self.layer)
-        layers = self.layer if isinstance(self.layer, list) else [self.layer]
-        if self.layer is not None and (
+        layers = self.layers
+        if layers is not None and (
             not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers)
             or len(set(layers)) != len(layers)
         ):  # fmt: skip
