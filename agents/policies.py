@@ -82,6 +82,12 @@ def _building_algorithm() -> BaseAlgorithm | None:
         del frame  # a frame holds its locals: no reference cycle
 
 
+def _differentiates_twice(algorithm: BaseAlgorithm | None) -> bool:
+    """Whether ``algorithm`` differentiates the policy's pass twice: sb3-contrib TRPO (its Hessian-vector
+    products); recognised by that method, so a subclass counts too."""
+    return callable(getattr(algorithm, "hessian_vector_product", None))
+
+
 def _env_model(env: VecEnv | None) -> str | None:
     """The ``model_name`` a TextGen env (vectorised, wrapped or not) was built on; ``None`` for other envs."""
     if env is None:
@@ -211,6 +217,7 @@ class _CausalLMMixin:
         self.bf16, self.temperature, self.top_k, self.top_p = bf16, temperature, top_k, top_p
         self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
         self.train_layers = train_layers
+        self.double_backward = _differentiates_twice(algorithm)
         kwargs["ortho_init"] = False  # orthogonal init would wipe the pretrained weights
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
 
@@ -350,15 +357,21 @@ class _CausalLMMixin:
         fixed = frozen or (not self.training and not torch.is_grad_enabled())  # type: ignore[attr-defined]
         return self.kv_cache and fixed and (held is None or held.shape == ids.shape)
 
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """PyTorch's choice of attention kernel, except under TRPO: the math kernel, as its Fisher-vector products
+        differentiate this pass twice, which the fused kernels (flash, memory-efficient) do not support. The math
+        kernel keeps the (heads, L, L) attention matrices for the backward pass: a PPO epoch of the code task's
+        run (observations up to 267 tokens) took 1.17x the time and 1.4 GB more with it; at the default task's
+        ~100 tokens the two are alike (benchmarks/results/attention_kernel_*.md)."""
+        return sdpa_kernel(SDPBackend.MATH) if self.double_backward else contextlib.nullcontext()
+
     def logits_and_values(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits ``(B, V)`` and values ``(B, 1)`` for a batch of observations."""
         ids, mask = _token_ids(obs)  # (B, L)
         if self._use_cache(self._actor_cache, ids):
             logits, hidden = self._actor_cache(ids, mask)  # (B, V), (B, H)
         else:
-            # The math attention kernel: TRPO differentiates this pass twice (Fisher-vector products), which the
-            # fused SDPA kernels (flash, memory-efficient) do not support; on CPU it is no slower at these lengths.
-            with self._autocast(), sdpa_kernel(SDPBackend.MATH):
+            with self._autocast(), self._attention():
                 logits, hidden = grouped_forward(self.lm, ids, mask)
         values = self.value_head(hidden.float())  # (B, 1)
         return logits, values

@@ -206,3 +206,14 @@ def test_reward_model_data_fits_a_curve_per_feature_set(tiny_model: Path, tmp_pa
         ("block 2", 10), ("block 2", 28), ("blocks 1 + 2", 10), ("blocks 1 + 2", 28)]  # fmt: skip
     assert all(r["test"]["gold_accuracy"] == r["test"]["gold_accuracy"] for r in result["rows"])  # not NaN
     assert "| blocks 1 + 2 | 28 |" in (tmp_path / "out.md").read_text()
+
+
+def test_attention_kernel_times_both_kernels(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("attention_kernel")
+    out = tmp_path / "attention"
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "2"]
+    result = bench.main([*tiny, "--repeats", "1", "--out", str(out)])
+    assert set(result["arms"]) == set(bench.ARMS)
+    assert all(row["epoch_s"] > 0 and row["rss_rise_gb"] >= 0 for row in result["arms"].values())
+    assert result["longest_episode_tokens"] > 0 and result["math_vs_chosen_time"] > 0
+    assert "| math (TRPO's) |" in out.with_suffix(".md").read_text()

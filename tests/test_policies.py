@@ -150,6 +150,8 @@ def test_algorithms_learn(
     assert any("layers" in k for k in moved)  # the transformer blocks, not only the embeddings
     probs = model.policy.get_distribution(as_tensors(venv.reset())).distribution.probs
     assert torch.isfinite(probs).all()
+    # only TRPO differentiates twice and pays for the math attention kernel; the others get PyTorch's fused kernels
+    assert model.policy.double_backward is (algo is TRPO)
     if algo is TRPO:
         # TRPO's line search re-evaluates the policy under no_grad after moving the weights: it must see the new
         # ones (a KV cache kept from before the step would report KL = 0 and accept any step).
