@@ -108,6 +108,7 @@ class TrainConfig:
     gamma: float = field(default=1.0, metadata=_help("discount (1: the reward of a completion counts in full)"))
     beta: float = field(default=DEFAULT_BETA, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
+    ent_coef: float = field(default=0.0, metadata=_help("entropy bonus: weight of the policy's entropy in the loss"))
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
@@ -127,8 +128,10 @@ class TrainConfig:
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lora_r < 0 or self.checkpoint_every < 0 or self.learning_rate <= 0 or self.beta < 0:
-            raise ValueError("lora_r and checkpoint_every must be >= 0, learning_rate > 0 and beta >= 0")
+        if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
+            raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
+        if self.algo == "trpo" and self.ent_coef:
+            raise ValueError("sb3_contrib.TRPO has no entropy bonus: leave ent_coef at 0 with algo='trpo'")
         if self.reference_column is not None and self.prompts is None:
             raise ValueError("reference_column names a field of --prompts: give --prompts (a .jsonl file or hf:NAME)")
         if self.algo == "trpo" and self.lora_r:
@@ -190,6 +193,8 @@ def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
         "policy": policy, "policy_kwargs": policy_kwargs(config), "learning_rate": config.learning_rate,
         "gamma": config.gamma, "n_steps": config.n_steps,
     }  # fmt: skip
+    if config.algo != "trpo":  # every other algorithm has SB3's entropy bonus
+        kwargs["ent_coef"] = config.ent_coef
     if config.algo in ALGORITHMS:  # whole episodes per minibatch: one forward pass per sequence
         kwargs["rollout_buffer_class"] = (
             MaskableEpisodeRolloutBuffer if config.algo == "maskable_ppo" else EpisodeRolloutBuffer

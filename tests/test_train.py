@@ -10,7 +10,16 @@ import pytest
 from conftest import TINY_PROMPTS
 
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
-from agents.run import ALGORITHMS, BASELINES, TrainConfig, algorithm_class, build_run, make_algorithm, run_task
+from agents.run import (
+    ALGORITHMS,
+    BASELINES,
+    TrainConfig,
+    algorithm_class,
+    algorithm_kwargs,
+    build_run,
+    make_algorithm,
+    run_task,
+)
 from text_env import make_text_vec_env
 from text_env.tasks import get_task
 
@@ -65,11 +74,20 @@ def test_trpo_with_lora_says_what_to_do() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"algo": "dqn"}, "choose one of ppo, a2c, trpo, maskable_ppo, ppo_bag_of_tokens"),
-     ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta >= 0")],
+     ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta and ent_coef must be >= 0"),
+     ({"ent_coef": -0.01}, "ent_coef must be >= 0"),
+     ({"algo": "trpo", "lora_r": 0, "train_layers": 2, "ent_coef": 0.01}, "TRPO has no entropy bonus")],
 )  # fmt: skip
 def test_bad_settings_are_refused_when_made(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_entropy_bonus_reaches_every_algorithm_that_has_one() -> None:
+    assert algorithm_kwargs(TrainConfig(ent_coef=0.01))["ent_coef"] == 0.01  # PPO's loss term (SB3's ent_coef)
+    assert "ent_coef" not in algorithm_kwargs(TrainConfig.for_algo("trpo"))  # TRPO's constructor has none
+    for algo in ("a2c", "maskable_ppo"):
+        assert algorithm_kwargs(TrainConfig.for_algo(algo, ent_coef=0.02))["ent_coef"] == 0.02
 
 
 def test_unknown_algorithm_lists_the_choices() -> None:

@@ -124,7 +124,7 @@ def rllib_config(
             clip_param=CLIP_RANGE,
             vf_loss_coeff=VF_COEF,
             vf_clip_param=float("inf"),
-            entropy_coeff=0.0,
+            entropy_coeff=config.ent_coef,
             use_kl_loss=False,  # the RLHF KL is in the reward (and the behaviour logits are not shipped)
             grad_clip=MAX_GRAD_NORM,
             grad_clip_by="global_norm",
