@@ -311,6 +311,8 @@ class _Loop:
             return json.loads((out / "report.json").read_text())
         if self.features is None:
             self.features = FeatureCache(RewardModel(self.rm_config))
+            if self.base_pairs:  # the same in every run on this task: read back from the user's cache after the first
+                self.features.preload(self.base_pairs, progress=self.verbose > 0)
         previous = evaluate_reward_model(self._scorer(r - 1), fresh, self.task.gold)
         pairs = self.base_pairs + [p for k in range(1, r + 1) for p in load_preferences(self._dir(k) / "pairs.jsonl")]
         if len(pairs) < 4:

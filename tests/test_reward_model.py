@@ -664,3 +664,23 @@ def test_cached_features_fit_the_same_reward_model(tiny_model: Path, ensemble_si
     assert len(cache.table) == len(_texts(more))
     with pytest.raises(ValueError, match="cannot read"):
         train_reward_model(pairs, config(tiny_model, pooling="last"), progress=False, features=cache)
+
+
+def test_preloaded_features_are_computed_once_per_machine(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`textgen rlhf` preloads its base pairs' features: the first run computes and writes them to the user's cache,
+    later runs (other seeds, a resume) read the same numbers back without running the backbone; other settings, other
+    file."""
+    monkeypatch.setenv("TEXTGEN_CACHE", str(tmp_path))
+    pairs, cfg = sentiment_pairs(12, seed=0), config(tiny_model, pooling="mean")
+    first = FeatureCache(RewardModel(cfg))
+    file = first.preload(pairs)
+    assert file.parent == tmp_path / "features" and len(first.table) == len(_texts(pairs))
+    again = FeatureCache(RewardModel(cfg))
+    monkeypatch.setattr(again.model, "features", lambda *a: pytest.fail("the backbone ran for a cached text"))
+    assert again.preload(pairs) == file
+    for key, value in first.table.items():
+        assert torch.equal(again.table[key], value)
+    assert FeatureCache(RewardModel(config(tiny_model, pooling="last"))).preload(pairs) != file
+    assert FeatureCache(RewardModel(cfg)).preload(pairs[:-1]) != file
