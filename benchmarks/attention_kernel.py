@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reward_model_layers import save_json  # a sibling script
+from reward_model_layers import save_json  # sibling scripts
+from rollout_and_update import rollout
 
 from agents.policies import _release_free_heap
-from agents.run import TrainConfig, build_run
+from agents.run import Run, TrainConfig, build_run
 from agents.train import cpu_kind
 
 ARMS = {"pytorch's choice": False, "math (TRPO's)": True}  # the policy's double_backward flag per arm
@@ -42,7 +43,7 @@ def _status_gb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def epoch(run: Any, math: bool) -> tuple[float, float]:
+def epoch(run: Run, math: bool) -> tuple[float, float]:
     """Seconds of one PPO epoch and the rise of the resident set (GB) during it."""
     run.algo.policy.double_backward = math
     _release_free_heap()
@@ -72,12 +73,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_prompts=1, max_prompt_tokens=args.max_prompt_tokens,
     )  # fmt: skip
     run = build_run(config, verbose=0)
-    algo = run.algo
-    _, callback = algo._setup_learn(10**9, callback=run.callbacks())
-    callback.on_training_start(locals(), globals())
+    collect = rollout(run)
     for _ in range(args.rollouts):
-        algo.collect_rollouts(algo.env, callback, algo.rollout_buffer, algo.n_steps)
-    observations = algo.rollout_buffer.observations["attention_mask"]
+        collect()
+    observations = run.algo.rollout_buffer.observations["attention_mask"]
     longest = int(observations.sum(-1).max())
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
     rise: dict[str, list[float]] = {arm: [] for arm in ARMS}

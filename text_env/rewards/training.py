@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 
+_FEATURE_SETTINGS = ("backbone", "layer", "pooling", "max_length")  # what in a config decides a text's features
 LARGE_GAP = 0.5  # |gold(chosen) - gold(rejected)| at which a pair counts as clear-cut
 
 
@@ -203,7 +204,8 @@ class FeatureCache:
         Every run of ``textgen rlhf`` on the default task refits on the same 10,000 base pairs, whose 20,000 texts'
         features cost ~5 minutes on 2 cores: other seeds, later runs and a resumed run read them back instead. The
         file is named by a hash of the texts and of what decides their features (the backbone's files, layer,
-        pooling, length), so a changed model or setting never reads stale ones; it is written whole, then renamed.
+        pooling, length, bf16, torch version), so a changed model or setting never reads stale ones; it is written
+        whole, then renamed.
         """
         keys = [(p.prompt, text) for p in pairs for text in (p.chosen, p.rejected)]
         file = cache_dir() / "features" / f"{self._fingerprint(keys)}.safetensors"
@@ -223,7 +225,8 @@ class FeatureCache:
         config = self.model.config
         where = resolve_model(config.backbone)
         files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(where).glob("*") if f.is_file())
-        decides = [where, files, config.layers, config.pooling, config.max_length, torch.__version__]
+        settings = [getattr(config, k) for k in _FEATURE_SETTINGS]
+        decides = [where, files, settings, self.model.bf16, torch.__version__]
         digest = hashlib.sha256(json.dumps(decides).encode())
         for prompt, completion in keys:
             digest.update(f"{len(prompt)}:{prompt}{len(completion)}:{completion}".encode())
@@ -232,8 +235,7 @@ class FeatureCache:
     def matches(self, config: RewardModelConfig) -> bool:
         """Whether a head-mode reward model of ``config`` reads these features (same backbone, layer, pooling...)."""
         mine = self.model.config
-        same = ("backbone", "layer", "pooling", "max_length")
-        return config.mode == "head" and all(getattr(config, k) == getattr(mine, k) for k in same)
+        return config.mode == "head" and all(getattr(config, k) == getattr(mine, k) for k in _FEATURE_SETTINGS)
 
 
 class CachedHeads:
