@@ -11,6 +11,9 @@ its longest observation, the prompt prefix shared) rather than by a reference de
 SB3 calls ``rollout_buffer.compute_returns_and_advantage`` right after its last step, and the callback runs the
 pass at that call (a hook it sets on the buffer at each rollout's start), then lets the buffer go on. Every
 on-policy algorithm of SB3 and sb3-contrib (PPO, A2C, TRPO, MaskablePPO, RecurrentPPO) fills one such buffer.
+
+With ``scale_rewards``, the episodes' rewards are first divided by their running std (:class:`RewardScale`), so that
+β means the same for a gold scorer as for a normalised reward model.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 
 from agents.cached_lm import reference_log_probs
 
-__all__ = ["DEFAULT_BETA", "KLController", "KLPenalty"]
+__all__ = ["DEFAULT_BETA", "KLController", "KLPenalty", "RewardScale"]
 
 DEFAULT_BETA = 0.1
 """β of ``textgen train`` and of these classes unless told otherwise, per unit of a normalised reward model (base
@@ -53,6 +57,52 @@ class KLController:
         return self.beta
 
 
+class RewardScale:
+    """The running standard deviation of the episodes' rewards, by which they are divided before the KL penalty.
+
+    β is per unit of a normalised reward (:data:`DEFAULT_BETA`). ``train-rm`` scales a learned reward model once, so
+    that the base policy's samples score std 1; a gold scorer (ROUGE-L, chrF, tests passed) is not scaled, and its
+    spread of ~0.1 against β = 0.1 per nat kept the dialogue and summarize-docstring policies within 0.5 nats of the
+    base model, gold unchanged (benchmarks/results/tasks.md). Dividing every reward by the std of all episode rewards
+    so far (SB3's ``RunningMeanStd``, as in ``VecNormalize``; TRL's ``use_score_scaling``) puts any scorer on that
+    scale; the first rollout's rewards, the base policy's samples, set it first, as they set a reward model's.
+
+    :param min_std: the divisor's floor, so that a reward that has hardly varied yet (every test failed) is not
+        blown up by a tiny spread.
+    """
+
+    def __init__(self, min_std: float = 0.01) -> None:
+        if min_std <= 0:
+            raise ValueError(f"min_std must be > 0, got {min_std}")
+        self.min_std = min_std
+        self.stats = RunningMeanStd(shape=())
+
+    @property
+    def scale(self) -> float:
+        """The current divisor: the rewards' std so far (at least ``min_std``); 1 before any reward was seen."""
+        if self.stats.count < 1:
+            return 1.0
+        return max(float(np.sqrt(self.stats.var)), self.min_std)
+
+    def update(self, rewards: np.ndarray | list[float]) -> float:
+        """Add a batch of episode rewards to the statistics; return the divisor that now applies."""
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if rewards.size and self.stats.count < 1:  # the first batch sets the moments (not blended with a prior)
+            self.stats.mean, self.stats.var, self.stats.count = rewards.mean(), rewards.var(), float(rewards.size)
+        elif rewards.size:
+            self.stats.update(rewards)
+        return self.scale
+
+    def state(self) -> dict[str, float]:
+        """The statistics, to save with a run (a resumed run divides as the uninterrupted one would)."""
+        return {"mean": float(self.stats.mean), "var": float(self.stats.var), "count": float(self.stats.count)}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.stats.mean, self.stats.var = np.float64(state["mean"]), np.float64(state["var"])
+        self.stats.count = float(state["count"])
+
+
 class KLPenalty(BaseCallback):
     """Per-token KL penalty in the rewards of each rollout, with logging of KL and β every rollout.
 
@@ -67,6 +117,8 @@ class KLPenalty(BaseCallback):
         about ``envs_per_pass * n_steps * V`` bf16 values, 50 MB for 16 x 32 steps of SmolLM2) but cost time: each
         pass encodes the shared prompt prefix again and runs smaller matmuls (on SmolLM2, 16 envs x 32 steps at
         one thread: 1.2 s in one pass, 1.8 s in 4).
+    :param scale_rewards: divide each episode's reward by the running std of the episode rewards so far
+        (:class:`RewardScale`) before the penalty, for a reward not already normalised like a learned reward model.
     """
 
     def __init__(
@@ -76,12 +128,15 @@ class KLPenalty(BaseCallback):
         horizon: int = 10_000,
         reference: str | None = None,
         envs_per_pass: int | None = None,
+        scale_rewards: bool = False,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
         if envs_per_pass is not None and envs_per_pass < 1:
             raise ValueError(f"envs_per_pass must be >= 1 (or None: all envs), got {envs_per_pass}")
         self.controller = KLController(beta, target_kl, horizon)
+        self.reward_scale = RewardScale() if scale_rewards else None
+        self._scored: list[tuple[int, int, float]] = []  # (buffer row, env, reward) of each episode ended this rollout
         self.reference = reference
         self.envs_per_pass = envs_per_pass
         self._reference_lm: Any = None  # log π_ref of the named reference LM, when there is one
@@ -119,9 +174,11 @@ class KLPenalty(BaseCallback):
 
         buffer.compute_returns_and_advantage = penalise_then_compute  # type: ignore[method-assign]
         self._pending = True
+        self._scored = []
 
     def penalise(self, buffer: Any) -> np.ndarray:
-        """Subtract ``β·(log π − log π_ref)`` from every step's reward in a full rollout buffer, in place.
+        """Subtract ``β·(log π − log π_ref)`` from every step's reward in a full rollout buffer, in place (the
+        episodes' rewards first divided by :class:`RewardScale`'s divisor, with ``scale_rewards``).
 
         :param buffer: an SB3 rollout buffer before ``compute_returns_and_advantage`` (arrays ``(n_steps, n_envs,
             ...)``; observations ``input_ids`` / ``attention_mask`` of ``(n_steps, n_envs, L)``).
@@ -131,6 +188,8 @@ class KLPenalty(BaseCallback):
         release = getattr(self.model.policy, "release_rollout_cache", None)
         if release is not None:  # SB3 has taken the rollout's last step and bootstrap values
             release()
+        if self.reward_scale is not None and self._scored:
+            self._scale_rewards(buffer)
         n_steps, n_envs = buffer.rewards.shape
         kl = np.zeros((n_steps, n_envs), dtype=np.float32)
         step = n_envs if self.envs_per_pass is None else self.envs_per_pass
@@ -150,8 +209,25 @@ class KLPenalty(BaseCallback):
         self._tokens += kl.size
         return kl
 
+    def _scale_rewards(self, buffer: Any) -> None:
+        """Divide this rollout's episode rewards by :class:`RewardScale`'s divisor, updated with them first.
+
+        Only the rewards the env paid are divided: a truncated episode's row may also hold SB3's bootstrap value,
+        which is already in the scaled units the value head learns.
+        """
+        assert self.reward_scale is not None
+        rows, envs, paid = (np.array(column) for column in zip(*self._scored, strict=True))
+        scale = self.reward_scale.update(paid)
+        buffer.rewards[rows.astype(int), envs.astype(int)] += (paid / scale - paid).astype(buffer.rewards.dtype)
+        self._scored = []
+        self.logger.record("rlhf/reward_scale", scale)
+
     def _on_step(self) -> bool:
-        self._episodes += int(np.sum(self.locals["dones"]))
+        dones = np.asarray(self.locals["dones"])
+        self._episodes += int(np.sum(dones))
+        if self.reward_scale is not None:  # the env pays an episode's reward with its last step
+            row, rewards = self.model.rollout_buffer.pos, np.asarray(self.locals["rewards"])  # the row it will fill
+            self._scored.extend((row, int(i), float(rewards[i])) for i in np.flatnonzero(dones))
         return True
 
     def _on_rollout_end(self) -> None:
@@ -170,5 +246,6 @@ class KLPenalty(BaseCallback):
         self.model.rollout_buffer.__dict__.pop("compute_returns_and_advantage", None)  # the class's own again
 
     def state(self) -> dict[str, Any]:
-        """β and the controller settings, to save with a run."""
-        return {"beta": self.controller.beta, "target": self.controller.target, "horizon": self.controller.horizon}
+        """β and the controller settings (and the reward scale's statistics, when it scales), to save with a run."""
+        state = {"beta": self.controller.beta, "target": self.controller.target, "horizon": self.controller.horizon}
+        return state if self.reward_scale is None else {**state, "reward_scale": self.reward_scale.state()}

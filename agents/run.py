@@ -38,6 +38,7 @@ __all__ = [
     "ALGORITHMS",
     "BASELINES",
     "PRESETS",
+    "REWARD_SCALINGS",
     "Run",
     "TrainConfig",
     "algorithm_class",
@@ -51,6 +52,7 @@ __all__ = [
 
 ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")  # with the causal-LM policy
 BASELINES = ("ppo_bag_of_tokens", "recurrent_ppo_lstm")  # without an LM prior: how much the pretrained LM matters
+REWARD_SCALINGS = ("auto", "running-std", "none")  # TrainConfig.reward_scaling, see scales_rewards
 
 # What differs from TrainConfig's defaults per algorithm. sb3-contrib TRPO runs one double-backward pass through
 # the LM per trainable tensor: every weight of SmolLM2 took > 24 GB, LoRA's hundreds of adapters would take hours,
@@ -109,6 +111,14 @@ class TrainConfig:
     beta: float = field(default=DEFAULT_BETA, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
     ent_coef: float = field(default=0.0, metadata=_help("entropy bonus: weight of the policy's entropy in the loss"))
+    reward_scaling: str = field(
+        default="auto",
+        metadata=_help(
+            "divide rewards by their running std before the KL penalty, so that beta is per unit of reward spread; "
+            "auto: for a gold or other scorer, not for a learned reward model (train-rm scales it already)",
+            REWARD_SCALINGS,
+        ),
+    )
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
@@ -130,6 +140,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
             raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
+        if self.reward_scaling not in REWARD_SCALINGS:
+            raise ValueError(f"reward_scaling must be one of {', '.join(REWARD_SCALINGS)}, not {self.reward_scaling!r}")
         if self.algo == "trpo" and self.ent_coef:
             raise ValueError("sb3_contrib.TRPO has no entropy bonus: leave ent_coef at 0 with algo='trpo'")
         if self.reference_column is not None and self.prompts is None:
@@ -149,6 +161,16 @@ class TrainConfig:
     def reward_kwargs(self) -> dict[str, Any]:
         """``RewardModel.load``'s keywords from ``reward_aggregate`` / ``reward_lambda`` (those that are set)."""
         return {k: v for k, v in (("aggregate", self.reward_aggregate), ("lam", self.reward_lambda)) if v is not None}
+
+    @property
+    def scales_rewards(self) -> bool:
+        """Whether the run divides rewards by their running std (:class:`agents.kl.RewardScale`): ``reward_scaling``,
+        where ``"auto"`` means unless the reward is a learned reward model, which ``train-rm`` already scaled so that
+        the base policy's samples score std 1 (what β is meant for); a gold scorer, or any other, is not scaled."""
+        if self.reward_scaling != "auto":
+            return self.reward_scaling == "running-std"
+        source = self.reward_model if self.reward_model is not None else get_task(self.task).reward_model
+        return source is None or source == "gold"  # anything else names a reward-model directory
 
     @property
     def lora(self) -> dict[str, Any] | None:
@@ -283,6 +305,7 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     eval_env = make_env(config, "eval", reward, task=task)
     algo = make_algorithm(config, env, verbose)
     return Run(
-        config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl), TextMetrics(),
+        config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl, scale_rewards=config.scales_rewards),
+        TextMetrics(),
         list(task.examples("eval")[: config.eval_prompts]),
     )  # fmt: skip

@@ -118,6 +118,8 @@ def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, An
         "beta": run.kl.controller.beta, "history": run.metrics.history, "numpy_rng": _np_state(),
         "python_rng": repr(random.getstate()),
     }  # fmt: skip
+    if run.kl.reward_scale is not None:
+        record["reward_scale"] = run.kl.reward_scale.state()
     (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: its presence marks a complete one
     old = run_dir / CHECKPOINT
     shutil.rmtree(old, ignore_errors=True)
@@ -143,6 +145,8 @@ def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     if hasattr(run.algo, "_n_updates"):
         run.algo._n_updates = state["n_updates"]
     run.kl.controller.beta = state["beta"]
+    if run.kl.reward_scale is not None and "reward_scale" in state:
+        run.kl.reward_scale.load_state(state["reward_scale"])
     run.metrics.history = state["history"]
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy_rng"]

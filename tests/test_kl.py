@@ -19,7 +19,7 @@ from stable_baselines3.common.logger import configure
 
 from agents.baselines import BagOfTokens
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.kl import KLController, KLPenalty
+from agents.kl import KLController, KLPenalty, RewardScale
 from agents.masks import TopPMask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from text_env.models import load_causal_lm
@@ -30,6 +30,13 @@ class ConstantReward:
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         return np.ones(len(completions))
+
+
+class SpreadReward:
+    """Scores that vary between completions (their characters' code points mod 10, tenths), on no normalised scale."""
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.array([sum(map(ord, c)) % 10 / 10 for c in completions])
 
 
 class StepRecorder(BaseCallback):
@@ -100,6 +107,55 @@ def run_one_rollout(model: Any, penalty: KLPenalty, folder: Path) -> tuple[StepR
     model.set_logger(configure(str(folder), ["csv"]))
     model.learn(model.n_steps * model.n_envs, callback=CallbackList([before, penalty, after]), log_interval=1)
     return before, after
+
+
+def test_reward_scale_is_the_running_std_of_the_rewards() -> None:
+    scale = RewardScale(min_std=0.01)
+    assert scale.scale == 1.0  # nothing seen yet
+    assert scale.update([0.0, 0.2, 0.0, 0.2]) == pytest.approx(0.1, rel=1e-3)
+    assert scale.update([0.5, 0.7]) == pytest.approx(np.std([0, 0.2, 0, 0.2, 0.5, 0.7]), rel=1e-3)
+    assert scale.update([]) == pytest.approx(np.std([0, 0.2, 0, 0.2, 0.5, 0.7]), rel=1e-3)
+    resumed = RewardScale()
+    resumed.load_state(scale.state())
+    assert resumed.update([1.0]) == scale.update([1.0])
+    assert RewardScale(min_std=0.01).update([0.0, 0.0, 0.0]) == 0.01  # no spread yet: not blown up
+    with pytest.raises(ValueError, match="min_std"):
+        RewardScale(min_std=0)
+
+
+def test_scaled_rewards_are_divided_by_their_running_std(
+    tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With scale_rewards, each episode's reward reaches the advantages divided by the std of the rollout's episode
+    rewards (the first rollout's own), and the KL penalty is subtracted after; the env's rewards are left alone."""
+    venv = make_env(tiny_env_kwargs, 4, reward_model=SpreadReward())
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0, gamma=0.0,
+                policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    with torch.no_grad():  # away from the reference, so that the penalty is not zero
+        for p in model.policy.lm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    compute = type(model.rollout_buffer).compute_returns_and_advantage
+    seen: list[np.ndarray] = []
+
+    def spy(buffer: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(buffer.rewards.copy())
+        compute(buffer, *args, **kwargs)
+
+    penalty = KLPenalty(beta=0.5, scale_rewards=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.rollout_buffer), "compute_returns_and_advantage", spy)
+        before, after = run_one_rollout(model, penalty, tmp_path)
+    env_rewards = np.stack([s["rewards"] for s in before.steps])  # (n_steps, n_envs)
+    dones = np.stack([s["dones"] for s in before.steps])
+    std = env_rewards[dones].std()
+    assert dones.sum() >= 4 and std > 0.01  # several episodes, with a spread
+    log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])
+    kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
+    assert np.abs(kl).mean() > 1e-2
+    np.testing.assert_allclose(seen[0], env_rewards / std - 0.5 * kl, atol=2e-5)
+    np.testing.assert_allclose(logged(tmp_path, "rlhf/reward_scale"), [std], rtol=1e-4)
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards)  # untouched per step
+    assert penalty.state()["reward_scale"]["count"] == pytest.approx(dones.sum(), abs=1e-3)
 
 
 def test_penalty_is_zero_for_a_policy_equal_to_its_reference(

@@ -31,6 +31,7 @@ from agents.kl import DEFAULT_BETA, KLController  # noqa: E402
 from agents.rllib import (  # noqa: E402
     REF_LOGP,
     CausalLMRLModule,
+    EpisodeRewardScaling,
     KLRewardPenalty,
     connect_ray,
     export_rllib,
@@ -123,8 +124,9 @@ def test_ppo_trains_the_lm_module_with_rlhf_metrics(trained: dict[str, Any]) -> 
 
 def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_model: Path) -> None:
     """On episodes sampled by the EnvRunner, the Learner's connector pipeline turns each reward into
-    r − β·(log π(a|s) − log π_ref(a|s)), recomputed here by hand from each observation's tokens alone, and GAE
-    runs on those rewards."""
+    r / s − β·(log π(a|s) − log π_ref(a|s)), recomputed here by hand from each observation's tokens alone, and GAE
+    runs on those rewards; s is the running std of the episodes' rewards (the gold scorer is not normalised: the
+    run scales it, as SB3's KLPenalty does)."""
     algo, module, beta = trained["algo"], trained["module"], trained["config"].beta
     episodes = algo.env_runner_group.foreach_env_runner(
         lambda runner: runner.sample(num_timesteps=8), local_env_runner=False
@@ -142,19 +144,21 @@ def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_m
         recorded = torch.as_tensor(np.asarray(episode.get_extra_model_outputs(REF_LOGP)))  # (T,) by the EnvRunner
         assert torch.allclose(recorded, log_ref[torch.arange(steps), actions], atol=1e-4)
         rewards = torch.as_tensor(np.asarray(episode.get_rewards()), dtype=torch.float32)
-        expected.append(torch.cat([rewards - beta * kl, torch.zeros(1)]))  # + RLlib's bootstrap row: no action
+        expected.append((rewards, kl))
     assert torch.cat(kls).abs().max() > 1e-3  # trained at lr 1e-2: the policy has left the reference
 
-    def pipeline(learner: Any) -> tuple[list[str], dict[str, Any]]:
+    def pipeline(learner: Any) -> tuple[list[str], dict[str, Any], float]:
         names = [type(piece).__name__ for piece in learner._learner_connector.connectors]
         batch = learner._learner_connector(
             rl_module=learner.module, batch={}, episodes=episodes, shared_data={}, metrics=learner.metrics
         )
-        return names, batch[DEFAULT_MODULE_ID]
+        return names, batch[DEFAULT_MODULE_ID], learner._learner_connector[EpisodeRewardScaling][0].reward_scale.scale
 
-    names, batch = next(iter(algo.learner_group.foreach_learner(pipeline))).get()
+    names, batch, scale = next(iter(algo.learner_group.foreach_learner(pipeline))).get()
+    assert trained["config"].scales_rewards and names[0] == EpisodeRewardScaling.__name__
     assert names.index(KLRewardPenalty.__name__) == names.index(GeneralAdvantageEstimation.__name__) - 1
-    assert torch.allclose(batch[Columns.REWARDS].float(), torch.cat(expected), atol=1e-4)
+    shaped = [torch.cat([r / scale - beta * kl, torch.zeros(1)]) for r, kl in expected]  # + RLlib's bootstrap row
+    assert torch.allclose(batch[Columns.REWARDS].float(), torch.cat(shaped), atol=1e-4)
     assert "advantages" in batch and "value_targets" in batch
 
 

@@ -76,6 +76,7 @@ def test_trpo_with_lora_says_what_to_do() -> None:
     [({"algo": "dqn"}, "choose one of ppo, a2c, trpo, maskable_ppo, ppo_bag_of_tokens"),
      ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta and ent_coef must be >= 0"),
      ({"ent_coef": -0.01}, "ent_coef must be >= 0"),
+     ({"reward_scaling": "std"}, "reward_scaling must be one of auto, running-std, none"),
      ({"algo": "trpo", "lora_r": 0, "train_layers": 2, "ent_coef": 0.01}, "TRPO has no entropy bonus")],
 )  # fmt: skip
 def test_bad_settings_are_refused_when_made(kwargs: dict, message: str) -> None:
@@ -88,6 +89,16 @@ def test_entropy_bonus_reaches_every_algorithm_that_has_one() -> None:
     assert "ent_coef" not in algorithm_kwargs(TrainConfig.for_algo("trpo"))  # TRPO's constructor has none
     for algo in ("a2c", "maskable_ppo"):
         assert algorithm_kwargs(TrainConfig.for_algo(algo, ent_coef=0.02))["ent_coef"] == 0.02
+
+
+def test_rewards_are_scaled_unless_a_learned_reward_model_gives_them(tmp_path: Path) -> None:
+    """auto: a learned reward model (shipped or a directory) is already on β's scale; a gold scorer is not."""
+    assert not TrainConfig().scales_rewards  # positive-review's shipped reward model
+    assert not TrainConfig(reward_model=str(tmp_path)).scales_rewards
+    assert TrainConfig(reward_model="gold").scales_rewards
+    assert TrainConfig(task="dialogue").scales_rewards  # no reward model ships: its gold scorer rewards
+    assert TrainConfig(reward_scaling="running-std").scales_rewards
+    assert not TrainConfig(task="dialogue", reward_scaling="none").scales_rewards
 
 
 def test_unknown_algorithm_lists_the_choices() -> None:

@@ -19,13 +19,14 @@ except ImportError as err:  # tests/test_rllib.py::test_missing_ray_says_how_to_
         f"the RLlib engine needs Ray RLlib ({err}): pip install 'textgen-rl[rllib]' (ray[rllib]==2.60.*)"
     ) from err
 
-from agents.rllib.learner import KLRewardPenalty, RLHFPPOLearner
+from agents.rllib.learner import EpisodeRewardScaling, KLRewardPenalty, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
 from agents.rllib.train import RLHFMetrics, connect_ray, export_rllib, load_rllib_module, rllib_config, train_rllib
 
 __all__ = [
     "REF_LOGP",
     "CausalLMRLModule",
+    "EpisodeRewardScaling",
     "KLRewardPenalty",
     "RLHFMetrics",
     "RLHFPPOLearner",

@@ -38,7 +38,7 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LI
 from agents.evaluate import evaluate
 from agents.kl import KLController
 from agents.policies import export_pretrained
-from agents.rllib.learner import KL_BETA, RLHFPPOLearner
+from agents.rllib.learner import KL_BETA, REWARD_SCALING, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
 from agents.run import TrainConfig, make_env, run_task
 from agents.train import (
@@ -111,7 +111,11 @@ def rllib_config(
             num_gpus_per_learner=num_gpus_per_learner,
             num_aggregator_actors_per_learner=0,  # the KL penalty runs in the Learner's own connector pipeline
             learner_class=RLHFPPOLearner,
-            learner_config_dict={KL_BETA: config.beta, KL_TARGET: config.target_kl},
+            learner_config_dict={
+                KL_BETA: config.beta,
+                KL_TARGET: config.target_kl,
+                REWARD_SCALING: config.scales_rewards,
+            },
         )
         .training(
             lr=config.learning_rate,
