@@ -305,8 +305,22 @@ def json_safe(value: Any) -> Any:
 
 
 def peak_rss_gb() -> float:
-    """The process's peak resident memory so far, in GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """The process's peak resident memory so far, in GiB.
+
+    Linux's ``VmHWM`` (``/proc/self/status``), not ``getrusage``'s ``ru_maxrss``: Linux carries ``ru_maxrss``
+    across ``execve``, so a run started by a larger process (a benchmark that evaluated the base model first)
+    reported its parent's peak (a child of a 2 GB Python process that touched 14 MB read 2.0 GB). Elsewhere,
+    ``ru_maxrss`` (bytes on macOS, KiB on other systems).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if platform.system() == "Darwin" else peak / 1024**2
 
 
 def _jsonable(value: Any) -> Any:

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -215,9 +214,11 @@ def run_isolated(method: str, seed: int, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _child(method: str, seed: int, cfg: BenchConfig, out: Path) -> None:
+    from agents.train import peak_rss_gb
+
     try:
         result = run_one(method, seed, cfg)
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        result["peak_rss_gb"] = peak_rss_gb()  # VmHWM: ru_maxrss would carry the parent's peak over exec
     except Skipped as why:
         result = {"method": method, "seed": seed, "error": [f"skipped: {why}"]}
     out.write_text(json.dumps(result))

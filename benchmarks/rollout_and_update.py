@@ -24,7 +24,6 @@ import copy
 import functools
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 from agents.cached_lm import CachedLM, _shared_prefix_groups, valid_ends
 from agents.kl import KLPenalty
 from agents.run import Run, TrainConfig, build_run
+from agents.train import peak_rss_gb
 from text_env.prompts import encode_prompt
 
 CONFIGS = {"lora": 16, "full": 0}  # textgen train's default (LoRA r=16), and full fine-tuning beside it
@@ -210,13 +210,13 @@ def profile_update(run: Run, repeats: int) -> dict[str, float]:
 def peak_rss_of_train(model: str) -> float:
     """Peak RSS (GB) of a short default ``textgen train`` subprocess."""
     code = (
-        "import resource, sys; from agents.cli import main; "
+        "from agents.cli import main; from agents.train import peak_rss_gb; "
         f"main(['train', '--model', {model!r}, '--total-timesteps', '1024', '--eval-prompts', '16', "
         "'--out', '/tmp/textgen-bench-runs']); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print('PEAK_RSS_GB', peak_rss_gb())"  # VmHWM: getrusage would report this process's peak (see there)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.split("PEAK_RSS_KB")[-1].split()[0]) / 1024**2
+    return float(out.split("PEAK_RSS_GB")[-1].split()[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def write(results: dict[str, Any], profiles: dict[str, dict[str, float]], path: str) -> None:
     """The results so far as JSON and Markdown (after each configuration: a long run keeps what it measured)."""
-    results["bench_process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    results["bench_process_peak_rss_gb"] = peak_rss_gb()
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     results["profiles"] = profiles
     out = Path(path)

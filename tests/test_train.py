@@ -160,3 +160,17 @@ def test_own_prompts_with_references_replace_the_task_train_split(tiny_model: Pa
     assert all(tuple(info["references"]) in [(r["summary"],) for r in rows] for info in finished)
     with pytest.raises(ValueError, match="reference_column names a field of --prompts"):
         TrainConfig(reference_column="summary")
+
+
+def test_peak_rss_is_the_process_own_not_its_parent() -> None:
+    """A run started by a larger process (a benchmark that evaluated the base model first) reports its own peak:
+    Linux carries getrusage's ru_maxrss across exec, so a child of a process that touched 1.5 GB read >= 1.5 GB."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(3 * 2**29)  # 1.5 GiB, touched
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))
+    code = "from agents.train import peak_rss_gb; print(peak_rss_gb())"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    assert 0 < float(shown.stdout) < 1.2  # the imports' own (torch, SB3, transformers: ~0.5 GB)
