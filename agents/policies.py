@@ -344,6 +344,23 @@ class _CausalLMMixin:
         for cache in (self.__dict__.get("_actor_cache"), self.__dict__.get("_reference_cache")):
             if cache is not None:
                 cache.reset()
+        self.__dict__["_frozen_copies"] = None
+
+    def _frozen_weights(self) -> dict[str, torch.Tensor] | None:
+        """bf16 copies of the frozen ``nn.Linear`` weights (LoRA's base, the blocks below ``train_layers``) that
+        training passes run on, made once per update phase (they go with the caches at the next
+        ``set_training_mode``). Autocast's cast cache skips weights that need no gradient, so without them every
+        forward of an update re-cast all of LoRA's base weights; autocast passes a bf16 weight through unchanged,
+        so the results are bit-identical."""
+        if not self.bf16:
+            return None
+        if self.__dict__.get("_frozen_copies") is None:
+            self.__dict__["_frozen_copies"] = {
+                f"{name}.weight": module.weight.detach().to(torch.bfloat16)
+                for name, module in self.lm.named_modules()
+                if isinstance(module, nn.Linear) and not module.weight.requires_grad
+            }
+        return self.__dict__["_frozen_copies"] or None
 
     # --- the forward passes ----------------------------------------------------------------------------------
     def _use_cache(self, cache: CachedLM, ids: torch.Tensor, frozen: bool = False) -> bool:
@@ -372,7 +389,7 @@ class _CausalLMMixin:
             logits, hidden = self._actor_cache(ids, mask)  # (B, V), (B, H)
         else:
             with self._autocast(), self._attention():
-                logits, hidden = grouped_forward(self.lm, ids, mask)
+                logits, hidden = grouped_forward(self.lm, ids, mask, self._frozen_weights())
         values = self.value_head(hidden.float())  # (B, 1)
         return logits, values
 

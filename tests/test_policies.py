@@ -308,6 +308,47 @@ def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: 
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize(
+    ("lora", "train_layers", "copied"),
+    [(None, None, 0), ({"r": 4}, None, 15), (None, 1, 8)],
+    ids=["full", "lora", "top-block"],
+)
+def test_training_passes_run_frozen_weights_on_bf16_copies(
+    tiny_env_kwargs: dict, tiny_model: Path, lora: dict | None, train_layers: int | None, copied: int
+) -> None:
+    """Under autocast a training pass runs the frozen Linear weights (LoRA's base, blocks below train_layers) on bf16
+    copies made once per update phase: log-probs, values, entropy and every gradient bit-identical to autocast's
+    own casts; trainable weights stay the model's own, and the copies go at the next switch to rolling out."""
+    venv = make_env(tiny_env_kwargs, 3, seed=3)
+    policy = lm_ppo(venv, tiny_model, bf16=True, lora=lora, train_layers=train_layers).policy
+    with torch.no_grad():
+        for p in policy.lm.parameters():  # LoRA's B starts at zero: make the adapters count
+            p.add_(0.02 * torch.randn_like(p))
+    steps = random_rollout(venv, 6, seed=3)
+    obs = {k: torch.as_tensor(np.concatenate([o[k] for o, _ in steps])) for k in steps[0][0]}
+    actions = torch.as_tensor(np.concatenate([a for _, a in steps]))
+    policy.set_training_mode(True)
+
+    def pass_and_grads() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        policy.optimizer.zero_grad()
+        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+        (values.sum() + log_prob.sum() + entropy.sum()).backward()
+        return [values, log_prob, entropy], {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    outputs, grads = pass_and_grads()
+    copies = policy._frozen_weights() or {}
+    assert len(copies) == copied and all(w.dtype == torch.bfloat16 and not w.requires_grad for w in copies.values())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policy, "_frozen_weights", lambda: None)  # autocast casts every weight at every call
+        plain_outputs, plain_grads = pass_and_grads()
+    assert all(torch.equal(a, b) for a, b in zip(outputs, plain_outputs, strict=True))
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    assert all(p.dtype == torch.float32 for p in policy.lm.parameters())
+    policy.set_training_mode(False)
+    assert policy.__dict__["_frozen_copies"] is None
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
 @pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
 def test_kl_reference_pass_reads_log_probs_off_bf16_copies(
