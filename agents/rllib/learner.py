@@ -47,15 +47,7 @@ class EpisodeRewardScaling(ConnectorV2):
         self.reward_scale = RewardScale()
 
     def __call__(
-        self,
-        *,
-        rl_module: RLModule,
-        batch: dict[str, Any],
-        episodes: list[Any],
-        explore: bool | None = None,
-        shared_data: dict | None = None,
-        metrics: Any = None,
-        **kwargs: Any,
+        self, *, batch: Any, episodes: list[Any], shared_data: dict | None = None, metrics: Any = None, **kw: Any
     ) -> Any:
         chunks = self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False)
         scale = self.reward_scale.update([float(chunk.get_return()) for chunk in chunks if chunk.is_done])
