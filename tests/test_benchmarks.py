@@ -178,12 +178,13 @@ def test_tasks_train_reports_gold_after_textgen_train(
              "--max-prompt-tokens", "200"]  # fmt: skip
     (result,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
     trained = result["trained"]
-    assert trained["reward"] == "gold" and trained["eval_prompts"] == 2 and trained["total_timesteps"] == 32
+    assert trained["reward"] == "gold ÷ running std" and trained["eval_prompts"] == 2  # --reward-scaling auto
+    assert trained["total_timesteps"] == 32 and not trained["peak_rss_upper_bound"]
     (report,) = (tmp_path / "runs").glob("*/dialogue/seed0/*/report.json")
     after = json.loads(report.read_text())["after"]
     assert trained["gold_after"] == after["gold_score"] and trained["kl"] == after["kl"]
     assert (
-        f"| dialogue | gold | 2 | {trained['gold_before']:.3f} | {trained['gold_after']:.3f} |"
+        f"| dialogue | gold ÷ running std | 2 | {trained['gold_before']:.3f} | {trained['gold_after']:.3f} |"
         in (tmp_path / "tasks.md").read_text()
     )
     monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("a finished run was run again"))
