@@ -219,7 +219,6 @@ class KLPenalty(BaseCallback):
         rows, envs, paid = (np.array(column) for column in zip(*self._scored, strict=True))
         scale = self.reward_scale.update(paid)
         buffer.rewards[rows.astype(int), envs.astype(int)] += (paid / scale - paid).astype(buffer.rewards.dtype)
-        self._scored = []
         self.logger.record("rlhf/reward_scale", scale)
 
     def _on_step(self) -> bool:

@@ -115,11 +115,9 @@ def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, An
     torch.save({"torch": torch.get_rng_state()}, new / "rng.pt")
     record = {
         **state, "num_timesteps": timesteps, "n_updates": int(getattr(run.algo, "_n_updates", 0)),
-        "beta": run.kl.controller.beta, "history": run.metrics.history, "numpy_rng": _np_state(),
+        **run.kl.state(), "history": run.metrics.history, "numpy_rng": _np_state(),
         "python_rng": repr(random.getstate()),
     }  # fmt: skip
-    if run.kl.reward_scale is not None:
-        record["reward_scale"] = run.kl.reward_scale.state()
     (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: its presence marks a complete one
     old = run_dir / CHECKPOINT
     shutil.rmtree(old, ignore_errors=True)
