@@ -114,8 +114,8 @@ class TrainConfig:
     reward_scaling: str = field(
         default="auto",
         metadata=_help(
-            "divide rewards by their running std before the KL penalty, so that beta is per unit of reward spread; "
-            "auto: for a gold or other scorer, not for a learned reward model (train-rm scales it already)",
+            "divide rewards by their running (winsorised) std before the KL penalty, so that beta is per unit of "
+            "reward spread; auto: for a gold or other scorer, not for a learned reward model (train-rm scaled it)",
             REWARD_SCALINGS,
         ),
     )
@@ -164,9 +164,10 @@ class TrainConfig:
 
     @property
     def scales_rewards(self) -> bool:
-        """Whether the run divides rewards by their running std (:class:`agents.kl.RewardScale`): ``reward_scaling``,
-        where ``"auto"`` means unless the reward is a learned reward model, which ``train-rm`` already scaled so that
-        the base policy's samples score std 1 (what β is meant for); a gold scorer, or any other, is not scaled."""
+        """Whether the run divides rewards by their running (winsorised) std (:class:`agents.kl.RewardScale`):
+        ``reward_scaling``, where ``"auto"`` means unless the reward is a learned reward model, which ``train-rm``
+        already scaled so that the base policy's samples score std 1 (what β is meant for); a gold scorer, or any
+        other, is not scaled."""
         if self.reward_scaling != "auto":
             return self.reward_scaling == "running-std"
         source = self.reward_model if self.reward_model is not None else get_task(self.task).reward_model

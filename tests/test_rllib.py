@@ -125,8 +125,8 @@ def test_ppo_trains_the_lm_module_with_rlhf_metrics(trained: dict[str, Any]) -> 
 def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_model: Path) -> None:
     """On episodes sampled by the EnvRunner, the Learner's connector pipeline turns each reward into
     r / s − β·(log π(a|s) − log π_ref(a|s)), recomputed here by hand from each observation's tokens alone, and GAE
-    runs on those rewards; s is the running std of the episodes' rewards (the gold scorer is not normalised: the
-    run scales it, as SB3's KLPenalty does)."""
+    runs on those rewards; s is the running (winsorised) std of the episodes' rewards (the gold scorer is not
+    normalised: the run scales it, as SB3's KLPenalty does)."""
     algo, module, beta = trained["algo"], trained["module"], trained["config"].beta
     episodes = algo.env_runner_group.foreach_env_runner(
         lambda runner: runner.sample(num_timesteps=8), local_env_runner=False

@@ -6,8 +6,8 @@ them after :class:`agents.kl.KLPenalty`: the same estimate ``log π(a_t|s_t) −
 policy (``ACTION_LOGP``) against the frozen starting model (:data:`~agents.rllib.module.REF_LOGP`, both recorded by
 the EnvRunner with the action), the same β. β itself is moved by :class:`agents.kl.KLController` in the driver
 (:class:`agents.rllib.train.RLHFMetrics`), which hands it to every Learner, so that all Learners apply one β.
-With ``learner_config_dict["reward_scaling"]``, the rewards are first divided by their running std, measured by
-:class:`EpisodeRewardScaling`, as ``KLPenalty(scale_rewards=True)`` does in SB3.
+With ``learner_config_dict["reward_scaling"]``, the rewards are first divided by their running (winsorised) std,
+measured by :class:`EpisodeRewardScaling`, as ``KLPenalty(scale_rewards=True)`` does in SB3.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ __all__ = ["KL_BETA", "REWARD_SCALING", "EpisodeRewardScaling", "KLRewardPenalty
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
 REWARD_SCALING = "reward_scaling"
-"""``learner_config_dict`` key: ``True`` divides rewards by their running std (``TrainConfig.scales_rewards``)."""
+"""``learner_config_dict`` key: ``True`` divides rewards by their running (winsorised) std
+(``TrainConfig.scales_rewards``)."""
 
 
 class EpisodeRewardScaling(ConnectorV2):
-    """Measure the running std of the episodes' rewards (:class:`agents.kl.RewardScale`), by which
+    """Measure the running (winsorised) std of the episodes' rewards (:class:`agents.kl.RewardScale`), by which
     :class:`KLRewardPenalty` divides the rewards before it subtracts the penalty.
 
     The first piece of the Learner's pipeline, on the episode chunks as the EnvRunners sent them (read-only): the env
