@@ -417,6 +417,13 @@ class _CausalLMMixin:
         self, obs: PyTorchObs, actions: torch.Tensor, action_masks: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, values = self.logits_and_values(obs)
+        if action_masks is None and self.temperature == 1.0 and not (self.top_k or self.top_p < 1.0):
+            # The raw distribution (every algorithm's default): log-probs and entropy from one log_softmax over the
+            # vocabulary, where SB3's Categorical runs logsumexp, softmax and a clamp (and their backward passes):
+            # half the time on SmolLM2's 49k tokens, the same values within float32 rounding.
+            log_p = torch.log_softmax(logits, -1)  # (B, V)
+            log_prob = log_p.gather(1, actions.long().reshape(-1, 1)).squeeze(1)  # (B,)
+            return values, log_prob, -(log_p.exp() * log_p).sum(-1)
         distribution = self.distribution_from_logits(logits, action_masks)
         return values, distribution.log_prob(actions), distribution.entropy()
 

@@ -307,6 +307,30 @@ def test_bf16_weight_copies_change_no_result(tiny_env_kwargs: dict, tiny_model: 
     assert policy._actor_cache.weights is None and policy._reference_cache.weights is None
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_evaluate_actions_matches_sb3s_categorical(tiny_env_kwargs: dict, tiny_model: Path, temperature: float) -> None:
+    """The raw distribution's log-probs and entropy come from one log_softmax: the same values and gradients as
+    SB3's Categorical (which a tempered or filtered distribution still uses)."""
+    venv = make_env(tiny_env_kwargs, 3, seed=1)
+    policy = lm_ppo(venv, tiny_model, temperature=temperature).policy
+    steps = random_rollout(venv, 5, seed=1)
+    obs = as_tensors({k: np.concatenate([o[k] for o, _ in steps]) for k in steps[0][0]})
+    actions = torch.as_tensor(np.concatenate([a for _, a in steps]))
+    policy.set_training_mode(True)
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+    grads = torch.autograd.grad(log_prob.sum() + 0.3 * entropy.sum() + values.sum(), params)
+    logits, sb3_values = policy.logits_and_values(obs)
+    distribution = policy.distribution_from_logits(logits)  # SB3's CategoricalDistribution
+    sb3_log_prob, sb3_entropy = distribution.log_prob(actions), distribution.entropy()
+    sb3_grads = torch.autograd.grad(sb3_log_prob.sum() + 0.3 * sb3_entropy.sum() + sb3_values.sum(), params)
+    torch.testing.assert_close(log_prob, sb3_log_prob, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, sb3_entropy, atol=1e-5, rtol=1e-5)
+    for grad, sb3_grad in zip(grads, sb3_grads, strict=True):
+        torch.testing.assert_close(grad, sb3_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize(
     ("lora", "train_layers", "copied"),
