@@ -236,6 +236,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         "resumed": state["resumed"],
         "history": run.metrics.history,
         "final_beta": run.kl.controller.beta,
+        "final_reward_scale": None if run.kl.reward_scale is None else run.kl.reward_scale.scale,
         "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "samples": paired_samples(before, after),

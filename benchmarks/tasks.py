@@ -110,11 +110,14 @@ def train_task(name: str, seed: int, runs: Path, extra: Sequence[str] = ()) -> d
     shipped = get_task(name).reward_model
     reward = chosen or ("learned (shipped)" if shipped else "gold")
     # A run made before reward scaling and the VmHWM peak (2026-12-02) has no reward_scaling in its config: it
-    # trained on the raw gold, and its peak RSS counted this benchmark's own peak too (getrusage across exec).
+    # trained on the raw gold, and its peak RSS counted this benchmark's own peak too (getrusage across exec). One
+    # made before the winsorised std (2026-12-03) has no final_reward_scale: it divided by the plain running std.
     made_before = "reward_scaling" not in report["config"]
     if reward == "gold":
         scaled = not made_before and TrainConfig(**report["config"]).scales_rewards
         reward = "gold ÷ running std" if scaled else "gold (unscaled)"
+        if scaled and report.get("final_reward_scale") is not None:
+            reward = f"gold ÷ winsorised std ({report['final_reward_scale']:.3f})"
     return {
         "seed": seed, "reward": reward, "peak_rss_upper_bound": made_before,
         "eval_prompts": report["config"]["eval_prompts"], "gold_before": before["gold_score"],
@@ -130,16 +133,19 @@ def _trained_markdown(results: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in results if "trained" in r]
     if not rows:
         return []
+    machines = list(dict.fromkeys(r["trained"]["machine"] or "this machine" for r in rows))  # the CPU kind varies
     lines = [
         "", "## After `textgen train --task X` (default budget, one seed)", "",
         f"Each task trained by `textgen train --task X --seed {rows[0]['trained']['seed']}` with every other setting "
         f"its default ({rows[0]['trained']['total_timesteps']} PPO tokens, LoRA, β = the default), rewarded by the "
-        "task's shipped reward model, or by its gold where none ships (`gold ÷ running std`: divided by the running "
-        "std of its episode rewards, `--reward-scaling auto`; a `gold (unscaled)` row was trained before that "
-        "existed, as `--reward-scaling none` trains today, and its peak RSS, marked ≤, counted this benchmark's own "
-        "process too: an upper bound); held-out gold on the task's first eval prompts before and after (the number "
-        "of prompts is given), KL in nats per completion to the base model; minutes of training on "
-        f"{rows[0]['trained']['machine'] or 'this machine'}.", "",
+        "task's shipped reward model, or by its gold where none ships (`gold ÷ winsorised std (s)`: divided by the "
+        "running winsorised std of its episode rewards, `--reward-scaling auto`, s at the end of training; a `gold "
+        "÷ running std` row was trained before the std was winsorised, by the plain std; a `gold (unscaled)` row "
+        "before rewards were scaled, as `--reward-scaling none` trains today, and its peak RSS, marked ≤, counted "
+        "this benchmark's own process too: an upper bound); held-out gold on the task's first eval prompts before "
+        "and after (the number of prompts is given), KL in nats per completion to the base model; minutes of "
+        "training on "
+        f"{machines[0] if len(machines) == 1 else 'the machine named under the table'}.", "",
         "| task | reward | eval prompts | gold before | gold after | gain | KL | distinct-2 | reward before → after "
         "| minutes | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -152,6 +158,8 @@ def _trained_markdown(results: list[dict[str, Any]]) -> list[str]:
             f"{t['rm_before']:.3f} → {t['rm_after']:.3f} | {t['minutes']:.1f} | "
             f"{'≤ ' if t.get('peak_rss_upper_bound', True) else ''}{t['peak_rss_gb']:.2f} |"
         )
+    if len(machines) > 1:
+        lines += ["", *(f"- {r['task']}: {r['trained']['machine'] or 'this machine'}" for r in rows)]
     return lines
 
 

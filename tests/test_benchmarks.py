@@ -178,15 +178,14 @@ def test_tasks_train_reports_gold_after_textgen_train(
              "--max-prompt-tokens", "200"]  # fmt: skip
     (result,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
     trained = result["trained"]
-    assert trained["reward"] == "gold ÷ running std" and trained["eval_prompts"] == 2  # --reward-scaling auto
+    (report_file,) = (tmp_path / "runs").glob("*/dialogue/seed0/*/report.json")
+    report = json.loads(report_file.read_text())
+    scale = report["final_reward_scale"]  # --reward-scaling auto: the gold is scaled
+    assert trained["reward"] == f"gold ÷ winsorised std ({scale:.3f})" and trained["eval_prompts"] == 2
     assert trained["total_timesteps"] == 32 and not trained["peak_rss_upper_bound"]
-    (report,) = (tmp_path / "runs").glob("*/dialogue/seed0/*/report.json")
-    after = json.loads(report.read_text())["after"]
-    assert trained["gold_after"] == after["gold_score"] and trained["kl"] == after["kl"]
-    assert (
-        f"| dialogue | gold ÷ running std | 2 | {trained['gold_before']:.3f} | {trained['gold_after']:.3f} |"
-        in (tmp_path / "tasks.md").read_text()
-    )
+    assert trained["gold_after"] == report["after"]["gold_score"] and trained["kl"] == report["after"]["kl"]
+    row = f"| dialogue | gold ÷ winsorised std ({scale:.3f}) | 2 | {trained['gold_before']:.3f} |"
+    assert f"{row} {trained['gold_after']:.3f} |" in (tmp_path / "tasks.md").read_text()
     monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("a finished run was run again"))
     (again,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
     assert again["trained"] == trained
