@@ -23,7 +23,6 @@ import collections
 import copy
 import functools
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch
 from agents.cached_lm import CachedLM, _shared_prefix_groups, valid_ends
 from agents.kl import KLPenalty
 from agents.run import Run, TrainConfig, build_run
-from agents.train import peak_rss_gb
+from agents.train import cpu_kind, peak_rss_gb
 from text_env.prompts import encode_prompt
 
 CONFIGS = {"lora": 16, "full": 0}  # textgen train's default (LoRA r=16), and full fine-tuning beside it
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def write(results: dict[str, Any], profiles: dict[str, dict[str, float]], path: str) -> None:
     """The results so far as JSON and Markdown (after each configuration: a long run keeps what it measured)."""
     results["bench_process_peak_rss_gb"] = peak_rss_gb()
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    results["machine"] = f"{cpu_kind()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     results["profiles"] = profiles
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ import argparse
 import collections
 import functools
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 
 from agents.policies import _LORA_DEFAULTS
 from agents.run import TrainConfig, build_run, run_task
+from agents.train import cpu_kind
 from text_env.core import resolve_reward
 from text_env.models import load_causal_lm, load_tokenizer
 from text_env.prompts import columns_of, render_prompt
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ours = results["methods"]["textgen_ppo"]
         for row in results["methods"].values():
             row["textgen_speedup"] = ours["tok_s"] / row["tok_s"]  # textgen's tokens/s over this method's
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    results["machine"] = f"{cpu_kind()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "quick")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
