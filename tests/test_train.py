@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_PROMPTS
 
+from agents.evaluate import evaluate
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from agents.run import (
     ALGORITHMS,
@@ -21,7 +23,7 @@ from agents.run import (
     run_task,
 )
 from text_env import make_text_vec_env
-from text_env.tasks import get_task
+from text_env.tasks import get_task, list_tasks
 
 
 def tiny_config(tiny_model: Path) -> dict:
@@ -174,3 +176,18 @@ def test_peak_rss_is_the_process_own_not_its_parent() -> None:
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     del ballast
     assert 0 < float(shown.stdout) < 1.2  # the imports' own (torch, SB3, transformers: ~0.5 GB)
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("name", list_tasks())
+def test_one_episode_of_every_task_on_the_default_model(name: str) -> None:
+    """The embedded model plays one episode of each registered task's first eval prompt, rewarded as ``textgen
+    train --task X`` rewards it (its shipped reward model, else its gold) and judged by the task's gold."""
+    task = get_task(name)
+    env = make_text_vec_env(1, seed=0, task=task, split="eval")
+    policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model="default")
+    result = evaluate(policy, env, task.examples("eval")[:1])
+    env.close()
+    assert 1 <= result.n_tokens[0] <= task.max_new_tokens and isinstance(result.completions[0], str)
+    assert -1.0 <= result.gold_score[0] <= 1.0 and np.isfinite(result.reward_model_score[0])
+    assert np.isfinite(result.kl[0]) and abs(result.kl[0]) < 0.05  # untrained: the policy is its reference
