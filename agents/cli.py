@@ -125,20 +125,39 @@ def _rlhf(args: argparse.Namespace) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> None:
-    """A markdown table of every registered task (building each reads its data: a few seconds)."""
+    """A markdown table of every registered task (building each reads its data: a few seconds); with ``--measure
+    N``, the base model's gold on each task's first N eval prompts too, each row printed as it is measured."""
     from text_env.rewards import scorer_name
     from text_env.tasks import get_task, list_tasks
 
-    print("| task | what and where from | train / eval records | gold | reward model | new tokens |")
-    print("|---|---|---|---|---|---|")
+    measure = f" base model's gold ({args.measure} eval prompts) |" if args.measure else ""
+    print(f"| task | what and where from | train / eval records | gold | reward model | new tokens |{measure}")
+    print("|---|---|---|---|---|---|" + ("---|" if measure else ""))
     for name in list_tasks():
         task = get_task(name)
         learned = "learned, shipped" if task.reward_model else "the gold (none learned yet)"
-        print(
+        row = (
             f"| {name} | {task.description.removeprefix(name + ': ')} | {len(task.train_prompts)} / "
             f"{len(task.eval_prompts)} | {scorer_name(task.gold)} | {learned} | {task.max_new_tokens} |"
         )
-    print("\nThe base model's gold on each: python benchmarks/tasks.py (benchmarks/results/tasks.md).")
+        if args.measure:
+            from agents.evaluate import evaluate_base_model
+
+            gold = evaluate_base_model(
+                name,
+                args.model,
+                args.measure,
+                seed=args.seed,
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_new_tokens=args.max_new_tokens,
+            ).gold_score
+            row += f" {gold.mean():+.3f} ± {gold.std():.3f} |"
+        print(row, flush=True)
+    if not args.measure:
+        print(
+            "\nThe base model's gold on each: textgen tasks --measure 32 (sampled, as training samples; minutes), "
+            "or with BLEU/ROUGE/chrF and after training: python benchmarks/tasks.py (benchmarks/results/tasks.md)."
+        )
 
 
 def _rollout(args: argparse.Namespace) -> None:
@@ -178,6 +197,17 @@ def _preferences(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
     print(f"{len(pairs)} preference pairs in {args.out}")
+
+
+def _prompt_count(text: str) -> int:
+    """``--measure``: how many eval prompts, a count >= 1 (a usage error before any model is loaded)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of prompts (a whole number >= 1)")
+    return count
 
 
 def _layer(text: str) -> int | list[int] | None:
@@ -376,7 +406,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_rlhf(sub)
     from agents.run import ALGORITHMS
 
-    sub.add_parser("tasks", help="list the tasks: what each asks, its data, splits, gold scorer and reward model")
+    p = sub.add_parser("tasks", help="list the tasks: what each asks, its data, splits, gold scorer and reward model")
+    p.add_argument(
+        "--measure", type=_prompt_count, default=0, metavar="N",
+        help="also measure --model's gold on each task's first N eval prompts (sampled at temperature 1)",
+    )  # fmt: skip
+    p.add_argument("--model", default="default", help="the model --measure samples: 'default', a directory or hub id")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="--measure: room for prompts (each task's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="--measure: completion length (each task's)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("rollout", help="sample a few episodes of TextGen-v0 with the base model and show rewards")
     p.add_argument("--model", default="default", help="'default', a directory or a hub id")
     p.add_argument("--task", default="positive-review")

@@ -22,9 +22,12 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
+from agents.policies import CausalLMPolicy
 from text_env.prompts import Example, as_example
+from text_env.tasks import get_task
+from text_env.vec_env import make_text_vec_env
 
-__all__ = ["Evaluation", "distinct_n", "evaluate"]
+__all__ = ["Evaluation", "distinct_n", "evaluate", "evaluate_base_model"]
 
 # A policy given as a function: observations -> (actions (n,), log-probabilities of those actions (n,)).
 Sampler = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -166,3 +169,32 @@ def evaluate(
     return Evaluation(
         texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
     )
+
+
+def evaluate_base_model(
+    task: str,
+    model: str = "default",
+    n_prompts: int = 32,
+    split: str = "eval",
+    seed: int = 0,
+    n_envs: int = 16,
+    bf16: bool = True,
+    max_new_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Evaluation:
+    """An untrained ``model`` on the first ``n_prompts`` examples of ``task``'s ``split``, sampled as training
+    samples (temperature 1) in the task's own env, and judged by its gold: how much room a task leaves to improve
+    (``textgen tasks --measure``, ``benchmarks/tasks.py``)."""
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
+    built = get_task(task)
+    examples = built.examples(split)[:n_prompts]
+    env = make_text_vec_env(
+        min(n_envs, len(examples)), seed=seed, model=model, task=built, split=split, reward_model="gold",
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
+    try:
+        policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=model, bf16=bf16)
+        return evaluate(policy, env, examples, seed=seed)
+    finally:
+        env.close()

@@ -30,14 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
 from textgen_train_seeds import run_seed, settings_key
 
-from agents.evaluate import evaluate
-from agents.policies import CausalLMPolicy
+from agents.evaluate import evaluate_base_model
 from agents.run import TrainConfig
 from text_env.models import DEFAULT_MODEL
 from text_env.prompts import Example
 from text_env.rewards import scorer_name
 from text_env.tasks import get_task, list_tasks
-from text_env.vec_env import make_text_vec_env
 
 REFERENCE_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
@@ -74,14 +72,11 @@ def measure_task(
     the reference metrics; with a gold that counts solved problems (``pass_at_1``), that fraction too."""
     task = get_task(name)
     examples: list[Example] = task.examples(split)[:n_prompts]
-    env = make_text_vec_env(
-        min(n_envs, len(examples)), seed=seed, model=model, task=task, split=split, reward_model="gold",
-        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-    )  # fmt: skip
-    policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=model, bf16=bf16)
     started = time.time()
-    evaluation = evaluate(policy, env, examples, seed=seed)
-    env.close()
+    evaluation = evaluate_base_model(
+        name, model, n_prompts, split=split, seed=seed, n_envs=n_envs, bf16=bf16, max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
     result: dict[str, Any] = {
         "task": name, "split": split, "gold_metric": scorer_name(task.gold), "n_prompts": len(examples),
         "n_eval": len(task.examples("eval")), "n_train": len(task.examples("train")),

@@ -91,6 +91,31 @@ def test_tasks_lists_every_task_with_its_data_splits_and_gold(capsys: pytest.Cap
         assert f"| {len(task.train_prompts)} / {len(task.eval_prompts)} | {scorer_name(task.gold)} |" in rows[name]
 
 
+def test_tasks_measure_adds_the_base_models_gold(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--measure N``: each row gains the untrained model's gold on the task's first N eval prompts, the figure
+    ``evaluate_base_model`` (what ``benchmarks/tasks.py`` reports) gives."""
+    from agents.evaluate import evaluate_base_model
+
+    for name in set(tasks.list_tasks()) - {"positive-review", "dialogue"}:  # the others' prompts take minutes here
+        del tasks._REGISTRY[name]
+    room = {"max_prompt_tokens": 200, "max_new_tokens": 4}  # the tiny tokenizer splits finer than SmolLM2's
+    main(["tasks", "--measure", "2", "--model", str(tiny_model), "--max-prompt-tokens", "200", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "base model's gold (2 eval prompts) |" in out.splitlines()[0]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in out.splitlines()}
+    for name in ("positive-review", "dialogue"):
+        gold = evaluate_base_model(name, str(tiny_model), 2, **room).gold_score
+        assert len(gold) == 2 and rows[name].endswith(f"| {gold.mean():+.3f} ± {gold.std():.3f} |")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_tasks_measure_needs_a_prompt_count(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["tasks", "--measure", value])
+    assert exit_.value.code == 2
+    assert f"argument --measure: {value!r} is not a number of prompts (a whole number >= 1)" in capsys.readouterr().err
+
+
 def test_console_script_help() -> None:
     textgen = shutil.which("textgen")
     assert textgen, "the textgen console script is not installed (pip install -e .)"
