@@ -867,6 +867,44 @@ def test_policy_refuses_an_lm_on_another_vocabulary(tiny_env_kwargs: dict, tiny_
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+def test_adapters_disabled_runs_the_base_model_and_restores_every_layer(tiny_model: Path) -> None:
+    """The switch flips only the adapter layers' flags: the base model's logits inside (LoRA and modules_to_save
+    alike), the adapted ones after, every ``requires_grad`` as it was (peft's own switch turns a frozen adapter's
+    back on) and a layer that was off before stays off."""
+    import peft
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])
+    model = peft.get_peft_model(load_causal_lm(tiny_model), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # LoRA's B starts at zero, the saved norm at the base's copy
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    frozen = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    frozen.requires_grad_(False)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers = cached_lm.adapter_layers(model)
+    assert len(layers) == 2 * 2 + 2 * 2 + 1  # q, v of 2 blocks; their 2 norms each and the last (names end in "norm")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with cached_lm.adapters_disabled(model):
+            switched_off = model(ids).logits
+        after = model(ids).logits
+        plain = load_causal_lm(tiny_model)
+        base = plain(ids).logits
+    torch.testing.assert_close(switched_off, base, atol=1e-6, rtol=0)
+    assert (adapted - base).abs().max() > 1e-3 and torch.equal(after, adapted)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    layers[0].enable_adapters(False)
+    with cached_lm.adapters_disabled(model, layers):
+        pass
+    assert layers[0].disable_adapters and not any(layer.disable_adapters for layer in layers[1:])
+    assert cached_lm.adapter_layers(plain) == []  # a plain model runs as it is
+    with torch.no_grad(), cached_lm.adapters_disabled(plain):
+        torch.testing.assert_close(plain(ids).logits, base, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 def test_lora_true_means_the_defaults_and_bad_lora_is_explained(tiny_env_kwargs: dict, tiny_model: Path) -> None:
     venv = make_env(tiny_env_kwargs, 1)
     policy = lm_ppo(venv, tiny_model, lora=True).policy
