@@ -24,7 +24,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.callbacks import TextMetrics
+from agents.callbacks import SkipFinishedBootstrap, TextMetrics
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
@@ -290,8 +290,8 @@ class Run:
     eval_prompts: list[str | Example]  # records: a reference-based gold scorer needs their references
 
     def callbacks(self, *more: Any) -> CallbackList:
-        """The KL leash and the text metrics (plus ``more``), for ``algo.learn(callback=...)``."""
-        return CallbackList([self.kl, self.metrics, *more])
+        """The KL leash, the text metrics and the bootstrap skip (plus ``more``), for ``algo.learn(callback=...)``."""
+        return CallbackList([self.kl, self.metrics, SkipFinishedBootstrap(), *more])
 
     def evaluate(self) -> Evaluation:
         """The policy on the held-out prompts, measured by :func:`agents.evaluate.evaluate`."""

@@ -47,6 +47,7 @@ import agents.policies
 from agents import cached_lm
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.cached_lm import CachedLM, _shared_prefix_groups, grouped_forward, token_log_probs
+from agents.callbacks import SkipFinishedBootstrap
 from agents.evaluate import distinct_n, evaluate
 from agents.kl import KLPenalty
 from agents.masks import TopPMask, top_p_mask
@@ -1041,3 +1042,62 @@ def test_free_heap_pages_go_back_at_each_switch_between_rollout_and_update(
     for _ in range(3):
         model.predict(obs)
     assert len(trims) == 5  # evaluation mode once, then nothing per call
+
+
+# --- SB3's value bootstrap ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", [PPO, A2C])
+def test_skip_finished_bootstrap_spares_the_discarded_pass_and_changes_nothing(
+    tiny_env_kwargs: dict, tiny_model: Path, algo: type
+) -> None:
+    """When every episode ends at a rollout's last step (n_steps = max_new_tokens = 6, no EOS), SB3's bootstrap
+    call on the next prompts, whose values it zeroes, is answered without the policy; returns, advantages and the
+    trained weights are bit-identical to a run without the callback."""
+    runs, original = [], CausalLMPolicy.predict_values
+    for skip in (False, True):
+        venv = make_env(tiny_env_kwargs, 4, reward_model=LengthReward())
+        venv.core.eos_ids = frozenset()  # episodes end only at max_new_tokens
+        extra = {} if algo is A2C else {"batch_size": 24}
+        model = algo(CausalLMPolicy, venv, n_steps=6, seed=0, policy_kwargs=lm_kwargs(tiny_model), **extra)
+        fresh_prompts = []  # predict_values calls that ran the policy on the next episodes' prompts
+
+        def spy(self: Any, obs: Any, _calls: list = fresh_prompts) -> torch.Tensor:
+            _calls.extend([1] if bool((obs["attention_mask"][:, MAX_PROMPT:] == 0).all()) else [])
+            return original(self, obs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(CausalLMPolicy, "predict_values", spy)
+            model.learn(3 * 6 * 4, callback=[SkipFinishedBootstrap()] if skip else None)
+        assert "predict_values" not in vars(model.policy)  # the one-call answer goes with each rollout
+        buffer = model.rollout_buffer
+        runs.append(([buffer.returns.copy(), buffer.advantages.copy()], weights(model.policy), len(fresh_prompts)))
+    (plain, plain_weights, plain_calls), (skipped, skipped_weights, skipped_calls) = runs
+    for a, b in zip(plain, skipped, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(torch.equal(plain_weights[k], v) for k, v in skipped_weights.items())
+    assert (plain_calls, skipped_calls) == (3, 0)  # 3 rollouts, each ending every episode: 3 passes spared
+
+
+def test_skip_finished_bootstrap_answers_only_sb3s_call(tiny_env_kwargs: dict, tiny_model: Path) -> None:
+    """Armed only at a last step where every env is done; other observations (a truncated episode's own) run the
+    policy and leave it armed; the step's new observations get zeros once, then the policy runs again."""
+    venv = make_env(tiny_env_kwargs, 2)
+    model = lm_ppo(venv, tiny_model)
+    skip = SkipFinishedBootstrap()
+    skip.init_callback(model)
+    new_obs, other = venv.reset(), venv.step(np.array([5, 6]))[0]
+    values = model.policy.predict_values(as_tensors(new_obs))
+    assert values.abs().sum() > 0
+    for n_steps, dones in ((2, [True, True]), (3, [True, False])):  # not the last step; not every env done
+        skip.update_locals({"n_steps": n_steps, "n_rollout_steps": 4, "dones": np.array(dones), "new_obs": new_obs})
+        skip.on_step()
+        assert "predict_values" not in vars(model.policy)
+    skip.update_locals({"n_steps": 3, "n_rollout_steps": 4, "dones": np.array([True, True]), "new_obs": new_obs})
+    skip.on_step()
+    own = CausalLMPolicy.predict_values(model.policy, as_tensors(other))
+    torch.testing.assert_close(model.policy.predict_values(as_tensors(other)), own)
+    assert "predict_values" in vars(model.policy)
+    assert torch.equal(model.policy.predict_values(as_tensors(new_obs)), torch.zeros(2, 1))
+    assert "predict_values" not in vars(model.policy)
+    torch.testing.assert_close(model.policy.predict_values(as_tensors(new_obs)), values)
