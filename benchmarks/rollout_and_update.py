@@ -167,11 +167,8 @@ def profile_rollout(run: Run, repeats: int) -> dict[str, float]:
             (policy, "forward", "policy step (sampling, values)"),
             (CachedLM, "_decode", "  of which decode steps"),
             (CachedLM, "_prefill", "  of which prompt encoding"),
-            (
-                type(policy),
-                "predict_values",
-                "bootstrap values after the last step",
-            ),  # SkipFinishedBootstrap answers on the instance
+            # the class's: SkipFinishedBootstrap answers SB3's call on the instance
+            (type(policy), "predict_values", "bootstrap values after the last step"),
             (KLPenalty, "penalise", "KL reference pass over the episodes"),
             (core, "score", "reward model and gold scoring"),
             (run.env, "step_wait", "env step (scoring included)"),
