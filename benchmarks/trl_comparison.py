@@ -11,6 +11,10 @@ Measured: generated-and-trained tokens per second and wall time to the same numb
 ``n_epochs x n_envs / minibatch`` optimiser steps), split into sampling (rollout / generation and scoring) and
 training. Model loading and evaluation are outside the timings.
 
+The three run one after the other, and a shared machine's speed drifts between them (on 2 cores one order gave
+textgen 1.41x-2.05x GRPO's throughput from run to run): ``--repeats`` runs them again in a rotated order each time,
+and reports each figure's median and the worst of textgen's per-repeat speed-ups.
+
 Run: ``python benchmarks/trl_comparison.py``; ``--quick`` on a tiny ``--model`` checks that every figure is made.
 """
 
@@ -20,6 +24,7 @@ import argparse
 import collections
 import functools
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -138,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--quick", action="store_true", help="one update: checks every figure is made")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every method, in a rotated order each time")
+    parser.add_argument("--quick", action="store_true", help="one update, one repeat: checks every figure is made")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "trl_comparison.json"))
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/trl_comparison.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
-        args.updates = 1
+        args.updates, args.repeats = 1, 1
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
@@ -152,20 +160,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_prompt_tokens=args.max_prompt_tokens, bf16=args.bf16,
     )  # fmt: skip
     methods = args.methods.split(",")
-    results: dict[str, Any] = {"command": command, "updates": args.updates, "methods": {}}
-    for method in methods:
-        torch.manual_seed(config.seed)
-        if method == "textgen_ppo":
-            row = textgen_ppo(config, args.updates)
-        else:
-            row = trl_trainer(method.removeprefix("trl_"), config, args.updates, args.generations)
-        row["tok_s"] = row["tokens"] / row["seconds"]
-        results["methods"][method] = row
-        print(method, row, flush=True)
-    if "textgen_ppo" in results["methods"]:
-        ours = results["methods"]["textgen_ppo"]
-        for row in results["methods"].values():
-            row["textgen_speedup"] = ours["tok_s"] / row["tok_s"]  # textgen's tokens/s over this method's
+    repeats: list[dict[str, dict[str, float]]] = []
+    for k in range(args.repeats):
+        rows: dict[str, dict[str, float]] = {}
+        for method in methods[k % len(methods) :] + methods[: k % len(methods)]:  # rotated: drift hits each alike
+            torch.manual_seed(config.seed)
+            if method == "textgen_ppo":
+                row = textgen_ppo(config, args.updates)
+            else:
+                row = trl_trainer(method.removeprefix("trl_"), config, args.updates, args.generations)
+            row["tok_s"] = row["tokens"] / row["seconds"]
+            rows[method] = row
+            print(f"repeat {k + 1}/{args.repeats}", method, row, flush=True)
+        if "textgen_ppo" in rows:
+            for row in rows.values():
+                row["textgen_speedup"] = rows["textgen_ppo"]["tok_s"] / row["tok_s"]  # textgen's tokens/s over this
+        repeats.append(rows)
+    results: dict[str, Any] = {"command": command, "updates": args.updates, "repeats": repeats, "methods": {}}
+    for method in methods:  # each figure's median over the repeats; the speed-up's worst beside it
+        runs = [rows[method] for rows in repeats]
+        results["methods"][method] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        if "textgen_speedup" in runs[0]:
+            results["methods"][method]["textgen_speedup_worst"] = min(r["textgen_speedup"] for r in runs)
     results["machine"] = f"{cpu_kind()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "quick")}
     out = Path(args.out)
@@ -177,18 +193,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
+    repeats = results["repeats"]
     lines = ["# textgen train vs TRL GRPOTrainer and RLOOTrainer", "", f"Command: `{results['command']}`", ""]
-    lines += [f"Machine: {results['machine']}. {results['updates']} updates each.", ""]
+    lines += [f"Machine: {results['machine']}. {results['updates']} updates each, {len(repeats)} repeat(s).", ""]
     lines += [
-        "| method | wall s | generated tokens | tokens/s | textgen's speed-up | sampling s | training s | reward s |",
+        "Medians over the repeats (each repeat runs every method, in a rotated order):",
+        "",
+        "| method | wall s | generated tokens | tokens/s | textgen's speed-up (worst) | sampling s | training s "
+        "| reward s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for method, r in results["methods"].items():
         lines.append(
             f"| {method} | {r['seconds']:.1f} | {r['tokens']:.0f} | {r['tok_s']:.2f} | "
-            f"{r.get('textgen_speedup', float('nan')):.2f}x | {r.get('sampling_s', 0):.1f} | "
-            f"{r.get('training_s', 0):.1f} | {r.get('reward_s', float('nan')):.1f} |"
+            f"{r.get('textgen_speedup', nan):.2f}x ({r.get('textgen_speedup_worst', nan):.2f}x) | "
+            f"{r.get('sampling_s', 0):.1f} | {r.get('training_s', 0):.1f} | {r.get('reward_s', nan):.1f} |"
         )
+    lines += ["", "Each repeat, in the order run (wall s; textgen's speed-up):", ""]
+    for k, rows in enumerate(repeats, 1):
+        runs = ", ".join(f"{m} {r['seconds']:.1f} s ({r.get('textgen_speedup', nan):.2f}x)" for m, r in rows.items())
+        lines.append(f"{k}. {runs}")
     return "\n".join(lines) + "\n"
 
 

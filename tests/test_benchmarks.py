@@ -110,6 +110,7 @@ def test_trl_comparison_measures_every_method(tiny_model: Path, tmp_path: Path) 
             assert row[key] > 0, (method, key)
         assert row["optimizer_steps"] == 4  # 1 update x 2 epochs x 2 minibatches, for every method
     assert result["methods"]["textgen_ppo"]["tokens"] == 16  # 4 envs x 4 steps, every one trained on
+    assert len(result["repeats"]) == 1 and result["methods"]["trl_grpo"]["textgen_speedup_worst"] > 0
     assert "| trl_rloo |" in out.with_suffix(".md").read_text()
 
 
