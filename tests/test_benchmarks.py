@@ -114,6 +114,23 @@ def test_trl_comparison_measures_every_method(tiny_model: Path, tmp_path: Path) 
     assert "| trl_rloo |" in out.with_suffix(".md").read_text()
 
 
+def test_trl_comparison_rotates_the_order_and_reports_medians_and_the_worst(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    bench = load_benchmark("trl_comparison")
+    out = tmp_path / "trl.json"
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0", "--out", str(out)])  # refused before any model loads
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "2",
+            "--n-steps", "2", "--batch-size", "4", "--n-epochs", "1", "--generations", "2", "--no-bf16"]  # fmt: skip
+    bench.main([*tiny, "--methods", "textgen_ppo,trl_grpo", "--updates", "1", "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [list(rows) for rows in result["repeats"]] == [["textgen_ppo", "trl_grpo"], ["trl_grpo", "textgen_ppo"]]
+    speedups = [rows["trl_grpo"]["textgen_speedup"] for rows in result["repeats"]]
+    grpo = result["methods"]["trl_grpo"]
+    assert grpo["textgen_speedup"] == pytest.approx(sum(speedups) / 2)  # the median of two
+    assert grpo["textgen_speedup_worst"] == min(speedups)
+
+
 def test_textgen_train_seeds_reports_mean_and_worst(tiny_model: Path, tmp_path: Path) -> None:
     bench = load_benchmark("textgen_train_seeds")
     tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--total-timesteps", "32", "--n-envs", "2",
