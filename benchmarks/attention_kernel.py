@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="default: benchmarks/results/attention_kernel_<task>")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     out = args.out or str(Path(__file__).parent / "results" / f"attention_kernel_{args.task}")
     started = time.time()
     config = TrainConfig(

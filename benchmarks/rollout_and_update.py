@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = " ".join(["python benchmarks/rollout_and_update.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
         args.repeats, args.skip_rss = 1, True
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"command": command, "model": args.model, "n_envs": args.n_envs, "tokens": args.tokens}

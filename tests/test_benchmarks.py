@@ -114,12 +114,17 @@ def test_trl_comparison_measures_every_method(tiny_model: Path, tmp_path: Path) 
     assert "| trl_rloo |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.parametrize("name", ["trl_comparison", "rollout_and_update", "attention_kernel"])
+def test_zero_repeats_is_a_usage_error(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # refused before any model loads
+        load_benchmark(name).main(["--repeats", "0", "--out", str(tmp_path / "out.json")])
+    assert exited.value.code == 2 and "--repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_trl_comparison_rotates_the_order_and_reports_medians_and_the_worst(tiny_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("trl")
     bench = load_benchmark("trl_comparison")
     out = tmp_path / "trl.json"
-    with pytest.raises(SystemExit):
-        bench.main(["--repeats", "0", "--out", str(out)])  # refused before any model loads
     tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "2",
             "--n-steps", "2", "--batch-size", "4", "--n-epochs", "1", "--generations", "2", "--no-bf16"]  # fmt: skip
     bench.main([*tiny, "--methods", "textgen_ppo,trl_grpo", "--updates", "1", "--repeats", "2", "--out", str(out)])
