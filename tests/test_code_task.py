@@ -11,11 +11,11 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from text_env.env import TextGenEnv
-from text_env.rewards.gold import TestsPassed
 from text_env.tasks import get_task, list_tasks
 from text_env.tasks.code import (
     REPLY_STOP_STRINGS,
     TEMPLATES,
+    TestsPassed,
     function_body,
     humaneval_problems,
     humaneval_tests,

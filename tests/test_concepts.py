@@ -10,9 +10,16 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 
 from text_env.env import TextGenEnv
 from text_env.prompts import Example
-from text_env.rewards.gold import Coverage
 from text_env.tasks import get_task, list_tasks
-from text_env.tasks.concepts import STOP_WORDS, concept_sets, concept_vocabulary, inflections, make_task, prompt_of
+from text_env.tasks.concepts import (
+    STOP_WORDS,
+    Coverage,
+    concept_sets,
+    concept_vocabulary,
+    inflections,
+    make_task,
+    prompt_of,
+)
 
 pytest.importorskip("wordfreq")
 

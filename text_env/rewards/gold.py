@@ -1,21 +1,19 @@
 """Gold scorers: fixed, programmatic judges that simulate a human's preference.
 
 RLHF research needs a ground truth that the learned reward model only approximates, so that reward hacking
-shows up as a gap between reward-model score and gold score.
+shows up as a gap between reward-model score and gold score. The judges here serve several tasks (sentiment, and
+reference metrics for summaries, replies and translations); a judge that only one task uses lives with its task
+(:class:`text_env.tasks.concepts.Coverage`, :class:`text_env.tasks.code.TestsPassed`), which imports this module,
+never the reverse.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from text_env.sandbox import Sandbox, TestReport
-
-__all__ = ["ChrF", "Coverage", "RougeL", "TestsPassed", "VaderSentiment"]
+__all__ = ["ChrF", "RougeL", "VaderSentiment", "score_rows"]
 
 
 class VaderSentiment:
@@ -37,7 +35,7 @@ class VaderSentiment:
         return np.array([self._analyzer.polarity_scores(c)["compound"] for c in completions], dtype=np.float64)
 
 
-def _score_rows(
+def score_rows(
     name: str,
     column: str,
     prompts: Sequence[str],
@@ -65,7 +63,7 @@ class _ReferenceScorer:
         self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Sequence[str] | None]
     ) -> np.ndarray:
         """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
-        return _score_rows(self.name, "references", prompts, completions, references, self.score_one)
+        return score_rows(self.name, "references", prompts, completions, references, self.score_one)
 
     def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
         """The score of one completion (``references`` is not empty)."""
@@ -124,117 +122,3 @@ class ChrF(_ReferenceScorer):
         turns = [prompt.strip(), *(line.strip() for line in prompt.splitlines() if line.strip())]
         echo = self._chrf.sentence_score(reply, turns).score / 100  # the whole prompt or one of its lines
         return chrf - self.copy_penalty if echo >= self.copy_threshold and echo > chrf else chrf
-
-
-class Coverage:
-    """Concept coverage (CommonGen's constrained generation): the fraction of the example's ``concepts`` that the
-    sentence uses, in ``[0, 1]``, with penalties for the two cheap ways to cover them without writing a sentence.
-
-    A concept counts when a word of the completion is the concept or a regular inflection of it (plural ``-s``,
-    ``-es``, ``-ies``, ``-ed``, ``-ing``, ``-er``: :func:`text_env.tasks.concepts.inflections`), case-insensitively;
-    irregular forms ("ran") do not. A **list** (at least half of the comma-, semicolon- or newline-separated parts
-    are bare concept words, joined at most by "and"/"or", and they hold two concept words or more, as in "dog,
-    frisbee, catch" or an echo of the prompt) loses ``list_penalty``; every use of a concept beyond ``max_repeats``
-    loses ``repeat_penalty``, at most 1 in all. The score is clipped to ``[-1, 1]``; an empty (whitespace-only)
-    completion scores -1, the floor. It takes the ``concepts`` column; a prompt without concepts is an error.
-
-    :param list_penalty: subtracted from a list's coverage (default 1: a list scores at most 0).
-    :param repeat_penalty: subtracted per use of a concept beyond ``max_repeats``.
-    :param max_repeats: uses of one concept that cost nothing (a sentence may name a thing twice).
-    """
-
-    name = "concept coverage"
-
-    _CONNECTORS = frozenset({"and", "or"})
-
-    def __init__(self, list_penalty: float = 1.0, repeat_penalty: float = 0.25, max_repeats: int = 2) -> None:
-        self.list_penalty, self.repeat_penalty, self.max_repeats = list_penalty, repeat_penalty, max_repeats
-
-    def score(
-        self, prompts: Sequence[str], completions: Sequence[str], concepts: Sequence[Sequence[str] | None]
-    ) -> np.ndarray:
-        """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
-        return _score_rows(self.name, "concepts", prompts, completions, concepts, self.score_one)
-
-    def score_one(self, prompt: str, completion: str, concepts: list[str]) -> float:
-        """The penalised coverage of one completion, in ``[-1, 1]`` (the concepts say it all, not the prompt)."""
-        from text_env.tasks.concepts import inflections
-
-        if not completion.strip():
-            return -1.0
-        forms = {concept: inflections(concept.lower()) for concept in concepts}
-        words = re.findall(r"[a-z]+", completion.lower())
-        uses = {concept: sum(word in forms[concept] for word in words) for concept in concepts}
-        coverage = sum(n > 0 for n in uses.values()) / len(concepts)
-        any_form = set().union(*forms.values())
-        parts = [re.findall(r"[a-z]+", part) for part in re.split(r"[,;\n]", completion.lower())]
-        parts = [part for part in parts if part]
-        bare = [part for part in parts if all(w in any_form or w in self._CONNECTORS for w in part)]
-        is_list = 2 * len(bare) >= len(parts) and sum(w in any_form for part in bare for w in part) >= 2
-        excess = sum(max(0, n - self.max_repeats) for n in uses.values())
-        penalty = self.list_penalty * is_list + min(1.0, self.repeat_penalty * excess)
-        return float(np.clip(coverage - penalty, -1.0, 1.0))
-
-
-class TestsPassed:
-    """The fraction of the example's unit tests that the completed function passes, in ``[0, 1]`` (code generation).
-
-    The program is :func:`text_env.tasks.code.program` of the ``stub`` column (imports, signature and docstring;
-    without one, the prompt itself, HumanEval's base-model format) and the completion: the function the completion
-    writes, or its lines as the stub's body. It runs in a :class:`~text_env.sandbox.Sandbox` child, never in this
-    process, and each test counts on its own, so a function that gets half the cases right scores 0.5. A program
-    that does not compile, lacks the entry point, or runs past its time scores 0 for the tests it did not pass. It
-    takes the ``tests`` column (and ``entry_point``, the function bound to ``candidate``, and ``stub``); a prompt
-    without tests is an error, not a 0. :meth:`pass_at_1` turns scores into the fraction of problems solved,
-    HumanEval's pass@1 for one sample per problem.
-
-    :param stop_strings: where a bare body ends (default: :data:`text_env.tasks.code.CODE_STOP_STRINGS`).
-    :param sandbox: the sandbox to run in (default: ``Sandbox()``, 5 s and 1 GiB per program, 1 s per test).
-    """
-
-    name = "tests passed"
-    __test__ = False  # not a pytest test class despite its name
-
-    def __init__(self, stop_strings: Sequence[str] | None = None, sandbox: Sandbox | None = None) -> None:
-        from text_env.sandbox import Sandbox
-        from text_env.tasks.code import CODE_STOP_STRINGS
-
-        self.stop_strings = tuple(CODE_STOP_STRINGS if stop_strings is None else stop_strings)
-        self.sandbox = sandbox if sandbox is not None else Sandbox()
-
-    def reports(
-        self,
-        prompts: Sequence[str],
-        completions: Sequence[str],
-        tests: Sequence[Sequence[str] | None],
-        entry_point: Sequence[str | None] | None = None,
-        stub: Sequence[str | None] | None = None,
-    ) -> list[TestReport]:
-        """What each program did: tests passed, of how many, and how the child ended."""
-        from text_env.tasks.code import program
-
-        entry_points = list(entry_point) if entry_point is not None else [None] * len(prompts)
-        stubs = [s or p for s, p in zip(stub, prompts, strict=True)] if stub is not None else list(prompts)
-        for prompt, row in zip(prompts, tests, strict=True):
-            if not row:
-                raise ValueError(f"{self.name} needs tests, and prompt {prompt[:60]!r} has none")
-        rows = zip(stubs, completions, entry_points, strict=True)
-        programs = [program(s, c, e, self.stop_strings) for s, c, e in rows]
-        return self.sandbox.run_batch(programs, [list(t or ()) for t in tests], entry_points)
-
-    def score(
-        self,
-        prompts: Sequence[str],
-        completions: Sequence[str],
-        tests: Sequence[Sequence[str] | None],
-        entry_point: Sequence[str | None] | None = None,
-        stub: Sequence[str | None] | None = None,
-    ) -> np.ndarray:
-        """:return: the fraction of each row's tests passed, shape ``(len(completions),)``."""
-        reports = self.reports(prompts, completions, tests, entry_point, stub)
-        return np.array([r.fraction for r in reports], dtype=np.float64)
-
-    @staticmethod
-    def pass_at_1(scores: Sequence[float] | np.ndarray) -> float:
-        """The fraction of problems whose every test passes (score 1), from one completion each."""
-        return float(np.mean(np.asarray(scores) >= 1.0)) if len(scores) else 0.0

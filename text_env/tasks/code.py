@@ -9,7 +9,7 @@ parameter variations ("add 7", "keep the numbers greater than 5"), each in Human
 two ``>>>`` examples) with four assert tests whose expected values come from running the template's own solution
 here (trusted code, written in this module). Inputs are drawn with an RNG seeded by the seed and the problem's name,
 so the set is the same on every machine. A record's ``meta`` holds ``tests`` (snippets that call ``candidate``),
-``entry_point`` (the function's name) and ``task_id``; the gold scorer is :class:`~text_env.rewards.gold.TestsPassed`,
+``entry_point`` (the function's name) and ``task_id``; the gold scorer is :class:`TestsPassed`,
 the fraction of tests passed in :class:`~text_env.sandbox.Sandbox`. No learned reward model ships.
 
 The prompt is a request, as a chat model is used (:func:`request`: "Complete this Python function:" and the stub,
@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from text_env.prompts import Example
+from text_env.sandbox import Sandbox, TestReport
 from text_env.tasks import Task, shipped_reward_model
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "TEMPLATES",
     "CodeProblem",
     "Template",
+    "TestsPassed",
     "function_body",
     "humaneval_problems",
     "humaneval_tests",
@@ -429,10 +433,67 @@ def train_problems(seed: int = 20261201, n_examples: int = 2, n_tests: int = 4) 
     return problems
 
 
+class TestsPassed:
+    """The fraction of the example's unit tests that the completed function passes, in ``[0, 1]`` (code generation).
+
+    The program is :func:`program` of the ``stub`` column (imports, signature and docstring;
+    without one, the prompt itself, HumanEval's base-model format) and the completion: the function the completion
+    writes, or its lines as the stub's body. It runs in a :class:`~text_env.sandbox.Sandbox` child, never in this
+    process, and each test counts on its own, so a function that gets half the cases right scores 0.5. A program
+    that does not compile, lacks the entry point, or runs past its time scores 0 for the tests it did not pass. It
+    takes the ``tests`` column (and ``entry_point``, the function bound to ``candidate``, and ``stub``); a prompt
+    without tests is an error, not a 0. :meth:`pass_at_1` turns scores into the fraction of problems solved,
+    HumanEval's pass@1 for one sample per problem.
+
+    :param stop_strings: where a bare body ends (default: :data:`CODE_STOP_STRINGS`).
+    :param sandbox: the sandbox to run in (default: ``Sandbox()``, 5 s and 1 GiB per program, 1 s per test).
+    """
+
+    name = "tests passed"
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, stop_strings: Sequence[str] | None = None, sandbox: Sandbox | None = None) -> None:
+        self.stop_strings = tuple(CODE_STOP_STRINGS if stop_strings is None else stop_strings)
+        self.sandbox = sandbox if sandbox is not None else Sandbox()
+
+    def reports(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tests: Sequence[Sequence[str] | None],
+        entry_point: Sequence[str | None] | None = None,
+        stub: Sequence[str | None] | None = None,
+    ) -> list[TestReport]:
+        """What each program did: tests passed, of how many, and how the child ended."""
+        entry_points = list(entry_point) if entry_point is not None else [None] * len(prompts)
+        stubs = [s or p for s, p in zip(stub, prompts, strict=True)] if stub is not None else list(prompts)
+        for prompt, row in zip(prompts, tests, strict=True):
+            if not row:
+                raise ValueError(f"{self.name} needs tests, and prompt {prompt[:60]!r} has none")
+        rows = zip(stubs, completions, entry_points, strict=True)
+        programs = [program(s, c, e, self.stop_strings) for s, c, e in rows]
+        return self.sandbox.run_batch(programs, [list(t or ()) for t in tests], entry_points)
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tests: Sequence[Sequence[str] | None],
+        entry_point: Sequence[str | None] | None = None,
+        stub: Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """:return: the fraction of each row's tests passed, shape ``(len(completions),)``."""
+        reports = self.reports(prompts, completions, tests, entry_point, stub)
+        return np.array([r.fraction for r in reports], dtype=np.float64)
+
+    @staticmethod
+    def pass_at_1(scores: Sequence[float] | np.ndarray) -> float:
+        """The fraction of problems whose every test passes (score 1), from one completion each."""
+        return float(np.mean(np.asarray(scores) >= 1.0)) if len(scores) else 0.0
+
+
 def make_task() -> Task:
     """The code task: template problems to train on, HumanEval to evaluate, gold = the fraction of tests passed."""
-    from text_env.rewards.gold import TestsPassed
-
     return Task(
         name="code",
         reward_model=shipped_reward_model("code"),

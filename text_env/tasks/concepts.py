@@ -6,20 +6,22 @@ stop-word list (:data:`STOP_WORDS`) and minus any word that is an inflection of 
 ("dogs" of "dog"), so the set is the same for a given wordfreq version. Sets of 3 to 5 words are drawn with a
 fixed-seed RNG (no set holds two words whose inflections overlap); each distinct set goes to train or eval by a
 CRC32 hash of its sorted words, so no eval set is also a train set. The concepts are the record's ``meta``
-(``{"concepts": [...]}``); the gold scorer is :class:`~text_env.rewards.gold.Coverage`. No learned reward model ships.
+(``{"concepts": [...]}``); the gold scorer is :class:`Coverage`. No learned reward model ships.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from text_env.prompts import Example
+from text_env.rewards.gold import score_rows
 from text_env.tasks import Task, shipped_reward_model
 
-__all__ = ["STOP_WORDS", "concept_sets", "concept_vocabulary", "inflections", "make_task", "prompt_of"]
+__all__ = ["STOP_WORDS", "Coverage", "concept_sets", "concept_vocabulary", "inflections", "make_task", "prompt_of"]
 
 # Function words, pronouns, auxiliaries, numerals and fillers: nothing to build a sentence around.
 _FUNCTION_WORDS = """
@@ -118,10 +120,56 @@ def concept_sets(
     return train, held_out
 
 
+class Coverage:
+    """Concept coverage (CommonGen's constrained generation): the fraction of the example's ``concepts`` that the
+    sentence uses, in ``[0, 1]``, with penalties for the two cheap ways to cover them without writing a sentence.
+
+    A concept counts when a word of the completion is the concept or a regular inflection of it (plural ``-s``,
+    ``-es``, ``-ies``, ``-ed``, ``-ing``, ``-er``: :func:`inflections`), case-insensitively;
+    irregular forms ("ran") do not. A **list** (at least half of the comma-, semicolon- or newline-separated parts
+    are bare concept words, joined at most by "and"/"or", and they hold two concept words or more, as in "dog,
+    frisbee, catch" or an echo of the prompt) loses ``list_penalty``; every use of a concept beyond ``max_repeats``
+    loses ``repeat_penalty``, at most 1 in all. The score is clipped to ``[-1, 1]``; an empty (whitespace-only)
+    completion scores -1, the floor. It takes the ``concepts`` column; a prompt without concepts is an error.
+
+    :param list_penalty: subtracted from a list's coverage (default 1: a list scores at most 0).
+    :param repeat_penalty: subtracted per use of a concept beyond ``max_repeats``.
+    :param max_repeats: uses of one concept that cost nothing (a sentence may name a thing twice).
+    """
+
+    name = "concept coverage"
+
+    _CONNECTORS = frozenset({"and", "or"})
+
+    def __init__(self, list_penalty: float = 1.0, repeat_penalty: float = 0.25, max_repeats: int = 2) -> None:
+        self.list_penalty, self.repeat_penalty, self.max_repeats = list_penalty, repeat_penalty, max_repeats
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], concepts: Sequence[Sequence[str] | None]
+    ) -> np.ndarray:
+        """:return: :meth:`score_one` of each row, shape ``(len(completions),)``."""
+        return score_rows(self.name, "concepts", prompts, completions, concepts, self.score_one)
+
+    def score_one(self, prompt: str, completion: str, concepts: list[str]) -> float:
+        """The penalised coverage of one completion, in ``[-1, 1]`` (the concepts say it all, not the prompt)."""
+        if not completion.strip():
+            return -1.0
+        forms = {concept: inflections(concept.lower()) for concept in concepts}
+        words = re.findall(r"[a-z]+", completion.lower())
+        uses = {concept: sum(word in forms[concept] for word in words) for concept in concepts}
+        coverage = sum(n > 0 for n in uses.values()) / len(concepts)
+        any_form = set().union(*forms.values())
+        parts = [re.findall(r"[a-z]+", part) for part in re.split(r"[,;\n]", completion.lower())]
+        parts = [part for part in parts if part]
+        bare = [part for part in parts if all(w in any_form or w in self._CONNECTORS for w in part)]
+        is_list = 2 * len(bare) >= len(parts) and sum(w in any_form for part in bare for w in part) >= 2
+        excess = sum(max(0, n - self.max_repeats) for n in uses.values())
+        penalty = self.list_penalty * is_list + min(1.0, self.repeat_penalty * excess)
+        return float(np.clip(coverage - penalty, -1.0, 1.0))
+
+
 def make_task() -> Task:
     """The concepts task: 800 train and 200 eval concept sets from wordfreq, split by set hash, gold coverage."""
-    from text_env.rewards.gold import Coverage
-
     train, held_out = concept_sets()
     return Task(
         name="concepts",
