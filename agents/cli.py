@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-# Errors that mean the input was wrong, not the program: shown as one line. ModelLoadError is an OSError.
+# Errors that mean the input was wrong, not the program: shown as one line (with text_env.models.ModelLoadError, a
+# model that could not be found or loaded; MissingExtra is an ImportError).
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, KeyError)
 _INSPECT_PORT = 8766  # textgen inspect's page, beside textgen label's 8765
 
@@ -41,12 +42,35 @@ def _given(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> d
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _refuse_settings_with_resume(args: argparse.Namespace, given: dict[str, object]) -> None:
-    if given:
+def _refuse_settings_with_resume(args: argparse.Namespace, given: dict[str, object], extend: str) -> None:
+    """``--resume`` takes every setting from the run, but ``extend`` (the budget it may be extended to)."""
+    others = [k for k in given if k != extend]
+    if others:
         raise ValueError(
-            f"--resume takes every setting from {args.resume}/config.json; drop "
-            + ", ".join("--" + k.replace("_", "-") for k in given)
+            f"--resume takes every setting from {args.resume}/config.json but --{extend.replace('_', '-')}, which "
+            "extends the run; drop " + ", ".join("--" + k.replace("_", "-") for k in others)
         )
+
+
+def _needed_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(extra, feature)`` for each optional extra (:data:`text_env.extras.EXTRAS`) that the command and its options
+    need, so that a missing one is said before any download, model load or run directory."""
+    command, needed = f"textgen {args.command}", []
+    if args.command == "label":
+        needed.append(("label", command))
+    if args.command == "inspect" and (args.html is None or args.port is not None):
+        needed.append(("label", f"{command} (serving the page; --html FILE writes it without the extra)"))
+    if getattr(args, "engine", None) == "rllib":
+        needed.append(("rllib", f"{command} --engine rllib"))
+    if getattr(args, "tensorboard", None):
+        needed.append(("tensorboard", f"{command} --tensorboard"))
+    for option in ("prompts", "data"):
+        value = getattr(args, option, None)
+        if isinstance(value, str) and value.startswith("hf:"):
+            needed.append(("datasets", f"{command} --{option} {value}"))
+    if args.command == "export" and Path(args.model_zip).is_dir():
+        needed.append(("rllib", f"{command} of an RLlib run"))
+    return needed
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -62,11 +86,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         f"start from their presets ({'; '.join(f'{a}: {v}' for a, v in PRESETS.items())}).",
     )
     _add_fields(p, TrainConfig)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings come from there)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted run (its settings come from there); with --total-timesteps N above the run's "
+        "total, train it on to N, finished or not",
+    )  # fmt: skip
     p.add_argument(
         "--engine", choices=["sb3", "rllib"], default="sb3",
         help="sb3: Stable-Baselines3 in this process; rllib: Ray RLlib's PPO on $RAY_ADDRESS's cluster or a local "
-        "Ray (pip install 'textgen-rl[rllib]')",
+        "Ray (the rllib extra: pip install -e '.[rllib]')",
     )  # fmt: skip
     p.add_argument("--num-env-runners", type=int, default=2, help="--engine rllib: sampling processes (0: this one)")
     p.add_argument("--num-learners", type=int, default=0, help="--engine rllib: training processes (0: this one)")
@@ -80,14 +108,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.engine == "rllib":
         if args.resume:
             raise ValueError("--resume continues --engine sb3 runs only; an RLlib run starts anew")
-        from agents.rllib import train_rllib  # without Ray, its ImportError says: pip install 'textgen-rl[rllib]'
+        from agents.rllib import train_rllib  # main() checked the rllib extra first
 
         config = TrainConfig.for_algo(given.pop("algo", "ppo"), **given)
         train_rllib(config, num_env_runners=args.num_env_runners, num_learners=args.num_learners)
         return
     if args.resume:
-        _refuse_settings_with_resume(args, given)
-        train(resume=args.resume)
+        _refuse_settings_with_resume(args, given, "total_timesteps")
+        train(resume=args.resume, total_timesteps=args.total_timesteps)
         return
     train(TrainConfig.for_algo(given.pop("algo", "ppo"), **given))
 
@@ -108,7 +136,11 @@ def _add_rlhf(sub: argparse._SubParsersAction) -> None:
     )
     _add_fields(p, TrainConfig, skip=("total_timesteps",), defaults=RLHFConfig().train)  # the loop's own β
     _add_fields(p, RLHFConfig, skip=("train",))
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted loop (its settings come from there)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted loop (its settings come from there); with --rounds N above the loop's rounds, "
+        "run it on to N rounds, finished or not",
+    )  # fmt: skip
 
 
 def _rlhf(args: argparse.Namespace) -> None:
@@ -117,8 +149,8 @@ def _rlhf(args: argparse.Namespace) -> None:
 
     given, loop = _given(args, TrainConfig, ("total_timesteps",)), _given(args, RLHFConfig, ("train",))
     if args.resume:
-        _refuse_settings_with_resume(args, {**given, **loop})
-        rlhf(resume=args.resume)
+        _refuse_settings_with_resume(args, {**given, **loop}, "rounds")
+        rlhf(resume=args.resume, rounds=args.rounds)
         return
     given.setdefault("beta", LOOP_BETA)
     rlhf(RLHFConfig(TrainConfig.for_algo(str(given.pop("algo", "ppo")), **given), **loop))  # type: ignore[arg-type]
@@ -392,8 +424,8 @@ def _inspect(args: argparse.Namespace) -> None:
           "inspection page")  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``textgen`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``textgen`` argument parser: every subcommand and its options."""
     parser = argparse.ArgumentParser(
         prog="textgen",
         description="RLHF as ordinary RL: a token-level Gymnasium env (TextGen-v0), learned reward models and SB3 "
@@ -468,8 +500,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _add_label(sub)
     _add_inspect(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``textgen`` console script."""
+    args = build_parser().parse_args(argv)
     handlers = {
         "train": _train,
         "rlhf": _rlhf,
@@ -481,7 +517,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "label": _label,
         "inspect": _inspect,
     }
+    from text_env.extras import MissingExtra, require
+    from text_env.models import ModelLoadError
+
     try:
+        for extra, feature in _needed_extras(args):
+            require(extra, feature)
         handlers[args.command](args)
     except KeyboardInterrupt:
         print("textgen: interrupted", file=sys.stderr)
@@ -492,8 +533,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(error, Interrupted):
             print(f"textgen: {error}", file=sys.stderr)
             raise SystemExit(130) from None
-        if args.debug or not isinstance(error, _USER_ERRORS):
+        if args.debug or not isinstance(error, (*_USER_ERRORS, ModelLoadError)):
             raise
+        if isinstance(error, MissingExtra):  # says all: what needs which extra, and how to install it
+            print(error, file=sys.stderr)
+            raise SystemExit(1) from None
         # A user's mistake (a bad option value, a missing file, an unloadable model) is one line, not a traceback.
         print(f"textgen {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.run import Run, TrainConfig, build_run, run_task
+from agents.run import Run, TrainConfig, build_run, checked_task
 from agents.train import (
     CHECKPOINT,
     Interrupted,
@@ -63,8 +63,9 @@ from agents.train import (
     peak_rss_gb,
     pyplot,
     restore_checkpoint,
+    resumable_config,
     save_checkpoint,
-    unfinished_config,
+    set_aside_report,
 )
 from text_env.core import resolve_reward
 from text_env.rewards import Scorer
@@ -133,22 +134,31 @@ class RLHFConfig:
             )
 
 
-def rlhf(config: RLHFConfig | None = None, resume: str | Path | None = None, verbose: int = 1) -> dict[str, Any]:
+def rlhf(
+    config: RLHFConfig | None = None, resume: str | Path | None = None, verbose: int = 1, rounds: int | None = None
+) -> dict[str, Any]:
     """Run the loop (see the module docstring), save every round in the run directory; return the report.
 
     :param config: the loop's settings (ignored with ``resume``, whose ``config.json`` is used).
     :param resume: the run directory of an interrupted loop: continue it at its first missing artefact.
     :param verbose: SB3's verbosity during PPO.
+    :param rounds: with ``resume``, run the loop on to this many rounds, above its own: extends a finished loop as
+        well as an interrupted one (each new round starts from the last round's saved policy and reward model).
     :return: ``report.json``'s content: ``rounds`` holds round 0 (the base policy) and every round's report.
     :raises Interrupted: on Ctrl-C or SIGTERM (or the end of a human annotator's input), after saving.
     """
+    if rounds is not None and resume is None:
+        raise ValueError("rounds extends a loop given by resume; a new loop takes it in its RLHFConfig")
     if resume is not None:
         run_dir = Path(resume)
-        record = unfinished_config(run_dir, COMMAND)
+        record = resumable_config(run_dir, COMMAND, extend=None if rounds is None else ("rounds", rounds))
         if "rounds" not in record:
             raise ValueError(f"{run_dir} is a textgen train run: continue it with textgen train --resume {run_dir}")
         config = RLHFConfig(**record)
         loop = _Loop(config, verbose)
+        if rounds is not None:
+            set_aside_report(run_dir, "rounds")
+            (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     else:
         config = config or RLHFConfig()
         loop = _Loop(config, verbose)  # checks the reward model and the pairs before a directory is made
@@ -184,7 +194,7 @@ class _Loop:
 
     def __init__(self, config: RLHFConfig, verbose: int) -> None:
         self.config, self.verbose = config, verbose
-        self.task = run_task(config.train)  # --prompts, when given, are where the pairs come from too
+        self.task = checked_task(config.train)  # --prompts, when given, are where the pairs come from too
         self.timesteps = 0  # PPO steps saved so far (for the message of an interruption)
         source = config.train.reward_model or self.task.reward_model
         self.round0 = resolve_reward(config.train.reward_model, self.task, config.train.reward_kwargs)
@@ -421,8 +431,6 @@ def plot(rounds: list[dict[str, Any]], path: Path) -> None:
     """Gold and proxy (reward-model) score against √KL to the base model over the whole run (Gao et al. 2022's axes):
     lines per training rollout, coloured by round; markers for the held-out evaluation after each round."""
     plt = pyplot()
-    if plt is None:
-        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rounds:
         color = f"C{r['round'] % 10}"

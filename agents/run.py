@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from agents.callbacks import SkipFinishedBootstrap, TextMetrics
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
-from text_env.models import DEFAULT_MODEL
+from text_env.extras import require
+from text_env.models import DEFAULT_MODEL, resolve_model
 from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
 from text_env.tasks import Task, get_task
@@ -44,6 +44,7 @@ __all__ = [
     "algorithm_class",
     "algorithm_kwargs",
     "build_run",
+    "checked_task",
     "make_algorithm",
     "make_env",
     "policy_kwargs",
@@ -231,8 +232,8 @@ def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
 
 def make_algorithm(config: TrainConfig, env: VecEnv, verbose: int = 1) -> BaseAlgorithm:
     """The SB3 algorithm of ``config`` on ``env`` (an env from :func:`make_env`, masks included)."""
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'textgen-rl[tensorboard]'")
+    if config.tensorboard:
+        require("tensorboard", "--tensorboard")
     kwargs = algorithm_kwargs(config)
     return algorithm_class(config.algo)(
         env=env, seed=config.seed, verbose=verbose,
@@ -249,6 +250,15 @@ def run_task(config: TrainConfig) -> Task:
         return task
     examples = load_examples(config.prompts, reference_column=config.reference_column)
     return replace(task, train_prompts=examples, eval_prompts=task.examples("eval"))
+
+
+def checked_task(config: TrainConfig) -> Task:
+    """:func:`run_task` of ``config`` after the cheap checks (the task, its prompts, the model's name), which say a
+    mistake before a reward model or the default model is loaded or fetched."""
+    task = run_task(config)
+    if config.model != DEFAULT_MODEL:  # the default is fetched once, when first loaded
+        resolve_model(config.model)
+    return task
 
 
 def make_env(
@@ -300,7 +310,7 @@ class Run:
 
 def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
-    task = run_task(config)
+    task = checked_task(config)
     reward = resolve_reward(config.reward_model, task, config.reward_kwargs)  # one, shared by the train and eval envs
     env = make_env(config, "train", reward, task=task)
     eval_env = make_env(config, "eval", reward, task=task)

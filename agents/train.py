@@ -35,7 +35,8 @@ from text_env.rewards import scorer_name
 __all__ = [
     "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table", "cpu_kind",
     "evaluation_record", "json_safe", "learn_with_checkpoints", "make_algorithm", "new_run_dir", "paired_samples",
-    "peak_rss_gb", "plot_training", "pyplot", "restore_checkpoint", "save_checkpoint", "train", "unfinished_config",
+    "peak_rss_gb", "plot_training", "pyplot", "restore_checkpoint", "resumable_config", "save_checkpoint",
+    "set_aside_report", "train",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
@@ -138,7 +139,8 @@ def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     else:
         return {}
     state = json.loads((path / "state.json").read_text())
-    run.algo.set_parameters(str(path / "model.zip"), exact_match=True, device=run.algo.device)
+    weights = path / "model.zip" if (path / "model.zip").is_file() else run_dir / "model.zip"  # a finished run's
+    run.algo.set_parameters(str(weights), exact_match=True, device=run.algo.device)
     run.algo.num_timesteps = state["num_timesteps"]
     if hasattr(run.algo, "_n_updates"):
         run.algo._n_updates = state["n_updates"]
@@ -153,13 +155,43 @@ def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def unfinished_config(run_dir: Path, command: str = "textgen train") -> dict[str, Any]:
-    """The ``config.json`` record of a run directory to resume; raise if it has none or the run has finished."""
+def set_aside_report(run_dir: Path, budget: str) -> None:
+    """A finished run that is extended is in progress again: its ``report.json`` and ``report.md`` are renamed after
+    the ``budget`` they reached (``report.10240-total-timesteps.json``, ``report.2-rounds.md``), so that an
+    interrupted extension resumes like any other run and no report is lost. Call it before ``config.json`` is
+    rewritten with the new budget."""
+    report = run_dir / "report.json"
+    if not report.is_file():
+        return
+    reached = json.loads((run_dir / "config.json").read_text())[budget]
+    for suffix in (".json", ".md"):
+        if report.with_suffix(suffix).is_file():
+            report.with_suffix(suffix).replace(run_dir / f"report.{reached}-{budget.replace('_', '-')}{suffix}")
+
+
+def resumable_config(
+    run_dir: Path, command: str = "textgen train", extend: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """The ``config.json`` record of a run directory to resume; raise if it has none, or if the run has finished and
+    is not extended.
+
+    :param extend: ``(field, value)``: the run's budget (``total_timesteps``, or the loop's ``rounds``) raised to
+        ``value``, which must be above the run's; a finished run then goes on.
+    """
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a {command} run directory: it has no config.json")
-    if (run_dir / "report.json").is_file():
-        raise ValueError(f"{run_dir} already finished (report.json exists): nothing to resume")
-    return json.loads((run_dir / "config.json").read_text())
+    record = json.loads((run_dir / "config.json").read_text())
+    if extend is None:
+        if (run_dir / "report.json").is_file():
+            raise ValueError(f"{run_dir} already finished (report.json exists): nothing to resume")
+        return record
+    name, value = extend
+    option = "--" + name.replace("_", "-")
+    if name not in record:
+        raise ValueError(f"{run_dir} has no {name} to extend: is it a {command} run?")
+    if value <= record[name]:
+        raise ValueError(f"{option} {value} does not extend {run_dir}, whose {name} is {record[name]}: give more")
+    return {**record, name: value}
 
 
 def new_run_dir(out: str | Path, name: str) -> Path:
@@ -197,23 +229,38 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], n_samples:
     return "\n".join(rows)
 
 
-def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+def train(
+    config: TrainConfig | None = None, resume: str | Path | None = None, total_timesteps: int | None = None
+) -> dict[str, Any]:
     """Train, evaluate on held-out prompts before and after, save the run; return the report.
+
+    The settings, the data and the model are checked (the run is built) before the run directory is made, so a
+    start that fails leaves nothing behind.
 
     :param config: the run's settings (ignored with ``resume``, whose ``config.json`` is used).
     :param resume: a run directory of an interrupted run: continue it from its last checkpoint.
+    :param total_timesteps: with ``resume``, train on to this many steps, above the run's total: extends a finished
+        run as well as an interrupted one (SB3's ``learn(..., reset_num_timesteps=False)``).
     :raises Interrupted: on SIGINT/SIGTERM, after saving a checkpoint.
     """
+    if total_timesteps is not None and resume is None:
+        raise ValueError("total_timesteps extends a run given by resume; a new run takes it in its TrainConfig")
     if resume is not None:
         run_dir = Path(resume)
-        config = TrainConfig(**unfinished_config(run_dir))
+        extend = None if total_timesteps is None else ("total_timesteps", total_timesteps)
+        config = TrainConfig(**resumable_config(run_dir, extend=extend))
+        if (run_dir / "report.json").is_file() and not (run_dir / CHECKPOINT / "state.json").is_file():
+            raise ValueError(f"{run_dir} finished without keeping its end state (an older run): it cannot be extended")
     else:
         config = config or TrainConfig()
-        run_dir = new_run_dir(config.out, f"{config.task}-{config.algo}")
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     torch.manual_seed(config.seed)
-    run = build_run(config)
+    run = build_run(config)  # the task, the data, the reward and the model: any mistake shows here
+    if resume is None:
+        run_dir = new_run_dir(config.out, f"{config.task}-{config.algo}")
     state = restore_checkpoint(run, run_dir) if resume is not None else {}
+    if total_timesteps is not None:
+        set_aside_report(run_dir, "total_timesteps")
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))  # an extension's new total too
     state.setdefault("train_seconds", 0.0)
     state["resumed"] = resume is not None
     state["peak_rss_gb"] = max(state.get("peak_rss_gb", 0.0), peak_rss_gb())
@@ -225,8 +272,11 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         (run_dir / "before.json").write_text(json.dumps(before, indent=1))
 
     learn_with_checkpoints(run, run_dir, state)
+    # The end state is a checkpoint too (β, the reward scale, the metrics, the RNG), so that --total-timesteps can
+    # extend the finished run; its weights and optimiser state are the run's model.zip, not a second copy.
+    save_checkpoint(run, run_dir, run.algo.num_timesteps, state)
+    (run_dir / CHECKPOINT / "model.zip").replace(run_dir / "model.zip")
     after = evaluation_record(run.evaluate())
-    run.algo.save(run_dir / "model")
     table = before_after_table(before, after)
     report = {
         "config": asdict(config),
@@ -244,7 +294,6 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     (run_dir / "report.md").write_text(table + "\n")
-    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # model.zip supersedes it
     plot_training(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0])
     print(table)
     print(f"\nsaved to {run_dir} (load with {type(run.algo).__name__}.load('{run_dir / 'model'}'))")
@@ -336,23 +385,20 @@ def _has_progress_bar() -> bool:
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` drawing to files only (the Agg backend), or ``None`` without matplotlib (an optional
-    extra: a run then saves no plot rather than failing at its end)."""
-    try:
-        import matplotlib
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend): every plot of a run or benchmark is a PNG."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     return plt
 
 
 def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
-    """Reward-model and gold score per rollout, as a PNG (skipped without matplotlib)."""
-    plt = pyplot()
-    if plt is None or not history:
+    """Reward-model and gold score per rollout, as a PNG (none before the first rollout ends)."""
+    if not history:
         return
+    plt = pyplot()
     steps = [h["timesteps"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [h["reward_model_score"] for h in history], label="reward model")

@@ -24,13 +24,11 @@ TOKEN_PARAM = "token"  # the query parameter (or X-TextGen-Token header) that ca
 _PUBLIC_PREFIXES = ("/static/",)  # page code and styles only, no data: a <script src> cannot carry the token
 
 
-def check_web_stack() -> None:
-    """Raise an ImportError that says how to install FastAPI and uvicorn (an optional extra) when they are missing."""
-    import importlib.util
+def check_web_stack(feature: str = "the pages") -> None:
+    """Raise :class:`~text_env.extras.MissingExtra` naming the ``label`` extra when FastAPI or uvicorn is missing."""
+    from text_env.extras import require
 
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f"the pages need {' and '.join(missing)}: pip install 'textgen-rl[label]'")
+    require("label", feature)
 
 
 def is_loopback(host: str) -> bool:

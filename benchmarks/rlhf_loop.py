@@ -30,7 +30,7 @@ from compare_algorithms import BenchConfig, run_isolated
 from textgen_train_seeds import run_seed, seed_rows, settings_key
 
 from agents.rlhf import RLHFConfig
-from agents.train import cpu_kind
+from agents.train import cpu_kind, pyplot
 
 METHODS = ("rlhf", "train", "best_of_16")
 
@@ -151,10 +151,7 @@ def _cell(value: float | None) -> str:
 def plot(seeds: list[dict[str, Any]], path: Path) -> None:
     """Left: held-out gold per round for each seed, with one-shot train (x) and best-of-16 (dotted). Right: gold
     (o) and proxy (s) against √KL, rounds connected (Gao et al. 2022's axes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, s in enumerate(seeds):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.train import cpu_kind
+from agents.train import cpu_kind, pyplot
 from text_env.tasks import get_task
 
 
@@ -87,10 +87,7 @@ def seed_rows(rows: list[dict[str, float]], keys: list[str], worst: dict[str, An
 
 
 def plot(reports: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for r in reports:

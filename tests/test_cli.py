@@ -354,6 +354,43 @@ def test_interrupted_train_resumes_to_the_same_run(tiny_model: Path, tmp_path: P
     assert steps == [h["timesteps"] for h in straight["history"]] == [32.0 * (k + 1) for k in range(10)]
     assert resumed["history"][: len(checkpoint["history"])] == checkpoint["history"]
     assert resumed["before"] == json.loads((run_dir / "before.json").read_text())["summary"]
-    assert not (run_dir / "checkpoint").exists() and (run_dir / "model.zip").is_file()
-    with pytest.raises(SystemExit):  # a finished run is not resumed again
+    assert (run_dir / "model.zip").is_file() and not (run_dir / "checkpoint" / "model.zip").exists()  # one copy
+    with pytest.raises(SystemExit):  # a finished run is not resumed again (unless extended)
+        main(["train", "--resume", str(run_dir)])
+
+
+def test_resume_with_more_timesteps_extends_a_finished_run(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`textgen train --resume RUN --total-timesteps N` trains a finished run on to N, as SB3's
+    `learn(..., reset_num_timesteps=False)` would: the history goes on, β and the reward scale are the run's, the report
+    covers the whole run, and the earlier report is kept under its step count."""
+    from stable_baselines3 import PPO
+
+    args = ["--model", str(tiny_model), *TRAIN_ARGS, "--max-prompt-tokens", "128"]  # 2 rollouts of 32 steps
+    run(["train", *args, "--out", str(tmp_path)])
+    (run_dir,) = tmp_path.iterdir()
+    first = json.loads((run_dir / "report.json").read_text())
+    end_state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert end_state["num_timesteps"] == 64 and end_state["reward_scale"]["recent"]
+    for argv, message in [(["--total-timesteps", "64"], "--total-timesteps 64 does not extend"),
+                          (["--total-timesteps", "128", "--beta", "0.2"], "drop --beta")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--resume", str(run_dir), *argv])
+        assert exit_.value.code == 1 and message in capsys.readouterr().err
+    assert (run_dir / "report.json").is_file()  # a refused extension changes nothing
+
+    run(["train", "--resume", str(run_dir), "--total-timesteps", "128"])
+    extended = json.loads((run_dir / "report.json").read_text())
+    assert (
+        extended["config"]["total_timesteps"]
+        == 128
+        == json.loads((run_dir / "config.json").read_text())["total_timesteps"]
+    )
+    assert [h["timesteps"] for h in extended["history"]] == [32.0, 64.0, 96.0, 128.0]
+    assert extended["history"][:2] == first["history"] and extended["before"] == first["before"]
+    assert json.loads((run_dir / "report.64-total-timesteps.json").read_text()) == first
+    assert (run_dir / "report.64-total-timesteps.md").is_file()
+    assert PPO.load(run_dir / "model.zip", device="cpu").num_timesteps == 128
+    with pytest.raises(SystemExit):  # finished again
         main(["train", "--resume", str(run_dir)])

@@ -199,6 +199,27 @@ def test_killed_run_resumes_with_no_label_lost_or_repeated(
         rlhf(resume=run_dir)
 
 
+def test_resume_with_more_rounds_extends_a_finished_loop(
+    straight: dict[str, Any], tiny_model: Path, round0_rm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`textgen rlhf --resume RUN --rounds 2` runs a finished 1-round loop on to the 2-round loop it would have been:
+    the same prompts, steps and refits; the 1-round report is kept beside."""
+    rlhf(loop_config(tiny_model, round0_rm, tmp_path, rounds=1), verbose=0)
+    (run_dir,) = tmp_path.iterdir()
+    one = json.loads((run_dir / "report.json").read_text())
+    code, _, err = _cli(["rlhf", "--resume", str(run_dir), "--rounds", "1"], "", monkeypatch)
+    assert code == 1 and "--rounds 1 does not extend" in err
+    code, _, err = _cli(["rlhf", "--resume", str(run_dir), "--rounds", "2"], "", monkeypatch)
+    assert code == 0, err
+    extended = json.loads((run_dir / "report.json").read_text())
+    assert json.loads((run_dir / "report.1-rounds.json").read_text()) == one
+    assert [r["round"] for r in extended["rounds"]] == [0, 1, 2] and extended["config"]["rounds"] == 2
+    assert round_prompts(run_dir) == round_prompts(Path(straight["run_dir"]))
+    steps = [[h["timesteps"] for h in r["history"]] for r in extended["rounds"][1:]]
+    assert steps == [[h["timesteps"] for h in r["history"]] for r in straight["rounds"][1:]]
+    assert [r["refit"]["n_pairs"] for r in extended["rounds"][1:]] == [12 + PAIRS, 12 + 2 * PAIRS]
+
+
 def _cli(argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """``textgen ARGV`` here with ``stdin`` as the keyboard: exit code, stdout, stderr."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
@@ -242,7 +263,7 @@ def test_human_annotator_labels_a_round_from_stdin(
      (["--reward-model", "gold", "--pairs-per-round", "2"], "a refit needs at least 4 pairs"),
      (["--reward-model", "gold", "--base-pairs", "missing.jsonl"], "missing.jsonl"),
      (["--resume", "nowhere"], "nowhere is not a textgen rlhf run directory"),
-     (["--resume", "nowhere", "--rounds", "3"], "every setting from nowhere/config.json; drop --rounds")],
+     (["--resume", "nowhere", "--rounds", "3", "--beta", "0.1"], "but --rounds, which extends the run; drop --beta")],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors(
     argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -76,7 +76,7 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     for name in [m for m in sys.modules if m == "agents.rllib" or m.startswith("agents.rllib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees without the extra
-    with pytest.raises(ImportError, match=r"pip install 'textgen-rl\[rllib\]'"):
+    with pytest.raises(ImportError, match=r"needs the 'rllib' extra: pip install -e \"\.\[rllib\]\""):
         importlib.import_module("agents.rllib")
 
 

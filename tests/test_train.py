@@ -138,7 +138,8 @@ def test_tensorboard_missing_says_how_to_install(tiny_model: Path, monkeypatch: 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     env = make_text_vec_env(1, model=str(tiny_model), prompts=TINY_PROMPTS, reward_model="gold", max_prompt_tokens=24)
-    with pytest.raises(ImportError, match=r"pip install 'textgen-rl\[tensorboard\]'"):
+    hint = r"--tensorboard needs the 'tensorboard' extra: pip install -e \"\.\[tensorboard\]\""
+    with pytest.raises(ImportError, match=hint):
         make_algorithm(TrainConfig(model=str(tiny_model), tensorboard=True, bf16=False), env)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from text_env.extras import require
+
 __all__ = [
     "Example",
     "PromptSource",
@@ -162,6 +164,7 @@ def load_examples(
     """
     located: list[tuple[str, Example | dict[str, Any] | object]]
     if isinstance(source, str) and source.startswith("hf:"):
+        require("datasets", f"prompts from {source}")
         import datasets
 
         name = source[3:]

@@ -40,7 +40,7 @@ from agents.kl import KLController
 from agents.policies import export_pretrained
 from agents.rllib.learner import KL_BETA, REWARD_SCALING, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
-from agents.run import TrainConfig, make_env, run_task
+from agents.run import TrainConfig, checked_task, make_env, run_task
 from agents.train import (
     before_after_table,
     cpu_kind,
@@ -272,11 +272,8 @@ def train_rllib(
     """
     config = config or TrainConfig()
     algo_config = rllib_config(config, num_env_runners, num_learners, num_gpus_per_learner)  # checks before Ray
-    run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")
-    engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
-    (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
     torch.manual_seed(config.seed)
-    task = run_task(config)
+    task = checked_task(config)
     eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs), task=task)
     prompts = list(task.examples("eval")[: config.eval_prompts])  # records: a reference-based gold needs them
     spec = algo_config.rl_module_spec
@@ -284,6 +281,9 @@ def train_rllib(
         observation_space=eval_env.observation_space, action_space=eval_env.action_space,
         model_config=spec.model_config,
     )  # fmt: skip
+    run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded: no mistake
+    engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
+    (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
     before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
     (run_dir / "before.json").write_text(json.dumps(before, indent=1))
     del start

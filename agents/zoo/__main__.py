@@ -9,10 +9,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "enjoy"):
         raise SystemExit("usage: python -m agents.zoo train|enjoy [rl_zoo3 arguments, e.g. --algo maskable_ppo ...]")
+    from text_env.extras import MissingExtra, require
+
     try:
-        from rl_zoo3 import enjoy, train
-    except ImportError:
-        raise SystemExit("rl-zoo3 is not installed: pip install 'textgen-rl[zoo]'") from None
+        require("zoo", "python -m agents.zoo")
+    except MissingExtra as err:
+        raise SystemExit(str(err)) from None
+    from rl_zoo3 import enjoy, train
+
     from agents.zoo import register
 
     register()

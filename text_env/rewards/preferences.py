@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from text_env.extras import require
 from text_env.prompts import RESERVED_COLUMNS, Example, as_example, encode_prompt, read_jsonl
 
 __all__ = [
@@ -91,6 +92,7 @@ def load_preferences(source: str | os.PathLike[str], split: str = "train") -> li
         that is not UTF-8 (a UTF-8 byte-order mark is fine), naming the line and byte.
     """
     if isinstance(source, str) and source.startswith("hf:"):
+        require("datasets", f"preference pairs from {source}")
         import datasets
 
         dataset = datasets.load_dataset(source[3:], split=split)
