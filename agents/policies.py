@@ -438,8 +438,8 @@ class _CausalLMMixin:
         """Values ``(B, 1)``; 0 for an observation with no free slot left.
 
         Such an observation is terminal by the env's definition (``max_new_tokens`` reached, the reward already
-        paid), so no return follows it. SB3 still asks for its value to bootstrap "truncated" episodes; answering
-        0 keeps that bootstrap unbiased and skips a full forward pass per finished episode.
+        paid, ``terminated``), so no return follows it: its value is 0 by definition, and answering so costs no
+        forward pass (the env never asks SB3 to bootstrap it; a wrapper that marked it truncated would).
         """
         full = obs["attention_mask"][:, -1] > 0  # (B,)
         values = torch.zeros(full.shape[0], 1, device=full.device)

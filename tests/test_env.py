@@ -212,7 +212,9 @@ def test_reward_only_at_last_step(tiny_env_kwargs: dict, reward_model: object) -
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 6])
-def test_truncation_at_max_new_tokens(tiny_env_kwargs: dict, max_new_tokens: int) -> None:
+def test_the_length_limit_terminates(tiny_env_kwargs: dict, max_new_tokens: int) -> None:
+    """``max_new_tokens`` is the MDP's own end (the reward is paid there): terminated, not truncated, so no algorithm
+    bootstraps a value after a finished completion."""
     env = gym.make("TextGen-v0", **{**tiny_env_kwargs, "max_new_tokens": max_new_tokens})
     env.reset(seed=0)
     b = ids_of(env, "b")[0]
@@ -220,7 +222,7 @@ def test_truncation_at_max_new_tokens(tiny_env_kwargs: dict, max_new_tokens: int
         _, _, terminated, truncated, _ = env.step(b)
         assert not terminated and not truncated
     _, _, terminated, truncated, info = env.step(b)
-    assert truncated is True and terminated is False
+    assert terminated is True and truncated is False
     assert info["completion"] == "b" * max_new_tokens
     assert "reward_model_score" in info
 
@@ -341,10 +343,10 @@ def test_render_ansi(tiny_env_kwargs: dict) -> None:
     _, info = env.reset(seed=0)
     assert env.render() == info["prompt"]
     for token in ids_of(env, " so go"):
-        _, _, _, truncated, info = env.step(token)
+        _, _, terminated, _, info = env.step(token)
         assert env.render() == info["prompt"] + info["completion"]
-    assert truncated
-    assert info["completion"] == " so go"  # truncated after MAX_NEW tokens
+    assert terminated
+    assert info["completion"] == " so go"  # ended after MAX_NEW tokens
 
 
 def test_render_human_prints(tiny_env_kwargs: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,9 +374,9 @@ def test_render_human_holds_back_partial_characters(byte_model: Path, capsys: py
     text = "é!ü"  # 5 byte-level tokens: a 2-byte character, '!', a 2-byte character
     pieces = []
     for token in ids_of(env, text):
-        _, _, _, truncated, info = env.step(token)
+        _, _, terminated, _, info = env.step(token)
         pieces.append(capsys.readouterr().out)
-    assert truncated and info["completion"] == text
+    assert terminated and info["completion"] == text
     assert pieces == ["x", "é", "!", "", "ü\n"]  # never the U+FFFD placeholder of a half character
     assert "\ufffd" not in "".join(pieces)
 

@@ -85,10 +85,11 @@ def test_vec_env_contract(tiny_env_kwargs: dict, n_envs: int) -> None:
             assert not dones.any() and (rewards == 0).all()
             assert all("terminal_observation" not in info and not info["TimeLimit.truncated"] for info in infos)
             assert (obs["input_ids"][:, MAX_PROMPT + t] == a).all()
-    # every episode is truncated at the same step: terminal observations, then auto-reset
+    # every episode reaches the length limit at the same step, which terminates it (no value is bootstrapped after
+    # it): terminal observations, then auto-reset
     assert dones.all()
     for i, info in enumerate(infos):
-        assert info["TimeLimit.truncated"] is True
+        assert info["TimeLimit.truncated"] is False
         assert info["completion"] == "a" * MAX_NEW
         terminal = info["terminal_observation"]
         assert terminal["input_ids"].shape == (L,) and terminal["attention_mask"].shape == (L,)
@@ -229,12 +230,13 @@ def test_equivalent_to_dummy_vec_env(tiny_env_kwargs: dict, seed: int) -> None:
                 assert_obs_equal(d_info["terminal_observation"], v_info["terminal_observation"])
                 assert d_info["reward_model_score"] == v_info["reward_model_score"]
                 assert d_info["gold_score"] == v_info["gold_score"]
-                n_truncated += d_info["TimeLimit.truncated"]
-                n_terminated += not d_info["TimeLimit.truncated"]
+                by_length = bool(d_info["terminal_observation"]["attention_mask"][-1])  # a full row
+                n_truncated += by_length
+                n_terminated += not by_length
         assert [i["prompt"] for i in dummy.reset_infos] == [i["prompt"] for i in venv.reset_infos]
         n_done += int(d_dones.sum())
         partial_done_steps += bool(d_dones.any() and not d_dones.all())
-    # the action sequence did exercise what it should: several episodes, ending by EOS and by truncation, apart
+    # the action sequence did exercise what it should: several episodes, ending by EOS and by length, apart
     assert n_done >= 2 * n_envs and partial_done_steps > 0
     assert n_terminated > 0 and n_truncated > 0
 
@@ -261,7 +263,7 @@ def test_sb3_make_vec_env(tiny_env_kwargs: dict, vec_env_cls: type[VecEnv]) -> N
             obs, rewards, dones, infos = venv.step(np.full(2, a))
             assert dones.tolist() == [t == 2] * 2
         assert rewards.tolist() == [1.0, 1.0]  # "aaa": every character is an 'a'
-        assert all(info["episode"]["r"] == 1.0 and info["TimeLimit.truncated"] for info in infos)
+        assert all(info["episode"]["r"] == 1.0 and not info["TimeLimit.truncated"] for info in infos)
     finally:
         venv.close()
 

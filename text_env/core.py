@@ -193,7 +193,13 @@ class TextGenCore:
         return token
 
     def append(self, i: int, token: int) -> tuple[bool, bool]:
-        """Append ``token`` to row ``i``; return ``(terminated, truncated)``."""
+        """Append ``token`` to row ``i``; return ``(terminated, truncated)``.
+
+        The episode terminates at EOS, at a stop string, and at ``max_new_tokens``: the length limit is the MDP's own
+        end (the reward is paid there and a full row has no next step), not a truncation whose value an algorithm
+        should bootstrap. So no policy adds ``γ·V(s)`` after a finished completion (SB3 bootstraps on
+        ``TimeLimit.truncated``, RLlib on ``truncated``). ``truncated`` is left for wrappers such as ``TimeLimit``.
+        """
         slot = self.max_prompt_tokens + int(self.n_new[i])
         self.input_ids[i, slot] = token
         self.attention_mask[i, slot] = 1
@@ -202,10 +208,13 @@ class TextGenCore:
         self.completion[i] = self.tokenizer.decode(
             self.input_ids[i, start : start + self.n_new[i]], skip_special_tokens=True
         )
-        terminated = token in self.eos_ids or any(s in self.completion[i] for s in self.stop_strings)
         # Python bools, not numpy ones: they end up in infos ("TimeLimit.truncated") as well as in step()'s return.
-        truncated = not terminated and bool(self.n_new[i] >= self.max_new_tokens)
-        return terminated, truncated
+        terminated = bool(
+            token in self.eos_ids
+            or any(s in self.completion[i] for s in self.stop_strings)
+            or self.n_new[i] >= self.max_new_tokens
+        )
+        return terminated, False
 
     # --- observations and rewards ----------------------------------------------------------------------------
     def obs(self, i: int) -> dict[str, np.ndarray]:

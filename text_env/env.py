@@ -43,8 +43,10 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
 
     **Action.** ``Discrete(V)``, ``V`` the model's vocabulary size: the next token id, appended to the sequence.
 
-    **Termination.** ``terminated`` when the token is EOS or the completion contains a stop string;
-    ``truncated`` after ``max_new_tokens`` tokens (the env's own limit: it is registered without ``TimeLimit``).
+    **Termination.** ``terminated`` when the token is EOS, the completion contains a stop string, or
+    ``max_new_tokens`` tokens are generated: the length limit is part of the MDP (the reward is paid there, a full
+    row has no next step), so no algorithm bootstraps a value after it. ``truncated`` is never set by the env itself
+    (it is registered without ``TimeLimit``).
 
     **Reward.** 0 at every step but the last; at the last step, the reward model's score of
     ``(prompt, completion)``. A reward model is any object with a batched ``score(prompts, completions)``; one whose
