@@ -56,9 +56,26 @@ def episode_batches(
 
 
 class _EpisodeBatches:
-    """Mixin: the parent's ``get`` with minibatches of whole episode segments instead of random steps."""
+    """Mixin: the parent's ``get`` with minibatches of whole episode segments instead of random steps, and optionally
+    advantages normalised once over the whole rollout.
+
+    :param normalize_advantage: normalise the advantages to mean 0, std 1 over the rollout right after they are
+        computed; give the algorithm ``normalize_advantage=False`` then. A minibatch of whole episodes holds few of
+        them (128 tokens: 4 episodes of 32), so SB3's per-minibatch normalisation takes its mean and std from 4
+        correlated episodes, and an episode's advantage depends on which others share its minibatch.
+    """
 
     _tensor_names: tuple[str, ...] = ("actions", "values", "log_probs", "advantages", "returns")
+
+    def __init__(self, *args: Any, normalize_advantage: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.normalize_advantage = normalize_advantage
+
+    def compute_returns_and_advantage(self, last_values: Any, dones: np.ndarray) -> None:
+        super().compute_returns_and_advantage(last_values, dones)  # type: ignore[misc]
+        if self.normalize_advantage:
+            advantages = self.advantages  # type: ignore[has-type]  # (n_steps, n_envs)
+            self.advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
     def get(self, batch_size: int | None = None) -> Generator[Any, None, None]:
         assert self.full, "the buffer must be full before sampling"  # type: ignore[attr-defined]

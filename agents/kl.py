@@ -12,13 +12,17 @@ SB3 calls ``rollout_buffer.compute_returns_and_advantage`` right after its last 
 pass at that call (a hook it sets on the buffer at each rollout's start), then lets the buffer go on. Every
 on-policy algorithm of SB3 and sb3-contrib (PPO, A2C, TRPO, MaskablePPO, RecurrentPPO) fills one such buffer.
 
-With ``scale_rewards``, the episodes' rewards are first divided by their spread so far (:class:`RewardScale`), so
-that β means the same for a gold scorer as for a normalised reward model.
+With ``scale_rewards``, the episodes' rewards are first divided by the spread of the base policy's rewards
+(:class:`RewardScale`, measured once before training), so that β means the same for a gold scorer as for a
+normalised reward model.
+
+The KL of an episode is summed over its tokens until it ends, across rollouts when it spans several (``max_new_tokens``
+above ``n_steps``); ``rlhf/kl_per_episode`` and the adaptive β see completed episodes only.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,61 +62,68 @@ class KLController:
 
 
 class RewardScale:
-    """The spread of the recent episodes' rewards, by which they are divided before the KL penalty.
+    """The divisor of a reward on no normalised scale: the spread of the base policy's rewards, measured once.
 
     β is per unit of a normalised reward (:data:`DEFAULT_BETA`). ``train-rm`` scales a learned reward model once, so
     that the base policy's samples score std 1; a gold scorer (ROUGE-L, chrF, tests passed) is not scaled, and its
     spread of ~0.1 against β = 0.1 per nat kept the dialogue and summarize-docstring policies within 0.5 nats of the
-    base model, gold unchanged (benchmarks/results/tasks.md). Dividing every reward by its spread so far (as SB3's
-    ``VecNormalize`` and TRL's ``use_score_scaling`` do) puts any scorer on that scale; the first rollout's rewards,
-    the base policy's samples, set it first, as they set a reward model's.
+    base model, gold unchanged (benchmarks/results/tasks.md). Dividing every reward by the spread of the base policy's
+    rewards puts any scorer on that scale, measured the way the reward models are: once, on base samples, before
+    training, and then fixed. (A running spread of the policy's own rewards, the form before, falls as the policy
+    sharpens, and with it the divisor, so the effective leash β·s weakened just when over-optimisation is likeliest.)
 
-    The spread is a *winsorised* std: the std of the last ``window`` episode rewards after clipping them to their
-    ``trim`` and ``1 - trim`` quantiles. A plain std is set by a scorer's rare penalties: 2.6 % of the base model's
-    dialogue replies are echoes or empty and score near −1 while the rest spread 0.068 chrF, so the std (0.175) made
-    an ordinary reply's advantage 2.6 times smaller against β than a reward model's; winsorised, 0.061. A reward
-    with two values (tests all pass or all fail) keeps its std: the quantiles are its two values.
+    The spread is a *winsorised* std: the std of the rewards after clipping them to their ``trim`` and ``1 - trim``
+    quantiles. A plain std is set by a scorer's rare penalties: 2.6 % of the base model's dialogue replies are echoes
+    or empty and score near −1 while the rest spread 0.068 chrF, so the std (0.175) made an ordinary reply's advantage
+    2.6 times smaller against β than a reward model's; winsorised, 0.061. A reward with two values (tests all pass or
+    all fail) keeps its std: the quantiles are its two values.
 
-    :param min_std: the divisor's floor, so that a reward that has hardly varied yet (every test failed) is not
+    :param min_std: the divisor's floor, so that a reward that hardly varies on base samples (every test failed) is not
         blown up by a tiny spread.
-    :param window: how many of the latest episode rewards the spread is measured on (1024: 64 rollouts of 16
-        episodes; ``textgen train``'s default run has 20).
     :param trim: the quantile, on each side, beyond which rewards are clipped before their std is taken.
     """
 
-    def __init__(self, min_std: float = 0.01, window: int = 1024, trim: float = 0.05) -> None:
-        if min_std <= 0 or window < 2 or not 0 <= trim < 0.5:
-            raise ValueError(f"need min_std > 0, window >= 2 and 0 <= trim < 0.5; got {min_std}, {window}, {trim}")
+    def __init__(self, min_std: float = 0.01, trim: float = 0.05) -> None:
+        if min_std <= 0 or not 0 <= trim < 0.5:
+            raise ValueError(f"need min_std > 0 and 0 <= trim < 0.5; got {min_std}, {trim}")
         self.min_std, self.trim = min_std, trim
-        self.recent: deque[float] = deque(maxlen=window)
+        self.value: float | None = None  # measured: the divisor; None until then
+
+    @property
+    def measured(self) -> bool:
+        return self.value is not None
 
     @property
     def scale(self) -> float:
-        """The current divisor: the recent rewards' winsorised std (at least ``min_std``); 1 before any reward."""
-        if not self.recent:
-            return 1.0
-        rewards = np.asarray(self.recent, dtype=np.float64)
+        """The divisor (1 before it is measured)."""
+        return 1.0 if self.value is None else self.value
+
+    def spread(self, rewards: np.ndarray | list[float]) -> float:
+        """The winsorised std of ``rewards`` (at least ``min_std``)."""
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if rewards.size < 2:
+            raise ValueError(f"the reward scale needs at least 2 rewards of base samples, got {rewards.size}")
         low, high = np.quantile(rewards, [self.trim, 1.0 - self.trim])
         return max(float(np.clip(rewards, low, high).std()), self.min_std)
 
-    def update(self, rewards: np.ndarray | list[float]) -> float:
-        """Add a batch of episode rewards to the window; return the divisor that now applies."""
-        self.recent.extend(np.asarray(rewards, dtype=np.float64).reshape(-1).tolist())
-        return self.scale
+    def measure(self, rewards: np.ndarray | list[float]) -> float:
+        """Fix the divisor at the spread of the base policy's ``rewards``; return it."""
+        self.value = self.spread(rewards)
+        return self.value
 
-    def state(self) -> dict[str, list[float]]:
-        """The window of rewards, to save with a run (a resumed run divides as the uninterrupted one would)."""
-        return {"recent": list(self.recent)}
+    def state(self) -> dict[str, float | None]:
+        """The divisor, to save with a run (a resumed run divides as the uninterrupted one does)."""
+        return {"scale": self.value}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state` returned. A checkpoint written before the window (it kept a running mean,
-        variance and count) is resumed from two rewards with that mean and std."""
-        self.recent.clear()
-        if "recent" in state:
-            self.recent.extend(float(r) for r in state["recent"])
+        """Restore what :meth:`state` returned. A checkpoint of the running form (a window of recent rewards, or a
+        running mean, variance and count before that) is resumed with its spread, fixed from then on."""
+        if "scale" in state:
+            self.value = None if state["scale"] is None else float(state["scale"])
+        elif len(state.get("recent", ())) >= 2:
+            self.value = self.spread(state["recent"])
         elif state.get("count", 0) >= 1:
-            std = float(np.sqrt(state["var"]))
-            self.recent.extend([float(state["mean"]) - std, float(state["mean"]) + std])
+            self.value = max(float(np.sqrt(state["var"])), self.min_std)
 
 
 class KLPenalty(BaseCallback):
@@ -129,8 +140,11 @@ class KLPenalty(BaseCallback):
         about ``envs_per_pass * n_steps * V`` bf16 values, 50 MB for 16 x 32 steps of SmolLM2) but cost time: each
         pass encodes the shared prompt prefix again and runs smaller matmuls (on SmolLM2, 16 envs x 32 steps at
         one thread: 1.2 s in one pass, 1.8 s in 4).
-    :param scale_rewards: divide each episode's reward by the spread of the episode rewards so far
+    :param scale_rewards: divide each episode's reward by the spread of the base policy's rewards
         (:class:`RewardScale`) before the penalty, for a reward not already normalised like a learned reward model.
+    :param base_rewards: with ``scale_rewards``, a function that samples the base policy and returns the rewards the
+        env pays it (:meth:`agents.run.Run.base_rewards`), called once when training starts unless the scale was
+        restored from a checkpoint (:meth:`RewardScale.load_state`).
     """
 
     def __init__(
@@ -141,6 +155,7 @@ class KLPenalty(BaseCallback):
         reference: str | None = None,
         envs_per_pass: int | None = None,
         scale_rewards: bool = False,
+        base_rewards: Callable[[], np.ndarray] | None = None,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -148,16 +163,29 @@ class KLPenalty(BaseCallback):
             raise ValueError(f"envs_per_pass must be >= 1 (or None: all envs), got {envs_per_pass}")
         self.controller = KLController(beta, target_kl, horizon)
         self.reward_scale = RewardScale() if scale_rewards else None
-        self._scored: list[tuple[int, int, float]] = []  # (buffer row, env, reward) of each episode ended this rollout
+        self.base_rewards = base_rewards
         self.reference = reference
         self.envs_per_pass = envs_per_pass
         self._reference_lm: Any = None  # log π_ref of the named reference LM, when there is one
         self._pending = False  # a rollout is being collected: its rewards are not penalised yet
+        self._dones: list[np.ndarray] = []  # (n_envs,) per step of the rollout: which episodes ended there
+        self._paid: list[np.ndarray] = []  # (n_envs,) per step: the rewards the env paid (non-zero at episode ends)
+        self._running = np.zeros(0)  # (n_envs,) KL of each env's episode in progress, carried across rollouts
+        self._completed: list[float] = []  # KL of each episode that ended in this rollout
         self._kl_sum = 0.0
         self._tokens = 0
-        self._episodes = 0
 
     def _on_training_start(self) -> None:
+        self._running = np.zeros(self.training_env.num_envs)  # episodes in flight start again (a resume too)
+        if self.reward_scale is not None and not self.reward_scale.measured:
+            if self.base_rewards is None:
+                raise ValueError(
+                    "KLPenalty(scale_rewards=True) divides by the spread of the base policy's rewards: pass "
+                    "base_rewards=... (a function that samples the base policy, e.g. agents.run.Run.base_rewards)"
+                )
+            scale = self.reward_scale.measure(self.base_rewards())
+            if self.verbose:
+                print(f"reward scale: {scale:.4f} (winsorised std of the base policy's rewards)")
         if self.reference is None and not hasattr(self.model.policy, "reference_log_prob"):
             try:  # a policy without an LM prior: leash it to the LM of the env it acts in
                 self.reference = self.training_env.get_attr("model_name")[0]
@@ -186,7 +214,7 @@ class KLPenalty(BaseCallback):
 
         buffer.compute_returns_and_advantage = penalise_then_compute  # type: ignore[method-assign]
         self._pending = True
-        self._scored = []
+        self._dones, self._paid = [], []
 
     def penalise(self, buffer: Any) -> np.ndarray:
         """Subtract ``β·(log π − log π_ref)`` from every step's reward in a full rollout buffer, in place (the
@@ -200,7 +228,7 @@ class KLPenalty(BaseCallback):
         release = getattr(self.model.policy, "release_rollout_cache", None)
         if release is not None:  # SB3 has taken the rollout's last step and bootstrap values
             release()
-        if self.reward_scale is not None and self._scored:
+        if self.reward_scale is not None:
             self._scale_rewards(buffer)
         n_steps, n_envs = buffer.rewards.shape
         kl = np.zeros((n_steps, n_envs), dtype=np.float32)
@@ -217,40 +245,44 @@ class KLPenalty(BaseCallback):
             log_pi = buffer.log_probs[:, envs].reshape(-1)  # what the policy stored while sampling
             kl[:, envs] = (log_pi - log_ref).reshape(n_steps, -1)  # unbiased per-token estimate of KL(π‖π_ref)
         buffer.rewards -= (self.controller.beta * kl).astype(buffer.rewards.dtype)
-        self._kl_sum += float(kl.sum())
-        self._tokens += kl.size
+        self._account(kl, np.stack(self._dones[:n_steps]))
         return kl
 
-    def _scale_rewards(self, buffer: Any) -> None:
-        """Divide this rollout's episode rewards by :class:`RewardScale`'s divisor, updated with them first.
+    def _account(self, kl: np.ndarray, dones: np.ndarray) -> None:
+        """Add a rollout's per-token KL ``(n_steps, n_envs)`` to each env's episode in progress; an episode that ends
+        (``dones``, same shape) adds its whole KL, over every rollout it spanned, to :attr:`_completed`."""
+        for step_kl, ended in zip(kl, dones.astype(bool), strict=True):
+            self._running += step_kl
+            self._completed.extend(self._running[ended].tolist())
+            self._running[ended] = 0.0
+        self._kl_sum += float(kl.sum())
+        self._tokens += kl.size
 
-        Only the rewards the env paid are divided: a truncated episode's row may also hold SB3's bootstrap value,
-        which is already in the scaled units the value head learns.
-        """
+    def _scale_rewards(self, buffer: Any) -> None:
+        """Divide the rewards the env paid in this rollout by :class:`RewardScale`'s divisor (only those: a row may
+        also hold a bootstrap value SB3 added, already in the scaled units the value head learns)."""
         assert self.reward_scale is not None
-        rows, envs, paid = (np.array(column) for column in zip(*self._scored, strict=True))
-        scale = self.reward_scale.update(paid)
-        buffer.rewards[rows.astype(int), envs.astype(int)] += (paid / scale - paid).astype(buffer.rewards.dtype)
+        paid = np.stack(self._paid[: buffer.rewards.shape[0]])  # (n_steps, n_envs), 0 but at episode ends
+        scale = self.reward_scale.scale
+        buffer.rewards += (paid / scale - paid).astype(buffer.rewards.dtype)
         self.logger.record("rlhf/reward_scale", scale)
 
     def _on_step(self) -> bool:
-        dones = np.asarray(self.locals["dones"])
-        self._episodes += int(np.sum(dones))
+        self._dones.append(np.asarray(self.locals["dones"], dtype=bool).copy())
         if self.reward_scale is not None:  # the env pays an episode's reward with its last step
-            row, rewards = self.model.rollout_buffer.pos, np.asarray(self.locals["rewards"])  # the row it will fill
-            self._scored.extend((row, int(i), float(rewards[i])) for i in np.flatnonzero(dones))
+            self._paid.append(np.where(self._dones[-1], np.asarray(self.locals["rewards"], dtype=np.float64), 0.0))
         return True
 
     def _on_rollout_end(self) -> None:
         if self._tokens == 0:
             return
-        kl_token = self._kl_sum / self._tokens
-        kl_episode = self._kl_sum / max(1, self._episodes)
-        self.logger.record("rlhf/kl_per_token", kl_token)
-        self.logger.record("rlhf/kl_per_episode", kl_episode)
+        self.logger.record("rlhf/kl_per_token", self._kl_sum / self._tokens)
         self.logger.record("rlhf/beta", self.controller.beta)
-        self.controller.update(kl_episode, self._episodes)
-        self._kl_sum, self._tokens, self._episodes = 0.0, 0, 0
+        if self._completed:  # an episode's KL over all its tokens, when it has ended (it may span rollouts)
+            kl_episode = float(np.mean(self._completed))
+            self.logger.record("rlhf/kl_per_episode", kl_episode)
+            self.controller.update(kl_episode, len(self._completed))
+        self._kl_sum, self._tokens, self._completed = 0.0, 0, []
 
     def _on_training_end(self) -> None:
         self._pending = False

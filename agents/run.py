@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecEnv
@@ -35,6 +37,7 @@ from text_env.tasks import Task, get_task
 from text_env.vec_env import make_text_vec_env
 
 __all__ = [
+    "ADVANTAGE_NORMALIZATIONS",
     "ALGORITHMS",
     "BASELINES",
     "PRESETS",
@@ -43,6 +46,7 @@ __all__ = [
     "TrainConfig",
     "algorithm_class",
     "algorithm_kwargs",
+    "base_rewards",
     "build_run",
     "checked_task",
     "make_algorithm",
@@ -53,7 +57,8 @@ __all__ = [
 
 ALGORITHMS = ("ppo", "a2c", "trpo", "maskable_ppo")  # with the causal-LM policy
 BASELINES = ("ppo_bag_of_tokens", "recurrent_ppo_lstm")  # without an LM prior: how much the pretrained LM matters
-REWARD_SCALINGS = ("auto", "running-std", "none")  # TrainConfig.reward_scaling, see scales_rewards
+REWARD_SCALINGS = ("auto", "base-std", "none")  # TrainConfig.reward_scaling, see scales_rewards
+ADVANTAGE_NORMALIZATIONS = ("minibatch", "rollout", "none")  # TrainConfig.advantage_normalization
 
 # What differs from TrainConfig's defaults per algorithm. sb3-contrib TRPO runs one double-backward pass through
 # the LM per trainable tensor: every weight of SmolLM2 took > 24 GB, LoRA's hundreds of adapters would take hours,
@@ -112,13 +117,25 @@ class TrainConfig:
     beta: float = field(default=DEFAULT_BETA, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
     ent_coef: float = field(default=0.0, metadata=_help("entropy bonus: weight of the policy's entropy in the loss"))
+    advantage_normalization: str = field(
+        default="minibatch",
+        metadata=_help(
+            "advantages to mean 0, std 1 per minibatch (SB3's normalize_advantage), once over the whole rollout, or "
+            "not at all (A2C's own default is not at all; it updates on the whole rollout)",
+            ADVANTAGE_NORMALIZATIONS,
+        ),
+    )
     reward_scaling: str = field(
         default="auto",
         metadata=_help(
-            "divide rewards by their running (winsorised) std before the KL penalty, so that beta is per unit of "
-            "reward spread; auto: for a gold or other scorer, not for a learned reward model (train-rm scaled it)",
+            "divide rewards by the (winsorised) std of the base model's rewards, measured once before training, so "
+            "that beta is per unit of reward spread; auto: for a gold or other scorer, not for a learned reward model "
+            "(train-rm scaled it)",
             REWARD_SCALINGS,
         ),
+    )
+    reward_scale_prompts: int = field(
+        default=64, metadata=_help("training prompts the base model samples to measure the reward scale on")
     )
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
@@ -141,6 +158,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
             raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
+        if self.reward_scaling == "running-std":  # config.json of a run before the scale was fixed: resumes fixed
+            self.reward_scaling = "base-std"
+        if self.reward_scale_prompts < 2:
+            raise ValueError(f"reward_scale_prompts must be at least 2, got {self.reward_scale_prompts}")
+        if self.advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
+            raise ValueError(
+                f"advantage_normalization must be one of {', '.join(ADVANTAGE_NORMALIZATIONS)}, "
+                f"not {self.advantage_normalization!r}"
+            )
+        if self.advantage_normalization == "rollout" and self.algo in BASELINES:
+            raise ValueError("advantage_normalization='rollout' needs the episode buffer of the LM algorithms")
         if self.reward_scaling not in REWARD_SCALINGS:
             raise ValueError(f"reward_scaling must be one of {', '.join(REWARD_SCALINGS)}, not {self.reward_scaling!r}")
         if self.algo == "trpo" and self.ent_coef:
@@ -165,12 +193,12 @@ class TrainConfig:
 
     @property
     def scales_rewards(self) -> bool:
-        """Whether the run divides rewards by their running (winsorised) std (:class:`agents.kl.RewardScale`):
+        """Whether the run divides rewards by the spread of the base model's rewards (:class:`agents.kl.RewardScale`):
         ``reward_scaling``, where ``"auto"`` means unless the reward is a learned reward model, which ``train-rm``
         already scaled so that the base policy's samples score std 1 (what β is meant for); a gold scorer, or any
         other, is not scaled."""
         if self.reward_scaling != "auto":
-            return self.reward_scaling == "running-std"
+            return self.reward_scaling == "base-std"
         source = self.reward_model if self.reward_model is not None else get_task(self.task).reward_model
         return source is None or source == "gold"  # anything else names a reward-model directory
 
@@ -223,6 +251,12 @@ def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["rollout_buffer_class"] = (
             MaskableEpisodeRolloutBuffer if config.algo == "maskable_ppo" else EpisodeRolloutBuffer
         )
+        rollout = config.advantage_normalization == "rollout"
+        kwargs["rollout_buffer_kwargs"] = {"normalize_advantage": rollout}
+        if config.algo != "a2c" or rollout:  # A2C does not normalise unless asked to; the others per minibatch
+            kwargs["normalize_advantage"] = config.advantage_normalization == "minibatch"
+    elif config.advantage_normalization == "none":  # the baselines, on SB3's own buffers
+        kwargs["normalize_advantage"] = False
     if config.algo != "a2c":  # A2C updates on the whole rollout at once
         kwargs["batch_size"] = config.batch_size
     if config.algo in ("ppo", "maskable_ppo", "ppo_bag_of_tokens", "recurrent_ppo_lstm"):
@@ -315,8 +349,31 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     env = make_env(config, "train", reward, task=task)
     eval_env = make_env(config, "eval", reward, task=task)
     algo = make_algorithm(config, env, verbose)
-    return Run(
-        config, env, eval_env, algo, KLPenalty(config.beta, config.target_kl, scale_rewards=config.scales_rewards),
-        TextMetrics(),
-        list(task.examples("eval")[: config.eval_prompts]),
-    )  # fmt: skip
+    kl = KLPenalty(config.beta, config.target_kl, scale_rewards=config.scales_rewards, verbose=verbose)
+    run = Run(config, env, eval_env, algo, kl, TextMetrics(), list(task.examples("eval")[: config.eval_prompts]))
+    if config.scales_rewards:  # measured when training starts, unless a checkpoint restores it
+        kl.base_rewards = lambda: base_rewards(config, task, reward, algo.policy)
+    return run
+
+
+def base_rewards(config: TrainConfig, task: Task, reward: Scorer, policy: Any = None) -> np.ndarray:
+    """The rewards the env pays the base model's samples on the first ``config.reward_scale_prompts`` training
+    prompts (one each, seed 0, the global torch RNG left as it was): what :class:`agents.kl.RewardScale` is measured
+    on, the same for every seed and every method of a run's settings.
+
+    :param policy: an LM policy that is still the base model (a run's before training: LoRA's adapters start at 0);
+        ``None``, or a policy without an LM (the baselines), samples a fresh ``CausalLMPolicy`` of ``config.model``.
+    """
+    from agents.policies import CausalLMPolicy, _CausalLMMixin
+
+    env = make_env(config, "train", reward, task=task)
+    try:
+        if not isinstance(policy, _CausalLMMixin):
+            policy = CausalLMPolicy(
+                env.observation_space, env.action_space, lambda _: 0.0, model=config.model, bf16=config.bf16
+            )
+        with torch.random.fork_rng(devices=[]):
+            prompts = task.examples("train")[: config.reward_scale_prompts]
+            return evaluate(policy, env, prompts, seed=0).reward_model_score  # the reward the env pays
+    finally:
+        env.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -89,12 +92,15 @@ def test_episode_batches_keep_segments_whole(batch_size: int) -> None:
         assert all(abs(cut - batch_size * (k + 1)) <= 2 for k, cut in enumerate(cuts))
 
 
-def filled_buffer(buffer_class: type, seed: int = 0) -> tuple[object, np.ndarray]:
-    """A full buffer whose every field encodes its ``(env, step)``, with random episode starts."""
+def filled_buffer(buffer_class: type, seed: int = 0, **kwargs: Any) -> tuple[Any, np.ndarray]:
+    """A full buffer whose every field encodes its ``(env, step)``, with random episode starts (``kwargs``: the
+    buffer's own)."""
     observation_space = spaces.Dict(
         {"input_ids": spaces.Box(0, V - 1, (L,), np.int64), "attention_mask": spaces.Box(0, 1, (L,), np.int64)}
     )
-    buffer = buffer_class(N_STEPS, observation_space, spaces.Discrete(V), gamma=1.0, gae_lambda=1.0, n_envs=N_ENVS)
+    buffer = buffer_class(
+        N_STEPS, observation_space, spaces.Discrete(V), gamma=1.0, gae_lambda=1.0, n_envs=N_ENVS, **kwargs
+    )
     rng = np.random.default_rng(seed)
     starts = (rng.random((N_STEPS, N_ENVS)) < 0.3).astype(np.float32)
     for step in range(N_STEPS):
@@ -141,3 +147,37 @@ def test_rollout_buffer_minibatches(buffer_class: type) -> None:
     assert len(set(orders)) > 1  # reshuffled every epoch
     (everything,) = list(buffer.get())  # batch_size=None: one batch, as A2C and TRPO's actor step ask
     assert len(everything.actions) == N_STEPS * N_ENVS
+
+
+def _minibatch_advantages(buffer: EpisodeRolloutBuffer, normalize: bool, seed: int) -> dict[int, float]:
+    """Each step's advantage as PPO's loss sees it (SB3 normalises per minibatch when ``normalize``), for one
+    shuffle of the episodes into minibatches of 6 steps."""
+    np.random.seed(seed)
+    seen = {}
+    for batch in buffer.get(batch_size=6):
+        advantages = batch.advantages
+        if normalize and len(advantages) > 1:  # what PPO.train does with normalize_advantage=True
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        seen.update(zip(batch.observations["input_ids"][:, 0].long().tolist(), advantages.tolist(), strict=True))
+    return seen
+
+
+def test_rollout_normalised_advantages_do_not_depend_on_the_minibatch() -> None:
+    """``normalize_advantage=True`` on the buffer (``--advantage-normalization rollout``): mean 0, std 1 over the
+    whole rollout, once, and an episode's advantage is the same whichever episodes share its minibatch; SB3's
+    per-minibatch normalisation (the algorithm's ``normalize_advantage``) gives it a different value per shuffle."""
+    buffer, _ = filled_buffer(EpisodeRolloutBuffer)
+    raw, returns = buffer.advantages.copy(), buffer.returns.copy()  # (n_steps, n_envs), before get() flattens them
+    per_minibatch = [_minibatch_advantages(buffer, True, seed) for seed in range(3)]
+    assert any(a[t] != pytest.approx(b[t], abs=1e-4) for a, b in itertools.pairwise(per_minibatch) for t in a)
+
+    normalised, _ = filled_buffer(EpisodeRolloutBuffer, normalize_advantage=True)
+    expected = (raw - raw.mean()) / (raw.std() + 1e-8)  # (n_steps, n_envs)
+    np.testing.assert_allclose(normalised.advantages, expected, rtol=1e-6)
+    assert abs(normalised.advantages.mean()) < 1e-6 and normalised.advantages.std() == pytest.approx(1, rel=1e-6)
+    np.testing.assert_allclose(normalised.returns, returns)  # returns (the value targets) are not touched
+    once = [_minibatch_advantages(normalised, False, seed) for seed in range(3)]
+    for shuffled in once[1:]:
+        assert shuffled == pytest.approx(once[0])
+    flat = expected.T.reshape(-1)  # env-major, as the tags number the steps
+    assert once[0] == pytest.approx({t: flat[t] for t in range(N_STEPS * N_ENVS)})

@@ -20,7 +20,7 @@ from stable_baselines3.common.logger import configure
 
 from agents.baselines import BagOfTokens
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.kl import KLController, KLPenalty, RewardScale
+from agents.kl import DEFAULT_BETA, KLController, KLPenalty, RewardScale
 from agents.masks import TopPMask
 from agents.policies import CausalLMPolicy, MaskableCausalLMPolicy
 from text_env.models import load_causal_lm
@@ -110,40 +110,55 @@ def run_one_rollout(model: Any, penalty: KLPenalty, folder: Path) -> tuple[StepR
     return before, after
 
 
+def completed_kl(kl: np.ndarray, dones: np.ndarray) -> np.ndarray:
+    """Each finished episode's KL, summed over its tokens, from a rollout's per-token KL and dones ``(n_steps,
+    n_envs)`` (episodes still running at the rollout's end are not finished)."""
+    totals, running = [], np.zeros(kl.shape[1])
+    for step_kl, ended in zip(kl, dones, strict=True):
+        running += step_kl
+        totals += running[ended].tolist()
+        running[ended] = 0
+    return np.array(totals)
+
+
 def winsorised_std(rewards: Any, trim: float = 0.05) -> float:
     rewards = np.asarray(rewards, dtype=np.float64)
     return float(np.clip(rewards, *np.quantile(rewards, [trim, 1 - trim])).std())
 
 
-def test_reward_scale_is_the_winsorised_std_of_the_recent_rewards() -> None:
-    scale = RewardScale(min_std=0.01, window=8)
-    assert scale.scale == 1.0  # nothing seen yet
-    assert scale.update([0.0, 0.2, 0.0, 0.2]) == pytest.approx(0.1, rel=1e-6)  # two values: their plain std
-    assert scale.update([0.5, 0.7]) == pytest.approx(winsorised_std([0, 0.2, 0, 0.2, 0.5, 0.7]), rel=1e-6)
-    assert scale.update([]) == pytest.approx(winsorised_std([0, 0.2, 0, 0.2, 0.5, 0.7]), rel=1e-6)
-    assert scale.update([0.1, 0.3, 0.4]) == pytest.approx(winsorised_std([0.2, 0, 0.2, 0.5, 0.7, 0.1, 0.3, 0.4]))
-    resumed = RewardScale(window=8)
+def test_reward_scale_is_the_winsorised_std_of_base_rewards() -> None:
+    scale = RewardScale(min_std=0.01)
+    assert scale.scale == 1.0 and not scale.measured  # nothing measured yet
+    assert scale.measure([0.0, 0.2, 0.0, 0.2]) == pytest.approx(0.1, rel=1e-6)  # two values: their plain std
+    assert scale.scale == pytest.approx(0.1, rel=1e-6) and scale.measured
+    resumed = RewardScale()
     resumed.load_state(json.loads(json.dumps(scale.state())))  # a checkpoint's JSON round trip
-    assert resumed.update([1.0]) == scale.update([1.0])
-    assert RewardScale(min_std=0.01).update([0.0, 0.0, 0.0]) == 0.01  # no spread yet: not blown up
+    assert resumed.scale == scale.scale
+    assert RewardScale(min_std=0.01).measure([0.0, 0.0, 0.0]) == 0.01  # no spread: not blown up
     # a rare penalty far below the rest does not set the divisor: 2 of 40 replies at -1, the rest spread 0.05
     ordinary = np.random.default_rng(0).normal(0.1, 0.05, 38)
-    assert RewardScale().update([-1.0, -1.0, *ordinary]) == pytest.approx(0.05, rel=0.25)
+    assert RewardScale().measure([-1.0, -1.0, *ordinary]) == pytest.approx(0.05, rel=0.25)
     assert np.std([-1.0, -1.0, *ordinary]) > 0.2
-    old = RewardScale()  # a checkpoint from before the window: running mean, variance and count
+    window = RewardScale()  # a checkpoint of the running form: a window of recent rewards, resumed fixed at its spread
+    window.load_state({"recent": [0.0, 0.2, 0.0, 0.2]})
+    assert window.scale == pytest.approx(0.1, rel=1e-6)
+    old = RewardScale()  # and before the window: running mean, variance and count
     old.load_state({"mean": 0.3, "var": 0.04, "count": 50.0})
-    assert list(old.recent) == pytest.approx([0.1, 0.5])
-    for bad in ({"min_std": 0}, {"window": 1}, {"trim": 0.5}):
-        with pytest.raises(ValueError, match=r"min_std > 0, window >= 2 and 0 <= trim < 0\.5"):
+    assert old.scale == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="at least 2 rewards"):
+        RewardScale().measure([0.5])
+    for bad in ({"min_std": 0}, {"trim": 0.5}):
+        with pytest.raises(ValueError, match=r"min_std > 0 and 0 <= trim < 0\.5"):
             RewardScale(**bad)
 
 
-def test_scaled_rewards_are_divided_by_their_winsorised_std(
+def test_scaled_rewards_are_divided_by_the_base_policys_spread(
     tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """With scale_rewards, each episode's reward reaches the advantages divided by the winsorised std of the
-    rollout's episode rewards (the first rollout's own), and the KL penalty is subtracted after; the env's rewards
-    are left alone."""
+    """With scale_rewards, each episode's reward reaches the advantages divided by the winsorised std of the base
+    policy's rewards, measured once when training starts (``base_rewards``), and the KL penalty is subtracted after;
+    the env's rewards are left alone. Rewards whose spread shrinks later (a sharpening policy) leave the divisor, and
+    so the effective β·s, where it was."""
     venv = make_env(tiny_env_kwargs, 4, reward_model=SpreadReward())
     model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0, gamma=0.0,
                 policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
@@ -157,21 +172,110 @@ def test_scaled_rewards_are_divided_by_their_winsorised_std(
         seen.append(buffer.rewards.copy())
         compute(buffer, *args, **kwargs)
 
-    penalty = KLPenalty(beta=0.5, scale_rewards=True)
+    base = np.array([0.0, 0.3, 0.6, 0.9, 0.3, 0.6])
+    calls: list[int] = []
+    penalty = KLPenalty(beta=0.5, scale_rewards=True, base_rewards=lambda: calls.append(1) or base)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(model.rollout_buffer), "compute_returns_and_advantage", spy)
         before, after = run_one_rollout(model, penalty, tmp_path)
+    std = winsorised_std(base)
     env_rewards = np.stack([s["rewards"] for s in before.steps])  # (n_steps, n_envs)
     dones = np.stack([s["dones"] for s in before.steps])
-    std = winsorised_std(env_rewards[dones])
-    assert dones.sum() >= 4 and std > 0.01  # several episodes, with a spread
+    assert dones.sum() >= 4 and winsorised_std(env_rewards[dones]) != pytest.approx(std)  # not the rollout's own
     log_pi = np.stack([s["log_probs"].numpy() for s in before.steps])
     kl = log_pi - log_probs_of(load_causal_lm(tiny_model), before.steps)
     assert np.abs(kl).mean() > 1e-2
     np.testing.assert_allclose(seen[0], env_rewards / std - 0.5 * kl, atol=2e-5)
     np.testing.assert_allclose(logged(tmp_path, "rlhf/reward_scale"), [std], rtol=1e-4)
     np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards)  # untouched per step
-    assert len(penalty.state()["reward_scale"]["recent"]) == dones.sum()
+    assert penalty.state()["reward_scale"] == {"scale": pytest.approx(std)} and calls == [1]
+
+    model.env.set_attr("reward_model", ConstantReward())  # the spread falls to 0: the divisor stays
+    model.learn(model.n_steps * model.n_envs, callback=penalty, reset_num_timesteps=False)
+    assert penalty.reward_scale is not None and penalty.reward_scale.scale == pytest.approx(std) and calls == [1]
+    with pytest.raises(ValueError, match="pass base_rewards"):
+        model.learn(32, callback=KLPenalty(scale_rewards=True))
+
+
+@pytest.mark.parametrize("engine", ["sb3", "rllib"])
+def test_kl_per_episode_sums_an_episode_over_every_rollout_it_spans(
+    tiny_model: Path, tmp_path: Path, engine: str
+) -> None:
+    """A constant per-token KL c, episodes of max_new_tokens = 4 x n_steps (code: 128 tokens, 32 per rollout): the
+    logged KL per episode is c x 16 at every rollout where episodes ended (and is not logged in between), and the
+    adaptive β is moved by that figure, in SB3 and in RLlib alike. (It was the rollout's KL divided by the episodes
+    that ended in it: 8c at 3 rollouts in 4, 4c at the 4th.)"""
+    from agents.run import TrainConfig
+
+    c, n_steps, length = 0.25, 4, 16
+    config = TrainConfig(
+        model=str(tiny_model), reward_model="gold", n_envs=2, n_steps=n_steps, batch_size=8, n_epochs=1,
+        max_new_tokens=length, max_prompt_tokens=128, eval_prompts=1, bf16=False, total_timesteps=64,
+        reward_scaling="none", out=str(tmp_path),
+    )  # fmt: skip
+    if engine == "sb3":
+        logged_kl, betas = _constant_kl_sb3(config, c, tmp_path)
+    else:
+        pytest.importorskip("ray")
+        logged_kl, betas = _constant_kl_rllib(config, c)
+    assert logged_kl == pytest.approx([c * length] * 2, rel=1e-5)  # 2 envs x 64 steps: 2 rounds of 2 episodes
+    assert betas[-1] == pytest.approx(DEFAULT_BETA)  # no target_kl: β fixed
+
+
+def _a_token(config: Any) -> int:
+    """A token that is neither EOS nor part of a stop string: the episodes run to the length limit."""
+    from text_env.models import load_tokenizer
+
+    return load_tokenizer(config.model)("a", add_special_tokens=False)["input_ids"][0]
+
+
+def _constant_kl_sb3(config: Any, c: float, folder: Path) -> tuple[list[float], list[float]]:
+    from agents.run import build_run
+
+    run = build_run(config, verbose=0)
+    policy, token = run.algo.policy, _a_token(config)
+    forward = policy.forward
+
+    def constant(obs: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        actions, values, _ = forward(obs, *args, **kwargs)
+        return torch.full_like(actions, token), values, torch.full(actions.shape, c)  # log π = c
+
+    policy.forward = constant  # type: ignore[method-assign]
+    run.kl.reference_log_prob = lambda obs, actions: torch.zeros(len(actions))  # type: ignore[method-assign]
+    run.algo.set_logger(configure(str(folder), ["csv"]))
+    run.algo.learn(config.total_timesteps, callback=run.callbacks())
+    return logged(folder, "rlhf/kl_per_episode"), logged(folder, "rlhf/beta")
+
+
+def _constant_kl_rllib(config: Any, c: float) -> tuple[list[float], list[float]]:
+    import ray
+    from ray.rllib.core.columns import Columns
+
+    from agents.rllib import CausalLMRLModule, connect_ray, rllib_config
+    from agents.rllib.module import REF_LOGP
+
+    token = _a_token(config)
+    explore = CausalLMRLModule._forward_exploration
+
+    def constant(self: Any, batch: Any, **kwargs: Any) -> dict[str, Any]:
+        out = explore(self, batch, **kwargs)
+        n = out[Columns.ACTIONS].shape[0]
+        return {**out, Columns.ACTIONS: torch.full((n,), token), Columns.ACTION_LOGP: torch.full((n,), c),
+                REF_LOGP: torch.zeros(n)}  # fmt: skip
+
+    started = connect_ray("local", num_cpus=2)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(CausalLMRLModule, "_forward_exploration", constant)
+            algo = rllib_config(config, num_env_runners=0).build_algo()  # samples in this process: patched
+            try:
+                rows = [algo.train()["rlhf"] for _ in range(config.total_timesteps // (config.n_envs * config.n_steps))]
+            finally:
+                algo.stop()
+    finally:
+        if started:
+            ray.shutdown()
+    return [r["kl_per_episode"] for r in rows if r["episodes"]], [r["beta"] for r in rows]
 
 
 def test_penalty_is_zero_for_a_policy_equal_to_its_reference(
@@ -263,8 +367,10 @@ def test_penalty_shapes_rewards(
         ])  # fmt: skip
     np.testing.assert_allclose(per_step, log_ref, atol=1e-5)
     np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_token"), [kl.mean()], atol=1e-5)
-    n_episodes = sum(int(s["dones"].sum()) for s in before.steps)
-    np.testing.assert_allclose(logged(tmp_path, "rlhf/kl_per_episode"), [kl.sum() / n_episodes], rtol=1e-4)
+    dones = np.stack([s["dones"] for s in before.steps])  # (n_steps, n_envs)
+    np.testing.assert_allclose(
+        logged(tmp_path, "rlhf/kl_per_episode"), [completed_kl(kl, dones).mean()], rtol=1e-4, atol=1e-5
+    )
     assert "compute_returns_and_advantage" not in vars(model.rollout_buffer)  # the hook goes with training
 
 
@@ -294,6 +400,39 @@ def test_penalty_with_an_external_reference(tiny_env_kwargs: dict, tiny_model: P
     assert np.abs(kl).max() > 1e-3
     expected = np.stack([s["rewards"] for s in before.steps]) - 0.5 * kl
     np.testing.assert_allclose(model.rollout_buffer.rewards, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("algo", ["ppo_bag_of_tokens", "recurrent_ppo_lstm"])
+def test_no_value_is_bootstrapped_after_a_finished_completion(
+    tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path, algo: str
+) -> None:
+    """The length limit ends the episode (terminated): SB3 adds no γ·V(s) to the last reward of a completion, so a
+    baseline whose value net says 5 everywhere leaves every buffer reward at the env's minus β·KL (γ = 1, as in
+    ``textgen train``). Before, a completion that reached ``max_new_tokens`` was "truncated" and got +5."""
+    from stable_baselines3.common.logger import configure
+
+    from agents.run import TrainConfig, build_run
+
+    config = TrainConfig.for_algo(
+        algo, model=str(tiny_model), reward_model="gold", n_envs=4, n_steps=8, batch_size=32, max_new_tokens=4,
+        max_prompt_tokens=128, eval_prompts=1, bf16=False, gamma=1.0, beta=0.5, total_timesteps=32,
+    )  # fmt: skip
+    run = build_run(config, verbose=0)
+    value_net = run.algo.policy.value_net
+    with torch.no_grad():
+        value_net.weight.zero_()
+        value_net.bias.fill_(5.0)
+    before = StepRecorder()
+    kls: list[np.ndarray] = []
+    penalise = run.kl.penalise
+    run.kl.penalise = lambda buffer: kls.append(penalise(buffer)) or kls[-1]  # type: ignore[method-assign]
+    run.algo.set_logger(configure(str(tmp_path), ["csv"]))
+    run.algo.learn(32, callback=CallbackList([before, run.kl]))
+    env_rewards = np.stack([s["rewards"] for s in before.steps])  # (n_steps, n_envs)
+    dones = np.stack([s["dones"] for s in before.steps])
+    assert dones.sum() >= 4  # 8 steps of episodes of at most 4 tokens
+    expected = env_rewards - 0.5 * kls[0]
+    np.testing.assert_allclose(run.algo.rollout_buffer.rewards[dones], expected[dones], atol=1e-5)
 
 
 def test_penalty_defaults_to_the_env_model(tiny_env_kwargs: dict, tiny_model: Path) -> None:

@@ -31,7 +31,6 @@ from agents.kl import DEFAULT_BETA, KLController  # noqa: E402
 from agents.rllib import (  # noqa: E402
     REF_LOGP,
     CausalLMRLModule,
-    EpisodeRewardScaling,
     KLRewardPenalty,
     connect_ray,
     export_rllib,
@@ -39,6 +38,7 @@ from agents.rllib import (  # noqa: E402
     rllib_config,
     train_rllib,
 )
+from agents.rllib.learner import REWARD_SCALE  # noqa: E402
 from agents.run import TrainConfig, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
 
@@ -96,7 +96,10 @@ def trained(local_ray: None, tiny_model: Path, tmp_path_factory: pytest.TempPath
     env each), saved; the live algorithm."""
     out = tmp_path_factory.mktemp("rllib")
     config = tiny_config(tiny_model, out)
-    algo = rllib_config(config, num_env_runners=2).build_algo()
+    algo_config = rllib_config(config, num_env_runners=2)
+    # the gold reward is scaled, by a divisor train_rllib measures on base samples; here one set by hand
+    algo_config.learners(learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: 0.5})
+    algo = algo_config.build_algo()
     results = [algo.train() for _ in range(2)]
     module = algo.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID])
     checkpoint = Path(algo.save_to_path(str(out / "checkpoint")))
@@ -125,8 +128,8 @@ def test_ppo_trains_the_lm_module_with_rlhf_metrics(trained: dict[str, Any]) -> 
 def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_model: Path) -> None:
     """On episodes sampled by the EnvRunner, the Learner's connector pipeline turns each reward into
     r / s − β·(log π(a|s) − log π_ref(a|s)), recomputed here by hand from each observation's tokens alone, and GAE
-    runs on those rewards; s is the running (winsorised) std of the episodes' rewards (the gold scorer is not
-    normalised: the run scales it, as SB3's KLPenalty does)."""
+    runs on those rewards; s is the reward scale the driver gives every Learner (the gold scorer is not normalised:
+    the run scales it, as SB3's KLPenalty does)."""
     algo, module, beta = trained["algo"], trained["module"], trained["config"].beta
     episodes = algo.env_runner_group.foreach_env_runner(
         lambda runner: runner.sample(num_timesteps=8), local_env_runner=False
@@ -152,10 +155,10 @@ def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_m
         batch = learner._learner_connector(
             rl_module=learner.module, batch={}, episodes=episodes, shared_data={}, metrics=learner.metrics
         )
-        return names, batch[DEFAULT_MODULE_ID], learner._learner_connector[EpisodeRewardScaling][0].reward_scale.scale
+        return names, batch[DEFAULT_MODULE_ID], learner._learner_connector[KLRewardPenalty][0].scale
 
     names, batch, scale = next(iter(algo.learner_group.foreach_learner(pipeline))).get()
-    assert trained["config"].scales_rewards and names[0] == EpisodeRewardScaling.__name__
+    assert trained["config"].scales_rewards and scale == 0.5  # every Learner divides by the one given
     assert names.index(KLRewardPenalty.__name__) == names.index(GeneralAdvantageEstimation.__name__) - 1
     shaped = [torch.cat([r / scale - beta * kl, torch.zeros(1)]) for r, kl in expected]  # + RLlib's bootstrap row
     assert torch.allclose(batch[Columns.REWARDS].float(), torch.cat(shaped), atol=1e-4)

@@ -78,7 +78,7 @@ def test_trpo_with_lora_says_what_to_do() -> None:
     [({"algo": "dqn"}, "choose one of ppo, a2c, trpo, maskable_ppo, ppo_bag_of_tokens"),
      ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta and ent_coef must be >= 0"),
      ({"ent_coef": -0.01}, "ent_coef must be >= 0"),
-     ({"reward_scaling": "std"}, "reward_scaling must be one of auto, running-std, none"),
+     ({"reward_scaling": "std"}, "reward_scaling must be one of auto, base-std, none"),
      ({"algo": "trpo", "lora_r": 0, "train_layers": 2, "ent_coef": 0.01}, "TRPO has no entropy bonus")],
 )  # fmt: skip
 def test_bad_settings_are_refused_when_made(kwargs: dict, message: str) -> None:
@@ -192,3 +192,23 @@ def test_one_episode_of_every_task_on_the_default_model(name: str) -> None:
     assert 1 <= result.n_tokens[0] <= task.max_new_tokens and isinstance(result.completions[0], str)
     assert -1.0 <= result.gold_score[0] <= 1.0 and np.isfinite(result.reward_model_score[0])
     assert np.isfinite(result.kl[0]) and abs(result.kl[0]) < 0.05  # untrained: the policy is its reference
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("mode", ["minibatch", "rollout", "none"])
+def test_advantage_normalization_is_wired_to_the_buffer_or_the_algorithm(
+    tiny_model: Path, algo: str, mode: str
+) -> None:
+    """`--advantage-normalization rollout`: the episode buffer normalises once, the algorithm not per minibatch;
+    `minibatch`: SB3's own (A2C's own default is none); `none`: neither."""
+    config = TrainConfig.for_algo(algo, **tiny_config(tiny_model), total_timesteps=16, advantage_normalization=mode,
+                                  lora_r=0 if algo == "trpo" else 4)  # fmt: skip
+    run = build_run(config, verbose=0)
+    assert run.algo.rollout_buffer.normalize_advantage == (mode == "rollout")
+    expected = mode == "minibatch" and algo != "a2c"
+    assert run.algo.normalize_advantage == expected
+    run.algo.learn(16, callback=run.callbacks())
+    if mode == "rollout":
+        assert abs(float(run.algo.rollout_buffer.advantages.mean())) < 1e-5
+    with pytest.raises(ValueError, match="advantage_normalization must be one of minibatch, rollout, none"):
+        TrainConfig(advantage_normalization="episode")

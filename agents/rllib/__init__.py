@@ -16,7 +16,7 @@ from text_env.extras import require
 
 require("rllib", "the RLlib engine")  # tests/test_rllib.py::test_missing_ray_says_how_to_install
 
-from agents.rllib.learner import EpisodeRewardScaling, KLRewardPenalty, RLHFPPOLearner  # noqa: E402
+from agents.rllib.learner import KLRewardPenalty, RLHFPPOLearner  # noqa: E402
 from agents.rllib.module import REF_LOGP, CausalLMRLModule  # noqa: E402
 from agents.rllib.train import (  # noqa: E402
     RLHFMetrics,
@@ -30,7 +30,6 @@ from agents.rllib.train import (  # noqa: E402
 __all__ = [
     "REF_LOGP",
     "CausalLMRLModule",
-    "EpisodeRewardScaling",
     "KLRewardPenalty",
     "RLHFMetrics",
     "RLHFPPOLearner",

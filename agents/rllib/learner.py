@@ -6,8 +6,9 @@ them after :class:`agents.kl.KLPenalty`: the same estimate ``log π(a_t|s_t) −
 policy (``ACTION_LOGP``) against the frozen starting model (:data:`~agents.rllib.module.REF_LOGP`, both recorded by
 the EnvRunner with the action), the same β. β itself is moved by :class:`agents.kl.KLController` in the driver
 (:class:`agents.rllib.train.RLHFMetrics`), which hands it to every Learner, so that all Learners apply one β.
-With ``learner_config_dict["reward_scaling"]``, the rewards are first divided by their running (winsorised) std,
-measured by :class:`EpisodeRewardScaling`, as ``KLPenalty(scale_rewards=True)`` does in SB3.
+With ``learner_config_dict["reward_scale"]``, the rewards are first divided by that divisor: the spread of the base
+model's rewards, measured once by the driver before training (:class:`agents.kl.RewardScale`), so every Learner
+divides by the same number, as ``KLPenalty(scale_rewards=True)`` does in SB3.
 """
 
 from __future__ import annotations
@@ -21,66 +22,35 @@ from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
 
-from agents.kl import RewardScale
 from agents.rllib.module import REF_LOGP
 
-__all__ = ["KL_BETA", "REWARD_SCALING", "EpisodeRewardScaling", "KLRewardPenalty", "RLHFPPOLearner"]
+__all__ = ["KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner"]
 
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
-REWARD_SCALING = "reward_scaling"
-"""``learner_config_dict`` key: ``True`` divides rewards by their running (winsorised) std
-(``TrainConfig.scales_rewards``)."""
-
-
-class EpisodeRewardScaling(ConnectorV2):
-    """Measure the running (winsorised) std of the episodes' rewards (:class:`agents.kl.RewardScale`), by which
-    :class:`KLRewardPenalty` divides the rewards before it subtracts the penalty.
-
-    The first piece of the Learner's pipeline, on the episode chunks as the EnvRunners sent them (read-only): the env
-    pays an episode's reward with its last step, so a chunk that ends its episode returns that reward, and a chunk
-    cut mid-episode (no reward yet) is not counted. The divisor goes to the later piece in ``shared_data``. Each
-    Learner keeps its own statistics over the episodes it is given.
-    """
-
-    def __init__(self, input_observation_space: Any = None, input_action_space: Any = None, **kwargs: Any) -> None:
-        super().__init__(input_observation_space, input_action_space, **kwargs)
-        self.reward_scale = RewardScale()
-
-    def __call__(
-        self, *, batch: Any, episodes: list[Any], shared_data: dict | None = None, metrics: Any = None, **kw: Any
-    ) -> Any:
-        chunks = self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False)
-        scale = self.reward_scale.update([float(chunk.get_return()) for chunk in chunks if chunk.is_done])
-        if shared_data is not None:
-            shared_data[REWARD_SCALING] = scale
-        if metrics is not None:
-            metrics.log_value("rlhf_reward_scale", scale, window=1)
-        return batch
-
-    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
-        return self.reward_scale.state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if state:
-            self.reward_scale.load_state(state)
+REWARD_SCALE = "reward_scale"
+"""``learner_config_dict`` key of the reward scale: the divisor of every paid reward (1: none;
+``TrainConfig.scales_rewards``, measured by :func:`agents.run.base_rewards`)."""
 
 
 class KLRewardPenalty(ConnectorV2):
     """Subtract ``β·(log π − log π_ref)`` from each timestep's reward in the train batch (before GAE), the rewards
-    first divided by :class:`EpisodeRewardScaling`'s divisor when it runs (only an episode's last step holds one).
+    first divided by ``scale`` (only an episode's last step holds one).
 
     The rows RLlib appends to each episode for GAE's bootstrap (``LOSS_MASK`` False: no action was taken there) are
     left alone. Logs ``rlhf_kl_per_token`` and ``rlhf_beta`` per update.
 
     :param beta: the KL coefficient (the driver sets it each iteration when it is adaptive).
+    :param scale: the reward scale, fixed for the run (1: the rewards as paid).
     """
 
-    def __init__(self, input_observation_space: Any = None, input_action_space: Any = None, *, beta: float) -> None:
+    def __init__(
+        self, input_observation_space: Any = None, input_action_space: Any = None, *, beta: float, scale: float = 1.0
+    ) -> None:
         super().__init__(input_observation_space, input_action_space)
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        self.beta = beta
+        if beta < 0 or scale <= 0:
+            raise ValueError(f"need beta >= 0 and scale > 0, got {beta} and {scale}")
+        self.beta, self.scale = beta, scale
 
     def __call__(
         self,
@@ -103,7 +73,7 @@ class KLRewardPenalty(ConnectorV2):
             real = columns.get(Columns.LOSS_MASK)  # (N,) False on the appended bootstrap rows
             if real is not None:
                 kl = torch.where(torch.as_tensor(real, device=kl.device), kl, torch.zeros_like(kl))
-            rewards = columns[Columns.REWARDS] / float((shared_data or {}).get(REWARD_SCALING, 1.0))
+            rewards = columns[Columns.REWARDS] / self.scale
             columns[Columns.REWARDS] = rewards - (self.beta * kl).to(rewards.dtype)
             if metrics is not None:
                 tokens = int(real.sum()) if real is not None else kl.numel()
@@ -126,11 +96,9 @@ class RLHFPPOLearner(PPOTorchLearner):
             )
         if KL_BETA not in self.config.learner_config_dict:
             raise KeyError(f"RLHFPPOLearner needs learner_config_dict={{{KL_BETA!r}: beta}} (the KL coefficient)")
-        self._learner_connector.insert_before(
-            GeneralAdvantageEstimation, KLRewardPenalty(beta=float(self.config.learner_config_dict[KL_BETA]))
-        )
-        if self.config.learner_config_dict.get(REWARD_SCALING):  # first: before any piece reads the rewards
-            self._learner_connector.prepend(EpisodeRewardScaling())
+        settings = self.config.learner_config_dict
+        penalty = KLRewardPenalty(beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)))
+        self._learner_connector.insert_before(GeneralAdvantageEstimation, penalty)
 
     def get_parameters(self, module: RLModule) -> list[torch.nn.Parameter]:
         """What the optimizer steps and clips: frozen LM weights (LoRA's base, untrained blocks) are left out."""

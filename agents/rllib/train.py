@@ -36,11 +36,11 @@ from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from agents.evaluate import evaluate
-from agents.kl import KLController
+from agents.kl import KLController, RewardScale
 from agents.policies import export_pretrained
-from agents.rllib.learner import KL_BETA, REWARD_SCALING, RLHFPPOLearner
+from agents.rllib.learner import KL_BETA, REWARD_SCALE, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
-from agents.run import TrainConfig, checked_task, make_env, run_task
+from agents.run import TrainConfig, base_rewards, checked_task, make_env, run_task
 from agents.train import (
     before_after_table,
     cpu_kind,
@@ -114,7 +114,7 @@ def rllib_config(
             learner_config_dict={
                 KL_BETA: config.beta,
                 KL_TARGET: config.target_kl,
-                REWARD_SCALING: config.scales_rewards,
+                REWARD_SCALE: 1.0,  # train_rllib sets the measured one when the run scales its rewards
             },
         )
         .training(
@@ -162,9 +162,13 @@ class RLHFMetrics(RLlibCallback):
     ) -> None:
         info = episode.get_infos(-1)
         kl, tokens = 0.0, 0
-        for chunk in [*(prev_episode_chunks or []), episode]:
-            logp = np.asarray(chunk.get_extra_model_outputs(Columns.ACTION_LOGP), dtype=np.float64)  # (T,)
-            ref = np.asarray(chunk.get_extra_model_outputs(REF_LOGP), dtype=np.float64)  # (T,)
+        chunks = [*(prev_episode_chunks or []), episode]
+        for chunk, following in zip(chunks, [*chunks[1:], None], strict=True):
+            # A chunk's own steps end where the next one starts: a chunk sampled in this process (num_env_runners=0)
+            # is the object the Learner later extends by GAE's bootstrap step, which would count twice.
+            own = len(chunk) if following is None else following.t_started - chunk.t_started
+            logp = np.asarray(chunk.get_extra_model_outputs(Columns.ACTION_LOGP), dtype=np.float64)[:own]  # (T,)
+            ref = np.asarray(chunk.get_extra_model_outputs(REF_LOGP), dtype=np.float64)[:own]  # (T,)
             kl, tokens = kl + float((logp - ref).sum()), tokens + logp.size
         values = (info["reward_model_score"], info["gold_score"], kl, tokens, 1)
         for key, value in zip(_SUMS, values, strict=True):
@@ -172,7 +176,9 @@ class RLHFMetrics(RLlibCallback):
 
     def on_train_result(self, *, algorithm: Algorithm, result: dict, **kwargs: Any) -> None:
         runners = result.get(ENV_RUNNER_RESULTS, {})
-        rm, gold, kl, tokens, episodes = (float(runners.get(key, 0.0)) for key in _SUMS)
+        # an iteration in which no episode ended (they span iterations when max_new_tokens > n_steps) logged no sums:
+        # RLlib reports them as NaN, or not at all
+        rm, gold, kl, tokens, episodes = (float(np.nan_to_num(runners.get(key, 0.0))) for key in _SUMS)
         row: dict[str, float] = {"beta": self.controller.beta, "episodes": episodes}  # β applied in this iteration
         if episodes:
             row.update(
@@ -274,13 +280,17 @@ def train_rllib(
     algo_config = rllib_config(config, num_env_runners, num_learners, num_gpus_per_learner)  # checks before Ray
     torch.manual_seed(config.seed)
     task = checked_task(config)
-    eval_env = make_env(config, "eval", resolve_reward(config.reward_model, task, config.reward_kwargs), task=task)
+    reward = resolve_reward(config.reward_model, task, config.reward_kwargs)
+    eval_env = make_env(config, "eval", reward, task=task)
     prompts = list(task.examples("eval")[: config.eval_prompts])  # records: a reference-based gold needs them
     spec = algo_config.rl_module_spec
     start = CausalLMRLModule(
         observation_space=eval_env.observation_space, action_space=eval_env.action_space,
         model_config=spec.model_config,
     )  # fmt: skip
+    if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples before training
+        scale = RewardScale().measure(base_rewards(config, task, reward, start.policy))
+        algo_config.learners(learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: scale})
     run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded: no mistake
     engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
     (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
@@ -318,6 +328,7 @@ def train_rllib(
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
         "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
         "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(),
+        "final_reward_scale": algo_config.learner_config_dict[REWARD_SCALE] if config.scales_rewards else None,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, ray {ray.__version__}", "checkpoint": str(checkpoint),
         "samples": paired_samples(before, after),
         "run_dir": str(run_dir),
