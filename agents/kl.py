@@ -143,7 +143,7 @@ class KLPenalty(BaseCallback):
     :param scale_rewards: divide each episode's reward by the spread of the base policy's rewards
         (:class:`RewardScale`) before the penalty, for a reward not already normalised like a learned reward model.
     :param base_rewards: with ``scale_rewards``, a function that samples the base policy and returns the rewards the
-        env pays it (:meth:`agents.run.Run.base_rewards`), called once when training starts unless the scale was
+        env pays it (:func:`agents.run.base_rewards`), called once when training starts unless the scale was
         restored from a checkpoint (:meth:`RewardScale.load_state`).
     """
 
@@ -278,6 +278,9 @@ class KLPenalty(BaseCallback):
             return
         self.logger.record("rlhf/kl_per_token", self._kl_sum / self._tokens)
         self.logger.record("rlhf/beta", self.controller.beta)
+        floor = getattr(self.model.policy, "sampling_kl_floor", lambda: None)()
+        if floor is not None:  # top-k / top-p sampling alone puts this much KL per token under the estimate
+            self.logger.record("rlhf/sampling_kl_floor", floor)
         if self._completed:  # an episode's KL over all its tokens, when it has ended (it may span rollouts)
             kl_episode = float(np.mean(self._completed))
             self.logger.record("rlhf/kl_per_episode", kl_episode)

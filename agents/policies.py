@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
@@ -146,6 +147,14 @@ def _token_ids(obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.long(), mask.long()
 
 
+def _row_keys(obs: PyTorchObs) -> list[bytes]:
+    """One key per observation row: its token ids and attention mask as bytes (the same whether SB3 passes the
+    rollout's int64 arrays or the buffer's float copies)."""
+    ids, mask = _token_ids(obs)  # (B, L)
+    rows = torch.cat([ids, mask], dim=1).cpu().numpy()  # (B, 2L) int64
+    return [row.tobytes() for row in rows]
+
+
 def _sample(distribution: Distribution) -> torch.Tensor:
     """Draw from the categorical distribution by the Gumbel-max trick.
 
@@ -225,6 +234,8 @@ class _CausalLMMixin:
         self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
         self.train_layers = train_layers
         self.double_backward = _differentiates_twice(algorithm)
+        self._sampled: dict[bytes, np.ndarray] = {}  # observation -> bit-packed nucleus it was sampled under
+        self._floor: list[float] = []  # -log kept mass of each rollout step (with top-k / top-p)
         kwargs["ortho_init"] = False  # orthogonal init would wipe the pretrained weights
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
 
@@ -397,31 +408,92 @@ class _CausalLMMixin:
         values = self.value_head(hidden.float())  # (B, 1)
         return logits, values
 
-    def distribution_from_logits(self, logits: torch.Tensor, action_masks: Any = None) -> Distribution:
-        """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask."""
+    @property
+    def filters(self) -> bool:
+        """Whether sampling keeps only part of the vocabulary (``top_k`` or ``top_p < 1``)."""
+        return bool(self.top_k or self.top_p < 1.0)
+
+    def distribution_from_logits(
+        self, logits: torch.Tensor, action_masks: Any = None, keep: torch.Tensor | None = None
+    ) -> Distribution:
+        """The sampling distribution: temperature, then top-k / top-p filtering, then the env's action mask.
+
+        :param keep: ``(B, V)`` the tokens top-k / top-p kept (what sampled, :meth:`sampling_masks`); default: the
+            nucleus of these logits.
+        """
         if self.temperature != 1.0:
             logits = logits / self.temperature  # (B, V)
-        if self.top_k or self.top_p < 1.0:
-            logits = logits.masked_fill(~top_p_mask(logits, self.top_p, self.top_k), float("-inf"))
+        if self.filters:
+            keep = top_p_mask(logits, self.top_p, self.top_k) if keep is None else keep
+            logits = logits.masked_fill(~keep, float("-inf"))
         distribution = self.action_dist.proba_distribution(action_logits=logits)  # type: ignore[attr-defined]
         if action_masks is not None:
             distribution.apply_masking(action_masks)
         return distribution
 
+    # --- what sampled: the nucleus of each rollout step, kept for training ---------------------------------------
+    def _nucleus(self, obs: PyTorchObs, logits: torch.Tensor, record: bool) -> torch.Tensor:
+        """The tokens top-k / top-p keep ``(B, V)`` of a step's logits. With ``record`` (a rollout step), also kept,
+        bit-packed and keyed by the observation, so that training evaluates the step's action under the
+        distribution that sampled it, not under the nucleus of the weights after an update, which the token may have
+        left (log π = -inf, an infinite approx_kl); and the KL the filter alone adds, ``-log`` of the mass it keeps
+        (:meth:`sampling_kl_floor`)."""
+        tempered = logits / self.temperature  # (B, V)
+        keep = top_p_mask(tempered, self.top_p, self.top_k)  # (B, V)
+        if record:
+            kept = torch.logsumexp(tempered.float().masked_fill(~keep, float("-inf")), -1)  # (B,)
+            self._floor.extend((tempered.float().logsumexp(-1) - kept).tolist())  # -log kept mass per row
+            for key, bits in zip(_row_keys(obs), np.packbits(keep.cpu().numpy(), axis=-1), strict=True):
+                self._sampled[key] = bits  # (ceil(V / 8),) uint8
+        return keep
+
+    def sampling_masks(self, obs: PyTorchObs, logits: torch.Tensor) -> torch.Tensor:
+        """The nucleus ``(B, V)`` each observation was sampled under in this policy's last rollout; an observation it
+        did not sample gets the nucleus of ``logits`` (those of the current weights)."""
+        keep = top_p_mask(logits / self.temperature, self.top_p, self.top_k)  # (B, V)
+        vocab = keep.shape[-1]
+        for row, key in enumerate(_row_keys(obs)):
+            bits = self._sampled.get(key)
+            if bits is not None:
+                keep[row] = torch.from_numpy(np.unpackbits(bits, count=vocab).astype(bool)).to(keep.device)
+        return keep
+
+    def sampling_kl_floor(self) -> float | None:
+        """The mean over the rollout's steps of ``-log`` the probability mass top-k / top-p kept: the KL (nats per
+        token) that filtered sampling alone puts between the policy and its unfiltered reference, a floor under the
+        KL penalty's estimate; ``None`` without filtering or before a rollout."""
+        return float(np.mean(self._floor)) if self._floor else None
+
     # --- the SB3 policy interface ----------------------------------------------------------------------------
+    def act(
+        self, obs: PyTorchObs, deterministic: bool = False, action_masks: Any = None, record: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`'s actions ``(B,)``, values ``(B, 1)`` and log-probabilities ``(B,)``, and with top-k / top-p
+        the nucleus ``(B, V)`` they were sampled from (``None`` without).
+
+        :param record: keep the nucleus for training (a rollout step of this policy's own algorithm).
+        """
+        logits, values = self.logits_and_values(obs)
+        keep = self._nucleus(obs, logits, record) if self.filters else None
+        distribution = self.distribution_from_logits(logits, action_masks, keep)
+        actions = distribution.get_actions(deterministic=True) if deterministic else _sample(distribution)
+        return actions, values, distribution.log_prob(actions), keep
+
     def forward(
         self, obs: PyTorchObs, deterministic: bool = False, action_masks: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, values = self.logits_and_values(obs)
-        distribution = self.distribution_from_logits(logits, action_masks)
-        actions = distribution.get_actions(deterministic=True) if deterministic else _sample(distribution)
-        return actions, values, distribution.log_prob(actions)
+        rolling_out = not self.training and not torch.is_grad_enabled()  # type: ignore[attr-defined]
+        return self.act(obs, deterministic, action_masks, record=rolling_out)[:3]
 
     def evaluate_actions(
         self, obs: PyTorchObs, actions: torch.Tensor, action_masks: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, values = self.logits_and_values(obs)
-        if action_masks is None and self.temperature == 1.0 and not (self.top_k or self.top_p < 1.0):
+        if self.filters:  # the nucleus that sampled each action, not the current weights' nucleus
+            keep = self.sampling_masks(obs, logits.detach())
+            distribution = self.distribution_from_logits(logits, action_masks, keep)
+            return values, distribution.log_prob(actions), distribution.entropy()
+        if action_masks is None and self.temperature == 1.0:
             # The raw distribution (every algorithm's default): log-probs and entropy from one log_softmax over the
             # vocabulary, where SB3's Categorical runs logsumexp, softmax and a clamp (and their backward passes):
             # half the time on SmolLM2's 49k tokens, the same values within float32 rounding.
@@ -432,7 +504,10 @@ class _CausalLMMixin:
         return values, distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs: PyTorchObs, action_masks: Any = None) -> Distribution:
-        return self.distribution_from_logits(self.logits_and_values(obs)[0], action_masks)
+        logits = self.logits_and_values(obs)[0]
+        # in training mode the observations are a rollout's (TRPO's objective and KL): under the nucleus that sampled
+        keep = self.sampling_masks(obs, logits.detach()) if self.filters and self.training else None  # type: ignore[attr-defined]
+        return self.distribution_from_logits(logits, action_masks, keep)
 
     def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
         """Values ``(B, 1)``; 0 for an observation with no free slot left.
@@ -492,6 +567,9 @@ class _CausalLMMixin:
 
     def set_training_mode(self, mode: bool) -> None:
         switch = mode != self.training  # between rolling out and updating (not every ``predict`` call)
+        if switch and not mode:  # a new rollout: the last one's nuclei and floors are done with
+            self._sampled.clear()
+            self._floor.clear()
         super().set_training_mode(mode)  # type: ignore[misc]
         # Weights change between rollouts: the actor's keys/values and weight copies go stale. The reference's are
         # still valid, but freeing them lets the next rollout's batch shape in.

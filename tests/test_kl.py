@@ -374,6 +374,23 @@ def test_penalty_shapes_rewards(
     assert "compute_returns_and_advantage" not in vars(model.rollout_buffer)  # the hook goes with training
 
 
+def test_the_kl_floor_of_filtered_sampling_is_logged_beside_the_kl(
+    tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With top_p < 1 the policy samples from a renormalised nucleus, which is KL(π_f‖π) = -log(kept mass) away from
+    its unfiltered self before any update: the penalty's estimate cannot fall below it, and it is logged beside."""
+    venv = make_env(tiny_env_kwargs, 4)
+    model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0,
+                policy_kwargs=lm_kwargs(tiny_model, top_p=0.5))  # fmt: skip
+    run_one_rollout(model, KLPenalty(beta=0.1), tmp_path)
+    (floor,) = logged(tmp_path, "rlhf/sampling_kl_floor")
+    (kl,) = logged(tmp_path, "rlhf/kl_per_token")
+    assert 0 < floor <= np.log(2) + 1e-6 and kl == pytest.approx(floor, rel=0.02)  # the policy is its reference
+    plain = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, seed=0, policy_kwargs=lm_kwargs(tiny_model))
+    run_one_rollout(plain, KLPenalty(beta=0.1), tmp_path / "plain")
+    assert logged(tmp_path / "plain", "rlhf/sampling_kl_floor") == []
+
+
 def test_adaptive_beta_rises_when_kl_is_over_target(tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path) -> None:
     venv = make_env(tiny_env_kwargs, 4)
     model = PPO(CausalLMPolicy, venv, n_steps=8, batch_size=32, n_epochs=1, policy_kwargs=lm_kwargs(tiny_model))

@@ -39,6 +39,7 @@ from agents.rllib import (  # noqa: E402
     train_rllib,
 )
 from agents.rllib.learner import REWARD_SCALE  # noqa: E402
+from agents.rllib.module import SAMPLING_MASK  # noqa: E402
 from agents.run import TrainConfig, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
 
@@ -61,6 +62,28 @@ def greedy(module: CausalLMRLModule, obs: dict[str, np.ndarray]) -> tuple[torch.
     logits = module.forward_inference({Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})
     logits = logits[Columns.ACTION_DIST_INPUTS]
     return logits, logits.argmax(-1)
+
+
+def test_filtered_sampling_trains_on_the_nucleus_that_sampled(tiny_model: Path, tmp_path: Path) -> None:
+    """With top_p 0.5 the EnvRunner's module sends each action's nucleus with it (bit-packed), and the Learner's
+    pass evaluates the action under that nucleus: finite after the weights moved, where the nucleus of the new
+    weights dropped some of the sampled tokens."""
+    torch.manual_seed(0)
+    env = make_env(tiny_config(tiny_model, tmp_path, n_envs=8), "train")
+    module = CausalLMRLModule(observation_space=env.observation_space, action_space=env.action_space,
+                              model_config={"model": str(tiny_model), "top_p": 0.5, "bf16": False})  # fmt: skip
+    obs = {k: torch.as_tensor(v) for k, v in env.reset().items()}
+    sampled = module.forward_exploration({Columns.OBS: obs})
+    bits = sampled[SAMPLING_MASK]  # (B, ceil(V / 8)) uint8
+    assert bits.dtype == torch.uint8 and bits.shape == (env.num_envs, -(-env.action_space.n // 8))
+    actions = sampled[Columns.ACTIONS]
+    with torch.no_grad():
+        for p in module.policy.lm.parameters():
+            p.add_(torch.randn_like(p))
+        batch = {Columns.OBS: obs, SAMPLING_MASK: bits}
+        stored = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS].gather(1, actions[:, None])  # log π(a)
+        current = module.forward_train({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].gather(1, actions[:, None])
+    assert torch.isfinite(stored).all() and torch.isinf(current).any()
 
 
 def test_unreachable_ray_address_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from ray.rllib.core.columns import Columns
@@ -37,10 +38,13 @@ from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from agents.policies import CausalLMPolicy
 
-__all__ = ["MODEL_CONFIG_KEYS", "REF_LOGP", "CausalLMRLModule"]
+__all__ = ["MODEL_CONFIG_KEYS", "REF_LOGP", "SAMPLING_MASK", "CausalLMRLModule"]
 
 REF_LOGP = "ref_action_logp"
 """Episode column: ``log π_ref(a_t|s_t)`` of the frozen starting model, recorded by EnvRunners with the action."""
+SAMPLING_MASK = "sampling_mask"
+"""Episode column, with top-k / top-p: the nucleus the action was sampled from, bit-packed ``(ceil(V / 8),)``, so
+that the Learner trains on the distribution that sampled (the nucleus of its newer weights may have left it)."""
 
 MODEL_CONFIG_KEYS = (
     "model", "bf16", "lora", "train_layers", "temperature", "top_k", "top_p", "kv_cache", "trust_remote_code",
@@ -83,13 +87,16 @@ class CausalLMRLModule(TorchRLModule, ValueFunctionAPI):
     @torch.no_grad()
     def _forward_exploration(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         obs = batch[Columns.OBS]  # {"input_ids": (B, L), "attention_mask": (B, L)}
-        actions, _, logp = self.policy(obs)  # (B,), (B, 1), (B,): KV-cached step, Gumbel-max sample
-        return {
+        actions, _, logp, keep = self.policy.act(obs)  # (B,), (B, 1), (B,): KV-cached step, Gumbel-max sample
+        out = {
             Columns.ACTIONS: actions,
             Columns.ACTION_LOGP: logp,
             REF_LOGP: self.policy.reference_log_prob(obs, actions),  # (B,) the reference's own KV cache
             Columns.ACTION_DIST_INPUTS: torch.zeros(actions.shape[0], 1, device=actions.device),  # (B, 1) placeholder
         }
+        if keep is not None:  # top-k / top-p: the nucleus each action was sampled from travels with it to the Learner
+            out[SAMPLING_MASK] = torch.from_numpy(np.packbits(keep.cpu().numpy(), axis=-1))  # (B, ceil(V / 8))
+        return out
 
     @torch.no_grad()
     def _forward_inference(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -100,7 +107,11 @@ class CausalLMRLModule(TorchRLModule, ValueFunctionAPI):
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         # One pass per episode: every row of a minibatch that is a prefix of another row is read from that row's pass.
         logits, values = self.policy.logits_and_values(batch[Columns.OBS])  # (B, V), (B, 1)
-        distribution = self.policy.distribution_from_logits(logits)  # temperature, top-k / top-p, as in exploration
+        keep = None
+        if SAMPLING_MASK in batch:  # the nucleus that sampled, not the one of the current weights
+            bits = np.asarray(batch[SAMPLING_MASK].cpu(), dtype=np.uint8)  # (B, ceil(V / 8))
+            keep = torch.from_numpy(np.unpackbits(bits, axis=-1, count=logits.shape[-1]).astype(bool)).to(logits.device)
+        distribution = self.policy.distribution_from_logits(logits, keep=keep)  # temperature, top-k / top-p
         return {
             Columns.ACTION_DIST_INPUTS: distribution.distribution.logits,  # (B, V) normalised log-probabilities
             Columns.EMBEDDINGS: values,  # (B, 1) the value predictions of the same pass, for compute_values
