@@ -58,6 +58,8 @@ def _needed_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
     command, needed = f"textgen {args.command}", []
     if args.command == "label":
         needed.append(("label", command))
+    if args.command == "evaluate" and args.human:
+        needed.append(("label", f"{command} --human"))
     if args.command == "inspect" and (args.html is None or args.port is not None):
         needed.append(("label", f"{command} (serving the page; --html FILE writes it without the extra)"))
     if getattr(args, "engine", None) == "rllib":
@@ -360,8 +362,6 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
 
 
 def _label(args: argparse.Namespace) -> None:
-    import getpass
-    import re
 
     from agents.labeling import LabelStore, load_pairs_to_label, make_labeling_app, sample_pairs_to_label
     from agents.web import access_token, serve
@@ -380,10 +380,18 @@ def _label(args: argparse.Namespace) -> None:
         pairs = load_pairs_to_label(pairs_file)
     token = access_token(args.host, args.token)
     store = LabelStore(pairs, data, get_task(args.task).gold)
-    annotator = args.annotator or re.sub(r"[^\w.@+-]", "_", getpass.getuser())[:64]
+    annotator = _annotator_id(args.annotator)
     stats = store.stats(annotator)
     print(f"{stats['total']} pairs from {pairs_file}; {stats['labelled']} judged so far; labels go to {data}")
     serve(make_labeling_app(store, token, annotator), args.host, args.port, token, "labeling page")
+
+
+def _annotator_id(given: str | None) -> str:
+    """The annotator id a page starts with: the one given, else the user's name as an id (letters, digits, .@+-_)."""
+    import getpass
+    import re
+
+    return given or re.sub(r"[^\w.@+-]", "_", getpass.getuser())[:64]
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -500,7 +508,101 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_label(sub)
     _add_inspect(sub)
+    _add_evaluate(sub)
     return parser
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare models on the same prompts: metrics with bootstrap intervals, or a blind A/B page for people",
+        description="Sample every MODEL (a run directory of textgen train / rlhf / sft or --engine rllib, a directory "
+        "saved with save_pretrained, 'default' or a hub id) on the same prompts with the same seed; score each "
+        "completion with the task's gold and reward model, BLEU / chrF / ROUGE-1/2/L when the prompts have "
+        "references, pass@1 for code, KL and perplexity against --reference, distinct-n and length; print one table "
+        "with a 95 %% bootstrap interval on each mean and a paired bootstrap interval on each model's difference from "
+        "the first, and save it (markdown and JSON). With --human and two models: serve the labeling page in a blind "
+        "A/B mode and report the win rate of A over B with a Wilson interval.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run directory, model directory, 'default' or hub id")
+    p.add_argument("--task", default=None, help="gold scorer, reward model and prompts (default: the first run's task)")
+    p.add_argument("--prompts", default=None, help="a .jsonl / .txt file (or hf:NAME) of prompts instead of the task's")
+    p.add_argument("--reference-column", default=None, help="the --prompts field holding each prompt's reference(s)")
+    p.add_argument("--n-prompts", type=int, default=None, help="the first N prompts (default: a run's 80 eval prompts)")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt: best-of-K and mean-of-K rows")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model")
+    p.add_argument("--reference", default=None, help="KL / perplexity reference LM (default: the first model's base)")
+    p.add_argument("--reward-model", default=None, help="reward-model directory or 'gold' (default: the first run's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: each run's / task's)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (default: the task's)")
+    p.add_argument("--out", default="evaluations", help="where the report directory goes (%(default)s)")
+    p.add_argument("--human", action="store_true", help="blind A/B page for two models (the 'label' extra)")
+    p.add_argument("--data", default=None, help="--human: the judgements JSONL (appended to; a restart resumes)")
+    p.add_argument("--annotator", default=None, help="--human: the annotator id the page starts with")
+    _add_server_options(p, 8767)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from agents.compare import compare_models, save_comparison
+
+    if args.human and (len(args.models) != 2 or args.data is None):
+        raise ValueError("--human compares two models, A and B, and needs --data FILE for the judgements")
+    for name in ("n_prompts", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    settings = dict(
+        task=args.task, prompts=args.prompts, reference_column=args.reference_column, n_prompts=args.n_prompts,
+        samples=args.samples, seed=args.seed, reference=args.reference, reward_model=args.reward_model,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+    )  # fmt: skip
+    if args.human:
+        _evaluate_by_people(args, settings)
+        return
+    comparison = compare_models(args.models, **settings)
+    run_dir = save_comparison(comparison, args.out)
+    print(comparison.markdown())
+    print(f"\nsaved to {run_dir}")
+
+
+def _evaluate_by_people(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Sample A and B once (kept beside --data), then serve the blind A/B page; print the report when it stops."""
+    import signal
+
+    from agents.ab_test import ab_report, markdown, pairs_path, write_ab_pairs
+    from agents.compare import compare_models, describe_model, save_comparison
+    from agents.labeling import LabelStore, load_pairs_to_label, make_labeling_app
+    from agents.web import access_token, serve
+    from text_env.tasks import get_task
+
+    token = access_token(args.host, args.token)  # a bad --token is refused before minutes of sampling
+    pairs_file = pairs_path(args.data)
+    if pairs_file.is_file():
+        pairs = load_pairs_to_label(pairs_file)
+    else:
+        comparison = compare_models(args.models, **settings)
+        print(comparison.markdown())
+        print(f"\nsaved to {save_comparison(comparison, args.out)}")
+        a, b = (comparison.completions[m] for m in args.models)
+        pairs = write_ab_pairs(comparison.examples, a, b, pairs_file, args.models)
+    task = settings["task"] or describe_model(args.models[0]).config.task
+    store = LabelStore(pairs, args.data, get_task(task).gold)
+    annotator = _annotator_id(args.annotator)
+    print(f"{len(pairs)} pairs from {pairs_file}; judgements go to {args.data}; the models stay hidden on the page")
+
+    def stop(signum: int, frame: Any) -> None:  # uvicorn stops, then raises the signal again: end here, not die
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        serve(make_labeling_app(store, token, annotator), args.host, args.port, token, "A/B page")
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM stopped the page: what was judged is on disk, and the report follows
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        report = ab_report(store, pairs_file)
+        store.close()
+    Path(args.data).with_suffix(".report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("\n" + markdown(report))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -516,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "export": _export,
         "label": _label,
         "inspect": _inspect,
+        "evaluate": _evaluate,
     }
     from text_env.extras import MissingExtra, require
     from text_env.models import ModelLoadError

@@ -45,6 +45,7 @@ __all__ = [
     "inspect_run",
     "is_saved_run",
     "load_run",
+    "load_run_config",
     "make_inspection_app",
     "render_html",
 ]
@@ -120,10 +121,10 @@ def _sb3_detect(run_dir: Path) -> bool:
     return (run_dir / "config.json").is_file() and any(run_dir.glob("**/model.zip"))
 
 
-def _sb3_load(run_dir: Path) -> LoadedRun:
-    """A ``textgen train`` run (``model.zip``, else an interrupted run's ``checkpoint/model.zip``), or a
-    ``textgen rlhf`` run's last finished PPO round (``round-R/checkpoint/model.zip``, trained on round R-1's
-    reward model)."""
+def _sb3_config(run_dir: Path) -> tuple[TrainConfig, Path]:
+    """A ``textgen train`` run's settings and policy file (``model.zip``, else an interrupted run's
+    ``checkpoint/model.zip``), or a ``textgen rlhf`` run's last finished PPO round's (``round-R/checkpoint/model.zip``,
+    trained on round R-1's reward model)."""
     record = json.loads((run_dir / "config.json").read_text())
     if "train" in record:  # textgen rlhf
         from agents.rlhf import RLHFConfig
@@ -136,16 +137,16 @@ def _sb3_load(run_dir: Path) -> LoadedRun:
             raise FileNotFoundError(f"{run_dir} is a textgen rlhf run with no finished PPO round yet")
         r, checkpoint = rounds[-1]
         reward = loop.train.reward_model if r == 1 else str(run_dir / f"round-{r - 1}" / "reward_model")
-        config = replace(loop.train, reward_model=reward)
-    else:
-        config = TrainConfig(**record)
-        checkpoint = next(
-            (p for p in (run_dir / "model.zip", run_dir / "checkpoint" / "model.zip") if p.is_file()), None
-        )
-        if checkpoint is None:
-            raise FileNotFoundError(
-                f"{run_dir} has no model.zip (nor checkpoint/model.zip): the run saved no policy yet"
-            )
+        return replace(loop.train, reward_model=reward), checkpoint
+    config = TrainConfig(**record)
+    checkpoint = next((p for p in (run_dir / "model.zip", run_dir / "checkpoint" / "model.zip") if p.is_file()), None)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no model.zip (nor checkpoint/model.zip): the run saved no policy yet")
+    return config, checkpoint
+
+
+def _sb3_load(run_dir: Path) -> LoadedRun:
+    config, checkpoint = _sb3_config(run_dir)
     if config.algo not in ALGORITHMS:
         raise ValueError(
             f"{run_dir} trained {config.algo!r}, a policy without a language model: per-token inspection needs an LM "
@@ -165,37 +166,50 @@ def _rllib_detect(run_dir: Path) -> bool:
     return _rllib_record(run_dir) is not None and (run_dir / "checkpoint").is_dir()
 
 
+def _rllib_config(run_dir: Path) -> tuple[TrainConfig, Path]:
+    record = _rllib_record(run_dir) or {}
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in record.items() if k in names}), run_dir / "checkpoint"
+
+
 def _rllib_load(run_dir: Path) -> LoadedRun:
     """A ``textgen train --engine rllib`` run: its checkpoint's ``CausalLMRLModule`` wraps a ``CausalLMPolicy``."""
     from agents.rllib import load_rllib_module  # needs Ray: pip install 'textgen-rl[rllib]'
 
-    record = _rllib_record(run_dir) or {}
-    names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in record.items() if k in names})
-    checkpoint = run_dir / "checkpoint"
+    config, checkpoint = _rllib_config(run_dir)
     return LoadedRun(_LMPolicy(load_rllib_module(checkpoint).policy), config, "rllib", checkpoint)
 
 
-# name -> (does this directory hold a run of mine?, load it)
-ENGINES: dict[str, tuple[Callable[[Path], bool], Callable[[Path], LoadedRun]]] = {
-    "sb3": (_sb3_detect, _sb3_load),
-    "rllib": (_rllib_detect, _rllib_load),
+# name -> (does this directory hold a run of mine?, load it, its settings and checkpoint without loading it)
+ENGINES: dict[
+    str, tuple[Callable[[Path], bool], Callable[[Path], LoadedRun], Callable[[Path], tuple[TrainConfig, Path]]]
+] = {
+    "sb3": (_sb3_detect, _sb3_load, _sb3_config),
+    "rllib": (_rllib_detect, _rllib_load, _rllib_config),
 }
 
 
 def is_saved_run(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a run directory some engine of :data:`ENGINES` can load (not, e.g., a model directory)."""
-    return Path(path).is_dir() and any(detect(Path(path)) for detect, _ in ENGINES.values())
+    return Path(path).is_dir() and any(detect(Path(path)) for detect, _, _ in ENGINES.values())
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> LoadedRun:
     """Load a saved run with the first engine of :data:`ENGINES` that recognises its directory."""
-    run_dir = Path(run_dir)
+    return _engine_of(Path(run_dir))[1](Path(run_dir))
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """A saved run's settings (its reward model the one its policy trained on), read without loading the policy."""
+    return _engine_of(Path(run_dir))[2](Path(run_dir))[0]
+
+
+def _engine_of(run_dir: Path) -> tuple[Any, ...]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    for detect, load in ENGINES.values():
-        if detect(run_dir):
-            return load(run_dir)
+    for engine in ENGINES.values():
+        if engine[0](run_dir):
+            return engine
     raise FileNotFoundError(
         f"{run_dir} is not a saved run: expected config.json and a model.zip (textgen train, textgen rlhf) or "
         "checkpoint/ (textgen train --engine rllib); "

@@ -112,7 +112,7 @@ def test_runs_are_found_however_they_were_saved(run_dir: Path, tmp_path: Path) -
     assert list(ENGINES) == ["sb3", "rllib"]
     (tmp_path / "an-rllib-run" / "checkpoint").mkdir(parents=True)  # an SB3 loader must not claim an RLlib run
     (tmp_path / "an-rllib-run" / "config.json").write_text(json.dumps({"engine": "rllib"}))
-    assert [name for name, (detect, _) in ENGINES.items() if detect(tmp_path / "an-rllib-run")] == ["rllib"]
+    assert [name for name, (detect, *_) in ENGINES.items() if detect(tmp_path / "an-rllib-run")] == ["rllib"]
 
 
 def test_a_reference_task_is_inspected_with_its_records(run_dir: Path, tmp_path: Path) -> None:
