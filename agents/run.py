@@ -118,10 +118,11 @@ class TrainConfig:
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
     ent_coef: float = field(default=0.0, metadata=_help("entropy bonus: weight of the policy's entropy in the loss"))
     advantage_normalization: str = field(
-        default="minibatch",
+        default="rollout",
         metadata=_help(
-            "advantages to mean 0, std 1 per minibatch (SB3's normalize_advantage), once over the whole rollout, or "
-            "not at all (A2C's own default is not at all; it updates on the whole rollout)",
+            "advantages to mean 0, std 1 once over the whole rollout, per minibatch (SB3's normalize_advantage: a "
+            "minibatch holds ~4 episodes), or not at all; rollout gained more gold on the worst of 3 seeds "
+            "(benchmarks/results/advantage_normalization.md)",
             ADVANTAGE_NORMALIZATIONS,
         ),
     )
