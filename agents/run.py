@@ -63,14 +63,15 @@ ADVANTAGE_NORMALIZATIONS = ("minibatch", "rollout", "none")  # TrainConfig.advan
 # What differs from TrainConfig's defaults per algorithm. sb3-contrib TRPO runs one double-backward pass through
 # the LM per trainable tensor: every weight of SmolLM2 took > 24 GB, LoRA's hundreds of adapters would take hours,
 # so it trains the top 2 blocks; its conjugate-gradient and critic loops are cut to PPO's cost per step. Baselines
-# learn their embeddings from scratch, hence a larger learning rate.
+# learn their embeddings from scratch, hence a larger learning rate; on SB3's own buffers they normalise advantages per
+# minibatch (shuffled steps, not whole episodes).
 PRESETS: dict[str, dict[str, Any]] = {
     "trpo": {
         "lora_r": 0, "train_layers": 2, "learning_rate": 1e-5,
         "algo_kwargs": {"cg_max_steps": 5, "n_critic_updates": 2},
     },
-    "ppo_bag_of_tokens": {"lora_r": 0, "learning_rate": 3e-4},
-    "recurrent_ppo_lstm": {"lora_r": 0, "learning_rate": 3e-4},
+    "ppo_bag_of_tokens": {"lora_r": 0, "learning_rate": 3e-4, "advantage_normalization": "minibatch"},
+    "recurrent_ppo_lstm": {"lora_r": 0, "learning_rate": 3e-4, "advantage_normalization": "minibatch"},
 }  # fmt: skip
 
 
