@@ -36,7 +36,7 @@ def test_splits_are_fixed() -> None:
     assert task.description.startswith("code: ") and task.stop_strings == REPLY_STOP_STRINGS
     assert task.instruction is None  # the request is the user turn
     for e in train + held_out:
-        assert set(e.meta) == {"tests", "entry_point", "task_id", "stub"} and e.references == ()
+        assert set(e.meta) == {"tests", "entry_point", "task_id", "stub"} and len(e.references) == 1  # the reply
         assert e.prompt == request(e.meta["stub"]) and e.prompt.startswith("Complete this Python function:\n\n")
         assert e.meta["tests"] and f"def {e.meta['entry_point']}(" in e.meta["stub"] and e.prompt.endswith("\n")
     assert held_out[0].meta["task_id"] == "HumanEval/0" and held_out[0].meta["entry_point"] == "has_close_elements"
@@ -62,14 +62,18 @@ def test_train_prompts_look_like_humaneval() -> None:
 
 @pytest.mark.slow
 def test_every_reference_solution_passes_every_test() -> None:
-    """The template solutions and HumanEval's canonical ones score 1 on their own tests, which checks the test
-    split and the sandbox on 448 real programs; an empty body passes (almost) none."""
+    """The template solutions and HumanEval's canonical ones, as the records' references (the reply a chat model
+    gives: signature and body in a code block, what textgen sft learns), score 1 on their own tests through the
+    task's env record, which checks the test split, the reply form and the sandbox on 448 real programs; an empty
+    body passes (almost) none."""
     gold = get_task("code").gold
     for problems in (train_problems(), humaneval_problems()):
-        columns = {"tests": [list(p.tests) for p in problems], "entry_point": [p.entry_point for p in problems]}
-        prompts = [p.prompt for p in problems]
-        solved = gold.score(prompts, [p.canonical_solution for p in problems], **columns)
-        assert solved.tolist() == [1.0] * len(problems)
+        examples = [p.example() for p in problems]
+        columns = {k: [e.meta[k] for e in examples] for k in ("tests", "entry_point", "stub")}
+        prompts = [e.prompt for e in examples]
+        replies = [e.references[0] for e in examples]
+        assert all(r.startswith("```python\ndef ") and r.endswith("\n```\n") for r in replies)
+        assert gold.score(prompts, replies, **columns).tolist() == [1.0] * len(problems)
         assert gold.score(prompts, ["    pass\n"] * len(problems), **columns).mean() < 0.05
 
 

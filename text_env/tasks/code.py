@@ -8,8 +8,9 @@ this module builds: easier functions made from templates (:data:`TEMPLATES`: ari
 parameter variations ("add 7", "keep the numbers greater than 5"), each in HumanEval's format (signature, docstring,
 two ``>>>`` examples) with four assert tests whose expected values come from running the template's own solution
 here (trusted code, written in this module). Inputs are drawn with an RNG seeded by the seed and the problem's name,
-so the set is the same on every machine. A record's ``meta`` holds ``tests`` (snippets that call ``candidate``),
-``entry_point`` (the function's name) and ``task_id``; the gold scorer is :class:`TestsPassed`,
+so the set is the same on every machine. A record's reference is its known solution as a reply
+(:meth:`CodeProblem.reply`, what ``textgen sft`` learns from); its ``meta`` holds ``tests`` (snippets that call
+``candidate``), ``entry_point`` (the function's name) and ``task_id``; the gold scorer is :class:`TestsPassed`,
 the fraction of tests passed in :class:`~text_env.sandbox.Sandbox`. No learned reward model ships.
 
 The prompt is a request, as a chat model is used (:func:`request`: "Complete this Python function:" and the stub,
@@ -71,6 +72,9 @@ def request(stub: str) -> str:
     return f"{_REQUEST}\n\n{stub}"
 
 
+_DOCSTRING_QUOTES = ('"' * 3, "'" * 3)
+
+
 @dataclass(frozen=True)
 class CodeProblem:
     """One function to write: what the model sees, a known solution and the tests.
@@ -89,14 +93,31 @@ class CodeProblem:
     entry_point: str
 
     def example(self) -> Example:
-        """The problem as a record: the prompt, and ``tests``, ``entry_point`` and ``task_id`` as meta columns."""
+        """The problem as a record: the prompt, :meth:`reply` as its reference (what ``textgen sft`` learns from,
+        what BLEU and chrF compare with), and ``tests``, ``entry_point`` and ``task_id`` as meta columns."""
         meta = {
             "tests": list(self.tests),
             "entry_point": self.entry_point,
             "task_id": self.task_id,
             "stub": self.prompt,
         }
-        return Example(request(self.prompt), (), meta)
+        return Example(request(self.prompt), (self.reply(),), meta)
+
+    def reply(self) -> str:
+        """The known solution as a chat model answers :func:`request`: the function's signature and body in a Markdown
+        code block, closed by :data:`REPLY_STOP_STRINGS` (the docstring stays in the stub, so a reply fits the task's
+        128 new tokens); :func:`program` makes it the whole function again."""
+        lines = self.prompt.split("\n")
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"def {self.entry_point}("))
+        end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":"))  # a signature may wrap
+        signature = lines[start : end + 1]
+        for line in lines[end + 1 :]:  # a statement before the docstring (HumanEval/115 imports math there) stays
+            if line.strip().startswith(_DOCSTRING_QUOTES):
+                break
+            if line.strip():
+                signature.append(line)
+        code = "\n".join([*signature, self.canonical_solution.rstrip()])
+        return f"```python\n{code}\n```\n"
 
 
 def function_body(completion: str, stop_strings: Sequence[str] = CODE_STOP_STRINGS) -> str:
