@@ -43,12 +43,13 @@ def _given(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> d
 
 
 def _refuse_settings_with_resume(args: argparse.Namespace, given: dict[str, object], extend: str) -> None:
-    """``--resume`` takes every setting from the run, but ``extend`` (the budget it may be extended to)."""
+    """``--resume`` takes every setting from the run, but ``extend`` (the budget it may be extended to, if any)."""
     others = [k for k in given if k != extend]
     if others:
+        but = f" but --{extend.replace('_', '-')}, which extends the run" if extend else ""
         raise ValueError(
-            f"--resume takes every setting from {args.resume}/config.json but --{extend.replace('_', '-')}, which "
-            "extends the run; drop " + ", ".join("--" + k.replace("_", "-") for k in others)
+            f"--resume takes every setting from {args.resume}/config.json{but}; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in others)
         )
 
 
@@ -224,9 +225,14 @@ def _preferences(args: argparse.Namespace) -> None:
     from text_env.tasks import get_task
 
     task = get_task(args.task)
+    model = args.model
+    if args.init is not None:
+        from agents.run import TrainConfig
+
+        model = TrainConfig(init=args.init, model=args.model).model  # RUN/model, checked
     annotator = HumanAnnotator() if args.annotator == "human" else SimulatedAnnotator(task.gold, args.beta, args.seed)
     pairs = generate_pairs(
-        load_causal_lm(args.model), load_tokenizer(args.model), task.examples("train"), annotator, args.out, args.pairs,
+        load_causal_lm(model), load_tokenizer(model), task.examples("train"), annotator, args.out, args.pairs,
         instruction=task.instruction, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
@@ -444,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_rlhf(sub)
+    _add_sft(sub)
     from agents.run import ALGORITHMS
 
     p = sub.add_parser("tasks", help="list the tasks: what each asks, its data, splits, gold scorer and reward model")
@@ -466,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preferences", help="sample completion pairs from an LM and label them (JSONL, resumable)")
     p.add_argument("--task", default="positive-review")
     p.add_argument("--model", default="default", help="the LM that writes the completions")
+    p.add_argument(
+        "--init", metavar="SFT_RUN", default=None,
+        help="sample a textgen sft run's model (the distribution PPO with --init starts from), instead of --model",
+    )  # fmt: skip
     p.add_argument("--pairs", type=int, default=2000, help="pairs wanted in --out (%(default)s)")
     p.add_argument("--out", required=True, help="JSONL file; appended to, so a rerun resumes")
     p.add_argument("--annotator", choices=["simulated", "human"], default="simulated")
@@ -510,6 +521,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_evaluate(sub)
     return parser
+
+
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    """``textgen sft``'s options are SFTConfig's fields."""
+    from agents.sft import SFTConfig
+
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on a task's references (LoRA), the model textgen train --init starts PPO from",
+        description="Fine-tune on prompt -> reference records of the task's train split (or --prompts FILE "
+        "--reference-column C), the loss on the reference tokens only, with transformers' Trainer; a validation "
+        "slice of the train split stops it early. Evaluates held-out gold and the perplexity of held-out references "
+        "before and after, and saves the merged model in RUN_DIR/model. Ctrl-C saves a checkpoint; --resume RUN_DIR "
+        "continues it. Tasks without references (concepts, positive-review) are refused.",
+    )
+    _add_fields(p, SFTConfig)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings come from there)")
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from agents.sft import SFTConfig, sft
+
+    given = _given(args, SFTConfig)
+    if args.resume:
+        _refuse_settings_with_resume(args, given, "")
+        sft(resume=args.resume)
+        return
+    sft(SFTConfig(**given))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -619,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "label": _label,
         "inspect": _inspect,
         "evaluate": _evaluate,
+        "sft": _sft,
     }
     from text_env.extras import MissingExtra, require
     from text_env.models import ModelLoadError

@@ -98,6 +98,12 @@ class TrainConfig:
         default=None, metadata=_help("the --prompts field (.jsonl, hf:) holding each prompt's reference(s)")
     )
     model: str = field(default=DEFAULT_MODEL, metadata=_help("'default' (embedded SmolLM2), a directory or a hub id"))
+    init: str | None = field(
+        default=None,
+        metadata=_help(
+            "start from a textgen sft run: its model is the policy's start and the KL reference (as in InstructGPT)"
+        ),
+    )
     algo: str = field(default="ppo", metadata=_help("algorithm", ALGORITHMS + BASELINES))
     reward_model: str | None = field(
         default=None, metadata=_help("reward-model directory or 'gold' (default: the task's reward model)")
@@ -160,6 +166,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
             raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
+        if self.init is not None:
+            model = Path(self.init) / "model"
+            if not (model / "config.json").is_file():
+                raise ValueError(f"--init {self.init} is not a finished textgen sft run: it has no model/config.json")
+            if self.model not in (DEFAULT_MODEL, str(model)):
+                raise ValueError(f"--init sets the model ({model}): drop --model {self.model}")
+            self.model = str(model)
         if self.reward_scaling == "running-std":  # config.json of a run before the scale was fixed: resumes fixed
             self.reward_scaling = "base-std"
         if self.reward_scale_prompts < 2:

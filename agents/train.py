@@ -277,7 +277,8 @@ def train(
     save_checkpoint(run, run_dir, run.algo.num_timesteps, state)
     (run_dir / CHECKPOINT / "model.zip").replace(run_dir / "model.zip")
     after = evaluation_record(run.evaluate())
-    table = before_after_table(before, after)
+    reference = f"{config.model} (the SFT model of --init {config.init})" if config.init else config.model
+    table = before_after_table(before, after) + f"\n\nKL and perplexity against the starting model: {reference}."
     report = {
         "config": asdict(config),
         "before": before["summary"],
@@ -285,6 +286,7 @@ def train(
         "train_seconds": state["train_seconds"],
         "resumed": state["resumed"],
         "history": run.metrics.history,
+        "kl_reference": config.model,  # the starting model, an SFT run's with --init (InstructGPT's reference)
         "final_beta": run.kl.controller.beta,
         "final_reward_scale": None if run.kl.reward_scale is None else run.kl.reward_scale.scale,
         "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),

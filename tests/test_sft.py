@@ -1,0 +1,133 @@
+"""`textgen sft` on a tiny model: it learns the references (loss on them alone), stops early on a slice of the train
+split, saves a model `textgen train --init` and `textgen preferences --init` start from; refusals are one line; an
+interrupted run resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agents.cli import main
+from agents.sft import SFTConfig, _encode
+from text_env import tasks
+from text_env.models import load_tokenizer, make_tiny_model
+from text_env.prompts import Example
+
+REPLIES = ["a good film", "a great film", "a fine film", "a nice film"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TEXTGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    monkeypatch.setattr(tasks, "_BUILT", dict(tasks._BUILT))
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LM with room for dialogue's 96-token prompts in its finer tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-512"), max_positions=512)
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Path:
+    """40 short prompts, each with a reply as its reference."""
+    path = tmp_path / "replies.jsonl"
+    lines = [json.dumps({"prompt": f"say something {i}", "reply": REPLIES[i % 4]}) for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sft_argv(model: Path, data: Path, out: Path, *more: str) -> list[str]:
+    return ["sft", "--task", "dialogue", "--model", str(model), "--prompts", str(data), "--reference-column", "reply",
+            "--eval-prompts", "4", "--max-prompt-tokens", "256", "--no-bf16", "--batch-size", "8", "--out", str(out),
+            *more]  # fmt: skip
+
+
+def test_the_loss_is_on_the_reference_tokens_alone(long_model: Path) -> None:
+    tokenizer = load_tokenizer(str(long_model))
+    (row,) = _encode(tokenizer, Example("say hello", ("a good film",)), None, max_prompt=64, max_new=32)
+    prompt = tokenizer("say hello")["input_ids"]
+    assert row["input_ids"][: len(prompt)] == prompt and row["labels"][: len(prompt)] == [-100] * len(prompt)
+    reply = tokenizer("a good film", add_special_tokens=False)["input_ids"]
+    assert row["labels"][len(prompt) :] == [*reply, tokenizer.eos_token_id]
+    (cut,) = _encode(tokenizer, Example("say hello", ("a good film",)), None, max_prompt=64, max_new=3)
+    assert cut["labels"][len(prompt) :] == [*reply[:2], tokenizer.eos_token_id]  # max_new_tokens, EOS included
+    assert _encode(tokenizer, Example("say hello", ("x",)), None, max_prompt=1, max_new=8) == []  # too long a prompt
+
+
+def test_sft_learns_the_references_then_ppo_starts_from_it(long_model: Path, records: Path, tmp_path: Path) -> None:
+    main(sft_argv(long_model, records, tmp_path / "sft", "--epochs", "3", "--learning-rate", "5e-3"))
+    (run_dir,) = (tmp_path / "sft").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["after"]["reference_perplexity"] < report["before"]["reference_perplexity"]
+    assert report["records"] == {"train": 36, "validation": 4, "rows": 36}  # a slice of the train split, not eval
+    assert 1 <= report["best_epoch"] <= len(report["validation_loss"]) <= 3
+    assert (run_dir / "model" / "config.json").is_file() and not (run_dir / "trainer").exists()
+    assert json.loads((run_dir / "config.json").read_text())["command"] == "sft"
+
+    main(["train", "--task", "dialogue", "--init", str(run_dir), "--reward-model", "gold", "--total-timesteps", "16",
+          "--n-envs", "2", "--n-steps", "8", "--batch-size", "8", "--max-new-tokens", "4", "--eval-prompts", "2",
+          "--max-prompt-tokens", "256", "--no-bf16", "--out", str(tmp_path / "ppo")])  # fmt: skip
+    (ppo,) = (tmp_path / "ppo").iterdir()
+    trained = json.loads((ppo / "report.json").read_text())
+    assert trained["config"]["model"] == str(run_dir / "model") == trained["kl_reference"]
+    assert trained["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT model is the KL reference
+    assert "the SFT model of --init" in (ppo / "report.md").read_text()
+
+    pairs = tmp_path / "p.jsonl"
+    main(["preferences", "--task", "dialogue", "--init", str(run_dir), "--pairs", "2", "--out", str(pairs),
+          "--max-new-tokens", "4", "--batch-size", "2"])  # fmt: skip
+    assert len(pairs.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["sft", "--task", "positive-review"], "has no references to learn from"),
+     (["sft", "--task", "concepts"], "has no references to learn from"),
+     (["sft", "--prompts", "{records}"], "--prompts needs --reference-column"),
+     (["sft", "--prompts", "{records}", "--reference-column", "nope"], "nope"),
+     (["sft", "--prompts", "{empty}", "--reference-column", "reply"], "no prompts"),
+     (["sft", "--epochs", "0"], "epochs must be at least 1"),
+     (["train", "--init", "{records}"], "is not a finished textgen sft run")],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_leaves_nothing(
+    records: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    argv = [a.format(records=records, empty=tmp_path / "empty.jsonl") for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="0 < validation < 1"):
+        SFTConfig(validation=1.0)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sft_resumes(long_model: Path, records: Path, tmp_path: Path) -> None:
+    """Ctrl-C saves a checkpoint after the step in progress and exits 130 with the command that continues it;
+    --resume finishes the run."""
+    command = [sys.executable, "-m", "agents.cli", *sft_argv(long_model, records, tmp_path / "sft", "--epochs", "4")]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "sft").glob("*/trainer/checkpoint-*")) and time.time() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err[-2000:]
+    (run_dir,) = (tmp_path / "sft").iterdir()
+    assert f"textgen sft --resume {run_dir}" in err and not (run_dir / "report.json").exists()
+    main(["sft", "--resume", str(run_dir)])
+    assert json.loads((run_dir / "report.json").read_text())["after"]["reference_perplexity"] > 0
