@@ -241,3 +241,18 @@ def test_attention_kernel_times_both_kernels(tiny_model: Path, tmp_path: Path) -
     assert all(row["epoch_s"] > 0 and row["rss_rise_gb"] >= 0 for row in result["arms"].values())
     assert result["longest_episode_tokens"] > 0 and result["math_vs_chosen_time"] > 0
     assert "| math (TRPO's) |" in out.with_suffix(".md").read_text()
+
+
+def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
+    """`supervised_rl.py --quick`: base, PPO, SFT and SFT + PPO on dialogue, each a run of the project's commands;
+    SFT lowers the perplexity of the held-out references, and SFT + PPO is leashed to the SFT model."""
+    bench = load_benchmark("supervised_rl")
+    results = bench.main(["--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    rows = results["dialogue"]
+    assert list(rows) == ["base", "PPO", "SFT", "SFT + PPO"] and all(len(seeds) == 1 for seeds in rows.values())
+    assert rows["SFT"][0]["perplexity"] < rows["base"][0]["perplexity"]
+    (both,) = (tmp_path / "runs" / "dialogue" / "sft_ppo" / "seed0").glob("*/report.json")
+    (sft_run,) = (tmp_path / "runs" / "dialogue" / "sft" / "seed0").iterdir()
+    assert json.loads(both.read_text())["kl_reference"] == str(sft_run / "model")
+    table = (tmp_path / "supervised_rl_quick.md").read_text()
+    assert "| dialogue | SFT + PPO |" in table and (tmp_path / "supervised_rl_quick.png").stat().st_size > 5_000

@@ -1,0 +1,200 @@
+"""Supervised + RL: base, PPO, SFT and SFT + PPO on every task with references, over seeds.
+
+Each row of a task and seed is a separate process of the project's own commands, with their defaults:
+
+- base: the untrained model (``default``), evaluated as ``textgen train`` evaluates before training;
+- PPO: ``textgen train --task X --seed S`` (leashed to the base model);
+- SFT: ``textgen sft --task X --seed S``;
+- SFT + PPO: ``textgen train --task X --seed S --init <the SFT run>`` (leashed to the SFT model, InstructGPT's way).
+
+Columns: held-out gold (the task's first 80 eval prompts, sampled), the perplexity of the held-out references under
+each row's model, the KL of each row to its own reference (PPO: base, SFT + PPO: SFT), distinct-2, minutes and peak
+RSS of the run that made the row. Finished runs under ``--runs`` are reused, so a stopped benchmark resumes. Run::
+
+    python benchmarks/supervised_rl.py --runs RUNS                # summarize-docstring, dialogue, code x 3 seeds
+    python benchmarks/supervised_rl.py --tasks dialogue --seeds 1 --runs RUNS
+    python benchmarks/supervised_rl.py --quick                    # a tiny model, one seed, seconds (CI)
+
+Writes ``<out>/supervised_rl.md``, ``.json`` and ``.png`` (gold per row and task, each seed a dot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.sft import reference_perplexity
+from agents.train import cpu_kind, pyplot
+from text_env.tasks import get_task
+
+TASKS = ("summarize-docstring", "dialogue", "code")  # translation needs the user's parallel data: not run here
+ROWS = ("base", "PPO", "SFT", "SFT + PPO")
+QUICK = ["--model", "{model}", "--max-prompt-tokens", "256", "--no-bf16", "--eval-prompts", "4"]
+QUICK_TRAIN = ["--reward-model", "gold", "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8",
+               "--batch-size", "8", "--max-new-tokens", "4", "--n-epochs", "1"]  # fmt: skip
+QUICK_SFT = ["--epochs", "1", "--max-new-tokens", "8"]
+
+
+def textgen(args: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "agents.cli", *args], check=True)
+
+
+def finished(out: Path) -> dict[str, Any] | None:
+    """The report of the run under ``out``, when it finished."""
+    reports = list(out.glob("*/report.json"))
+    return json.loads(reports[0].read_text()) if reports else None
+
+
+def run_rows(task: str, seed: int, runs: Path, quick: list[str] | None) -> dict[str, dict[str, Any]]:
+    """The four rows of one task and seed (each run once; finished ones are read back)."""
+    common = ["--task", task, "--seed", str(seed), *(quick or [])]
+    ppo_dir, sft_dir, both_dir = (runs / task / name / f"seed{seed}" for name in ("ppo", "sft", "sft_ppo"))
+    if finished(ppo_dir) is None:
+        textgen(["train", *common, *(QUICK_TRAIN if quick else []), "--out", str(ppo_dir)])
+    if finished(sft_dir) is None:
+        textgen(["sft", *common, *(QUICK_SFT if quick else []), "--out", str(sft_dir)])
+    sft_run = next(sft_dir.glob("*/report.json")).parent
+    if finished(both_dir) is None:
+        without_model = _drop_option(common, "--model")
+        textgen(["train", *without_model, "--init", str(sft_run), *(QUICK_TRAIN if quick else []),
+                 "--out", str(both_dir)])  # fmt: skip
+    ppo, sft, both = finished(ppo_dir), finished(sft_dir), finished(both_dir)
+    assert ppo is not None and sft is not None and both is not None
+    config = ppo["config"]
+    lengths = (config["max_prompt_tokens"] or get_task(task).max_prompt_tokens,
+               config["max_new_tokens"] or get_task(task).max_new_tokens)  # fmt: skip
+    held_out = get_task(task).examples("eval")[: config["eval_prompts"]]
+    instruction = get_task(task).instruction
+
+    def perplexity(model: str) -> float:
+        return reference_perplexity(model, held_out, instruction, *lengths, bf16=config["bf16"])
+
+    return {
+        "base": {"gold": ppo["before"]["gold_score"], "perplexity": perplexity(config["model"]), "kl": 0.0,
+                 "distinct_2": ppo["before"]["distinct_2"], "minutes": 0.0, "peak_rss_gb": None},
+        "PPO": _trained(ppo, perplexity(_exported(ppo))),
+        "SFT": {"gold": sft["after"]["gold_score"], "perplexity": sft["after"]["reference_perplexity"], "kl": None,
+                "distinct_2": sft["after"]["distinct_2"], "minutes": sft["train_seconds"] / 60,
+                "peak_rss_gb": sft["peak_rss_gb"]},
+        "SFT + PPO": _trained(both, perplexity(_exported(both))),
+    }  # fmt: skip
+
+
+def _drop_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _trained(report: dict[str, Any], perplexity: float) -> dict[str, Any]:
+    after = report["after"]
+    return {"gold": after["gold_score"], "perplexity": perplexity, "kl": after["kl"], "distinct_2": after["distinct_2"],
+            "minutes": report["train_seconds"] / 60, "peak_rss_gb": report["peak_rss_gb"]}  # fmt: skip
+
+
+def _exported(report: dict[str, Any]) -> str:
+    """The trained policy's LM saved with save_pretrained beside its run (once), for the reference perplexity."""
+    run_dir = Path(report["run_dir"])
+    out = run_dir / "exported"
+    if not (out / "config.json").is_file():
+        textgen(["export", str(run_dir / "model.zip"), str(out)])
+    return str(out)
+
+
+def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, machine: str) -> str:
+    lines = [
+        "# Supervised + RL", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
+        "Held-out gold: each task's first eval prompts, sampled (mean over seeds, and the worst seed). Perplexity: of "
+        "the held-out references under the row's model. KL: nats per completion to the row's own reference (PPO: the "
+        "base model; SFT + PPO: the SFT model). minutes / peak RSS: the run that made the row (the worst seed's).", "",
+        "| task | row | gold (mean) | gold (worst) | perplexity | KL | distinct-2 | minutes | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for task, rows in results.items():
+        for name in ROWS:
+            seeds = rows[name]
+
+            def mean(key: str, seeds: list[dict[str, Any]] = seeds) -> str:
+                values = [s[key] for s in seeds if s[key] is not None]
+                return f"{np.mean(values):.3f}" if values else "–"
+
+            def top(key: str, seeds: list[dict[str, Any]] = seeds) -> str:
+                values = [s[key] for s in seeds if s[key] is not None]
+                return f"{max(values):.2f}" if values else "–"
+
+            worst = min(s["gold"] for s in seeds)
+            lines.append(f"| {task} | {name} | {mean('gold')} | {worst:.3f} | {mean('perplexity')} | {mean('kl')} | "
+                         f"{mean('distinct_2')} | {top('minutes')} | {top('peak_rss_gb')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], results.items(), strict=True):
+        for x, name in enumerate(ROWS):
+            golds = [s["gold"] for s in rows[name]]
+            ax.plot([x] * len(golds), golds, "o", alpha=0.6)
+            ax.plot([x - 0.2, x + 0.2], [np.mean(golds)] * 2, "k-")
+        ax.set_xticks(range(len(ROWS)), ROWS, fontsize=8)
+        ax.set_title(task, fontsize=9)
+        ax.set_ylabel("held-out gold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks with references")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--runs", default=None, help="keep the runs (RUNS/<task>/<row>/seed<S>) and reuse finished ones"
+    )
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default=None, help="results file stem (supervised_rl[_quick])")
+    parser.add_argument("--quick", action="store_true", help="a tiny random LM, one seed, dialogue: seconds")
+    args = parser.parse_args(argv)
+    tasks = args.tasks.split(",") if not args.quick else ["dialogue"]
+    seeds = 1 if args.quick else args.seeds
+    with tempfile.TemporaryDirectory() as tmp:
+        quick = None
+        if args.quick:
+            from text_env.models import make_tiny_model
+
+            model = make_tiny_model(Path(tmp) / "tiny-lm", max_positions=512)  # dialogue's prompts in its finer BPE
+            quick = [a.format(model=model) for a in QUICK]
+        runs = Path(args.runs or tmp)
+        results = {task: {name: [] for name in ROWS} for task in tasks}
+        for task in tasks:
+            for seed in range(seeds):
+                for name, row in run_rows(task, seed, runs, quick).items():
+                    results[task][name].append({"seed": seed, **row})
+    name = args.name or ("supervised_rl_quick" if args.quick else "supervised_rl")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/supervised_rl.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = markdown(results, command.strip(), f"{cpu_kind()}")
+    (out / f"{name}.md").write_text(table + f"\n![held-out gold per row]({name}.png)\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / f"{name}.png")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
