@@ -151,7 +151,8 @@ def test_pairs_to_label_sampled_from_a_runs_policy(run_dir: Path, tmp_path: Path
 def test_a_policy_without_an_lm_is_refused(run_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(run_dir, tmp_path / "baseline")
     config = json.loads((run_dir / "config.json").read_text())
-    (tmp_path / "baseline" / "config.json").write_text(json.dumps({**config, "algo": "ppo_bag_of_tokens"}))
+    baseline = {**config, "algo": "ppo_bag_of_tokens", "advantage_normalization": "minibatch"}  # as its preset writes
+    (tmp_path / "baseline" / "config.json").write_text(json.dumps(baseline))
     with pytest.raises(ValueError, match="policy without a language model"):
         load_run(tmp_path / "baseline")
 
