@@ -559,7 +559,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "saved with save_pretrained, 'default' or a hub id) on the same prompts with the same seed; score each "
         "completion with the task's gold and reward model, BLEU / chrF / ROUGE-1/2/L when the prompts have "
         "references, pass@1 for code, KL and perplexity against --reference, distinct-n and length; print one table "
-        "with a 95 %% bootstrap interval on each mean and a paired bootstrap interval on each model's difference from "
+        "with a 95 % bootstrap interval on each mean and a paired bootstrap interval on each model's difference from "
         "the first, and save it (markdown and JSON). With --human and two models: serve the labeling page in a blind "
         "A/B mode and report the win rate of A over B with a Wilson interval.",
     )

@@ -115,7 +115,21 @@ def test_trl_comparison_measures_every_method(tiny_model: Path, tmp_path: Path) 
     assert "| trl_rloo |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("name", ["trl_comparison", "rollout_and_update", "attention_kernel"])
+def test_evaluate_speed_times_evaluation_against_generate(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("evaluate_speed")
+    out = tmp_path / "evaluate_speed.json"
+    tiny = ["--model", str(tiny_model), "--reward-model", "gold", "--max-prompt-tokens", "128", "--n-envs", "2",
+            "--tokens", "4"]  # fmt: skip
+    bench.main([*tiny, "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    for config in bench.CONFIGS:  # a LoRA run's policy and the plain model
+        assert result[f"{config}_evaluate_tok_s"] > 0 and result[f"{config}_generate_tok_s"] > 0
+        ratio = result[f"{config}_evaluate_tok_s"] / result[f"{config}_generate_tok_s"]
+        assert result[f"{config}_evaluate_vs_generate"] == pytest.approx(ratio)
+    assert "| lora |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("name", ["trl_comparison", "rollout_and_update", "attention_kernel", "evaluate_speed"])
 def test_zero_repeats_is_a_usage_error(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:  # refused before any model loads
         load_benchmark(name).main(["--repeats", "0", "--out", str(tmp_path / "out.json")])
