@@ -50,6 +50,9 @@ class TextMetrics(BaseCallback):
         kl = self.logger.name_to_value.get("rlhf/kl_per_episode")  # logged just before by a KLPenalty, if one runs
         if kl is not None:  # scores against KL per rollout: what a Gao et al. (2022) plot needs
             row["kl"] = float(kl)
+        for key, value in self.logger.name_to_value.items():  # the multipliers' quantities and λ, when constrained
+            if key.startswith("constraint/"):
+                row[key] = float(value)
         self.history.append(row)
         self.logger.record("rlhf/reward_model_score", row["reward_model_score"])
         self.logger.record("rlhf/gold_score", row["gold_score"])

@@ -26,9 +26,11 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "algo_kwargs":
             continue
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        helptext = f.metadata["help"] + ("" if default is None else f" (default: {default})")
-        if f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
+        flag, default = f.metadata.get("flag", "--" + f.name.replace("_", "-")), getattr(defaults, f.name)
+        helptext = f.metadata["help"] + ("" if default in (None, []) else f" (default: {default})")
+        if f.type == "list[str]":  # repeatable: --constraint A --constraint B
+            p.add_argument(flag, dest=f.name, action="append", metavar=f.name.upper().rstrip("S"), help=helptext)
+        elif f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
             flag, helptext = (f"--no-{flag[2:]}", f"turn off: {f.metadata['help']}") if default else (flag, helptext)
             p.add_argument(flag, dest=f.name, action="store_const", const=not default, help=helptext)
         else:

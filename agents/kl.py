@@ -23,13 +23,16 @@ above ``n_steps``); ``rlhf/kl_per_episode`` and the adaptive β see completed ep
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.cached_lm import reference_log_probs
+
+if TYPE_CHECKING:
+    from agents.constraints import Lagrangian
 
 __all__ = ["DEFAULT_BETA", "KLController", "KLPenalty", "RewardScale"]
 
@@ -145,6 +148,9 @@ class KLPenalty(BaseCallback):
     :param base_rewards: with ``scale_rewards``, a function that samples the base policy and returns the rewards the
         env pays it (:func:`agents.run.base_rewards`), called once when training starts unless the scale was
         restored from a checkpoint (:meth:`RewardScale.load_state`).
+    :param constraints: Lagrange multipliers for bounds on per-episode quantities
+        (:class:`agents.constraints.Lagrangian`), charged in the same rewards after the penalty and updated after
+        each rollout.
     """
 
     def __init__(
@@ -156,6 +162,7 @@ class KLPenalty(BaseCallback):
         envs_per_pass: int | None = None,
         scale_rewards: bool = False,
         base_rewards: Callable[[], np.ndarray] | None = None,
+        constraints: Lagrangian | None = None,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -164,6 +171,7 @@ class KLPenalty(BaseCallback):
         self.controller = KLController(beta, target_kl, horizon)
         self.reward_scale = RewardScale() if scale_rewards else None
         self.base_rewards = base_rewards
+        self.constraints = constraints
         self.reference = reference
         self.envs_per_pass = envs_per_pass
         self._reference_lm: Any = None  # log π_ref of the named reference LM, when there is one
@@ -177,6 +185,8 @@ class KLPenalty(BaseCallback):
 
     def _on_training_start(self) -> None:
         self._running = np.zeros(self.training_env.num_envs)  # episodes in flight start again (a resume too)
+        if self.constraints is not None:
+            self.constraints.start(self.training_env.num_envs)
         if self.reward_scale is not None and not self.reward_scale.measured:
             if self.base_rewards is None:
                 raise ValueError(
@@ -232,6 +242,7 @@ class KLPenalty(BaseCallback):
             self._scale_rewards(buffer)
         n_steps, n_envs = buffer.rewards.shape
         kl = np.zeros((n_steps, n_envs), dtype=np.float32)
+        ref = np.zeros((n_steps, n_envs), dtype=np.float32)
         step = n_envs if self.envs_per_pass is None else self.envs_per_pass
         for first in range(0, n_envs, step):
             envs = slice(first, min(n_envs, first + step))  # all steps of these envs: whole episodes
@@ -244,8 +255,13 @@ class KLPenalty(BaseCallback):
             log_ref = self.reference_log_prob(obs, actions.to(self.model.device)).float().cpu().numpy()
             log_pi = buffer.log_probs[:, envs].reshape(-1)  # what the policy stored while sampling
             kl[:, envs] = (log_pi - log_ref).reshape(n_steps, -1)  # unbiased per-token estimate of KL(π‖π_ref)
+            ref[:, envs] = log_ref.reshape(n_steps, -1)
         buffer.rewards -= (self.controller.beta * kl).astype(buffer.rewards.dtype)
-        self._account(kl, np.stack(self._dones[:n_steps]))
+        dones = np.stack(self._dones[:n_steps])
+        if self.constraints is not None:
+            actions = np.asarray(buffer.actions).reshape(n_steps, n_envs)
+            self.constraints.charge(buffer.rewards, kl, ref, actions, dones)
+        self._account(kl, dones)
         return kl
 
     def _account(self, kl: np.ndarray, dones: np.ndarray) -> None:
@@ -286,6 +302,9 @@ class KLPenalty(BaseCallback):
             self.logger.record("rlhf/kl_per_episode", kl_episode)
             self.controller.update(kl_episode, len(self._completed))
         self._kl_sum, self._tokens, self._completed = 0.0, 0, []
+        logged = self.constraints.update() if self.constraints is not None else None
+        for key, value in (logged or {}).items():  # e.g. constraint/kl<=6/lambda
+            self.logger.record(f"constraint/{key}", value)
 
     def _on_training_end(self) -> None:
         self._pending = False
@@ -293,5 +312,20 @@ class KLPenalty(BaseCallback):
 
     def state(self) -> dict[str, Any]:
         """β and the controller settings (and the reward scale's statistics, when it scales), to save with a run."""
-        state = {"beta": self.controller.beta, "target": self.controller.target, "horizon": self.controller.horizon}
-        return state if self.reward_scale is None else {**state, "reward_scale": self.reward_scale.state()}
+        state: dict[str, Any] = {
+            "beta": self.controller.beta, "target": self.controller.target, "horizon": self.controller.horizon,
+        }  # fmt: skip
+        if self.reward_scale is not None:
+            state["reward_scale"] = self.reward_scale.state()
+        if self.constraints is not None:
+            state["constraints"] = self.constraints.state()
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` saved (β, the reward scale, the multipliers), so that a resumed run goes on as
+        the uninterrupted one would."""
+        self.controller.beta = state["beta"]
+        if self.reward_scale is not None and "reward_scale" in state:
+            self.reward_scale.load_state(state["reward_scale"])
+        if self.constraints is not None and "constraints" in state:
+            self.constraints.load_state(state["constraints"])

@@ -26,6 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.callbacks import SkipFinishedBootstrap, TextMetrics
+from agents.constraints import QUANTITIES, Lagrangian, parse_constraints
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
@@ -124,6 +125,20 @@ class TrainConfig:
     beta: float = field(default=DEFAULT_BETA, metadata=_help("KL coefficient (initial value when --target-kl is set)"))
     target_kl: float | None = field(default=None, metadata=_help("adaptive beta toward this KL (nats per episode)"))
     ent_coef: float = field(default=0.0, metadata=_help("entropy bonus: weight of the policy's entropy in the loss"))
+    constraints: list[str] = field(
+        default_factory=list,
+        metadata={
+            **_help(
+                "bound a per-episode quantity, NAME<=X or NAME>=X (repeatable), held by a Lagrange multiplier; NAME: "
+                + ", ".join(QUANTITIES)
+            ),
+            "flag": "--constraint",
+        },
+    )
+    constraint_lr: float = field(
+        default=0.05, metadata=_help("the multipliers' dual step per rollout, per unit of violation")
+    )
+    constraint_init: float = field(default=0.0, metadata=_help("every multiplier's starting value"))
     advantage_normalization: str = field(
         default="rollout",
         metadata=_help(
@@ -175,6 +190,11 @@ class TrainConfig:
             self.model = str(model)
         if self.reward_scaling == "running-std":  # config.json of a run before the scale was fixed: resumes fixed
             self.reward_scaling = "base-std"
+        parse_constraints(self.constraints, self.max_new_tokens)  # a bad bound is one line before any model loads
+        if not self.constraint_lr > 0 or not self.constraint_init >= 0:
+            raise ValueError(
+                f"constraint_lr must be > 0 and constraint_init >= 0; got {self.constraint_lr}, {self.constraint_init}"
+            )
         if self.reward_scale_prompts < 2:
             raise ValueError(f"reward_scale_prompts must be at least 2, got {self.reward_scale_prompts}")
         if self.advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
@@ -305,6 +325,7 @@ def checked_task(config: TrainConfig) -> Task:
     """:func:`run_task` of ``config`` after the cheap checks (the task, its prompts, the model's name), which say a
     mistake before a reward model or the default model is loaded or fetched."""
     task = run_task(config)
+    parse_constraints(config.constraints, config.max_new_tokens or task.max_new_tokens)  # a length it cannot reach
     if config.model != DEFAULT_MODEL:  # the default is fetched once, when first loaded
         resolve_model(config.model)
     return task
@@ -364,7 +385,14 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     env = make_env(config, "train", reward, task=task)
     eval_env = make_env(config, "eval", reward, task=task)
     algo = make_algorithm(config, env, verbose)
-    kl = KLPenalty(config.beta, config.target_kl, scale_rewards=config.scales_rewards, verbose=verbose)
+    constraints = (
+        Lagrangian(parse_constraints(config.constraints), config.constraint_lr, config.constraint_init)
+        if config.constraints
+        else None
+    )
+    kl = KLPenalty(
+        config.beta, config.target_kl, scale_rewards=config.scales_rewards, constraints=constraints, verbose=verbose
+    )
     run = Run(config, env, eval_env, algo, kl, TextMetrics(), list(task.examples("eval")[: config.eval_prompts]))
     if config.scales_rewards:  # measured when training starts, unless a checkpoint restores it
         kl.base_rewards = lambda: base_rewards(config, task, reward, algo.policy)

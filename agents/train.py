@@ -144,9 +144,7 @@ def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     run.algo.num_timesteps = state["num_timesteps"]
     if hasattr(run.algo, "_n_updates"):
         run.algo._n_updates = state["n_updates"]
-    run.kl.controller.beta = state["beta"]
-    if run.kl.reward_scale is not None and "reward_scale" in state:
-        run.kl.reward_scale.load_state(state["reward_scale"])
+    run.kl.load_state(state)
     run.metrics.history = state["history"]
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
@@ -279,6 +277,13 @@ def train(
     after = evaluation_record(run.evaluate())
     reference = f"{config.model} (the SFT model of --init {config.init})" if config.init else config.model
     table = before_after_table(before, after) + f"\n\nKL and perplexity against the starting model: {reference}."
+    constraints = run.kl.constraints.summary() if run.kl.constraints is not None else None
+    if constraints:
+        table += "\n\n| constraint | last rollout's mean | λ | rollouts broken, 2nd half |\n|---|---|---|---|\n"
+        table += "\n".join(
+            f"| {name} | {c['final_mean']:.3f} | {c['final_lambda']:.3f} | {c['violated_share_second_half']:.0%} |"
+            for name, c in constraints.items()
+        )
     report = {
         "config": asdict(config),
         "before": before["summary"],
@@ -289,6 +294,7 @@ def train(
         "kl_reference": config.model,  # the starting model, an SFT run's with --init (InstructGPT's reference)
         "final_beta": run.kl.controller.beta,
         "final_reward_scale": None if run.kl.reward_scale is None else run.kl.reward_scale.scale,
+        "constraints": constraints,  # per bound: the training episodes' last mean, λ, how often broken late on
         "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "samples": paired_samples(before, after),
@@ -402,12 +408,23 @@ def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None)
         return
     plt = pyplot()
     steps = [h["timesteps"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bounds = sorted({k.split("/")[1] for h in history for k in h if k.startswith("constraint/")})
+    fig, axes = plt.subplots(1 + len(bounds), 1, figsize=(6, 3.5 + 2.5 * len(bounds)), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, [h["reward_model_score"] for h in history], label="reward model")
     ax.plot(steps, [h["gold_score"] for h in history], label=f"gold ({scorer_name(gold)})")
     ax.set_xlabel("environment steps (tokens)")
     ax.set_ylabel("mean score of finished episodes")
     ax.legend()
+    for bound, ax in zip(bounds, axes[1:, 0], strict=True):  # each constrained quantity against its bound, and λ
+        rows = [h for h in history if f"constraint/{bound}/mean" in h]
+        x = [h["timesteps"] for h in rows]
+        ax.plot(x, [h[f"constraint/{bound}/mean"] for h in rows], label=bound.split("<")[0].split(">")[0])
+        ax.axhline(float(bound.replace(">=", "<=").split("<=")[1]), ls="--", color="grey", label=bound)
+        ax.legend(loc="upper left")
+        twin = ax.twinx()
+        twin.plot(x, [h[f"constraint/{bound}/lambda"] for h in rows], color="tab:red", alpha=0.6)
+        twin.set_ylabel("λ", color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
