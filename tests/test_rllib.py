@@ -5,6 +5,7 @@ restores identical greedy actions; the export loads in `transformers.pipeline`; 
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import subprocess
@@ -24,6 +25,7 @@ from helpers import unpadded_outputs  # noqa: E402
 from ray.rllib.connectors.learner import GeneralAdvantageEstimation  # noqa: E402
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from ray.rllib.core.columns import Columns  # noqa: E402
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # noqa: E402
 
 from agents.cli import main  # noqa: E402
 from agents.inspection import inspect_run  # noqa: E402
@@ -84,6 +86,28 @@ def test_filtered_sampling_trains_on_the_nucleus_that_sampled(tiny_model: Path, 
         stored = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS].gather(1, actions[:, None])  # log π(a)
         current = module.forward_train({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].gather(1, actions[:, None])
     assert torch.isfinite(stored).all() and torch.isinf(current).any()
+
+
+def test_building_the_module_logs_no_deprecation(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RLlib's RLModule.__init__ fills a legacy RLModuleConfig for every module and logs its deprecation; ours is
+    built with today's keyword constructor, and that notice is dropped. Other deprecations still pass."""
+    from ray._common.deprecation import deprecation_warning
+
+    env = make_env(tiny_config(tiny_model, tmp_path), "eval")
+    logger = logging.getLogger("ray._common.deprecation")  # Ray's loggers do not propagate to the root's capture
+    logger.addHandler(caplog.handler)
+    try:
+        spec = RLModuleSpec(module_class=CausalLMRLModule, observation_space=env.observation_space,
+                            action_space=env.action_space, model_config={"model": str(tiny_model)})  # fmt: skip
+        spec.build()
+        deprecation_warning(old="something_else()", error=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "RLModuleConfig" in m], messages
+    assert any("something_else()" in m for m in messages)
 
 
 def test_unreachable_ray_address_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ make stale.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,19 @@ MODEL_CONFIG_KEYS = (
 )  # fmt: skip
 """The ``model_config`` keys the module reads: ``CausalLMPolicy``'s keyword arguments (RLlib merges its own
 defaults, e.g. ``fcnet_hiddens``, into a custom module's ``model_config``; those are ignored)."""
+
+
+class _RLModuleConfigNotice(logging.Filter):
+    """Drop the deprecation notice of ``RLModuleConfig`` that RLlib 2.60's own ``RLModule.__init__`` logs for every
+    module, one built with today's keyword constructor too (it still fills a legacy ``self.config`` for old custom
+    models); every other message passes. Installed on import, so in every EnvRunner and Learner process that unpickles
+    this module, where each printed it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RLModuleConfig" not in record.getMessage()
+
+
+logging.getLogger("ray._common.deprecation").addFilter(_RLModuleConfigNotice())
 
 
 def _no_schedule(progress_remaining: float) -> float:
