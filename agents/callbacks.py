@@ -29,12 +29,15 @@ class TextMetrics(BaseCallback):
         self._rm: list[float] = []
         self._gold: list[float] = []
         self._samples: list[str] = []
+        self._components: dict[str, list[float]] = {}
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
             if "gold_score" in info:
                 self._rm.append(info["reward_model_score"])
                 self._gold.append(info["gold_score"])
+                for name, score in info.get("reward_components", {}).items():  # a composite reward's parts
+                    self._components.setdefault(name, []).append(score)
                 if len(self._samples) < self.n_samples:
                     self._samples.append(f"**{info['prompt']}** {info['completion']}")
         return True
@@ -53,13 +56,16 @@ class TextMetrics(BaseCallback):
         for key, value in self.logger.name_to_value.items():  # the multipliers' quantities and λ, when constrained
             if key.startswith("constraint/"):
                 row[key] = float(value)
+        for name, scores in self._components.items():
+            row[f"reward/{name}"] = float(np.mean(scores))
+            self.logger.record(f"rlhf/reward/{name}", row[f"reward/{name}"])
         self.history.append(row)
         self.logger.record("rlhf/reward_model_score", row["reward_model_score"])
         self.logger.record("rlhf/gold_score", row["gold_score"])
         for fmt in self.logger.output_formats:
             if isinstance(fmt, TensorBoardOutputFormat):
                 fmt.writer.add_text("rlhf/samples", "\n\n".join(self._samples), self.num_timesteps)
-        self._rm, self._gold, self._samples = [], [], []
+        self._rm, self._gold, self._samples, self._components = [], [], [], {}
 
 
 class SkipFinishedBootstrap(BaseCallback):

@@ -300,7 +300,8 @@ def compare_models(
     reference = reference or candidates[0].base
     _check_tokenizers(candidates, reference)
     reward_source = reward_model or (first_run.config.reward_model if first_run else None)
-    reward = resolve_reward(reward_source, built, first_run.config.reward_kwargs if first_run else None)
+    composite = first_run.config.reward if first_run and reward_model is None else None  # the run's own sum
+    reward = resolve_reward(reward_source, built, first_run.config.reward_kwargs if first_run else None, composite)
 
     per_model: list[tuple[str, Scores]] = []
     timing: dict[str, dict[str, float]] = {}

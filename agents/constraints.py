@@ -74,24 +74,30 @@ class Constraint:
         return f"{self.name}{self.sense}{self.bound:g}"
 
 
-def parse_constraints(specs: Sequence[str], max_new_tokens: int | None = None) -> list[Constraint]:
+def parse_constraints(
+    specs: Sequence[str], max_new_tokens: int | None = None, components: Sequence[str] = ()
+) -> list[Constraint]:
     """``["kl<=6", "distinct2>=0.85"]`` -> constraints, or a one-line ``ValueError`` saying what is wrong and what is
     allowed: an unknown name, a missing number, another operator, contradictory or repeated bounds on one name, a
-    bound no completion can meet (a negative KL, distinct2 above 1, a length above ``max_new_tokens``)."""
+    bound no completion can meet (a negative KL, distinct2 above 1, a length above ``max_new_tokens``).
+
+    :param components: the names of a composite reward's components (``--reward``), which may be bounded too.
+    """
     parsed: list[Constraint] = []
-    allowed = ", ".join(QUANTITIES)
+    names = (*QUANTITIES, *components)
+    allowed = ", ".join(names)
     for spec in specs:
         match = _SPEC.match(spec)
         if match is None:
             name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", spec)
-            if name is not None and name.group(1) not in QUANTITIES:
+            if name is not None and name.group(1) not in names:
                 raise ValueError(f"constraint {spec!r}: unknown quantity {name.group(1)!r}; allowed: {allowed}")
             raise ValueError(f"constraint {spec!r} is not NAME<=NUMBER or NAME>=NUMBER (NAME one of {allowed})")
         name, sense, number = match.groups()
-        if name not in QUANTITIES:
+        if name not in names:
             raise ValueError(f"constraint {spec!r}: unknown quantity {name!r}; allowed: {allowed}")
         constraint = Constraint(name, sense, float(number))
-        low, high = _RANGES[name]
+        low, high = _RANGES.get(name, (-np.inf, np.inf))
         if name == "length" and max_new_tokens is not None:
             high = float(max_new_tokens)
         if (sense == "<=" and constraint.bound < low) or (sense == ">=" and constraint.bound > high):
@@ -153,11 +159,20 @@ class Lagrangian:
         return float((self.lambdas * signs)[self._kl].sum())
 
     def charge(
-        self, rewards: np.ndarray, kl: np.ndarray, ref_log_prob: np.ndarray, actions: np.ndarray, dones: np.ndarray
+        self,
+        rewards: np.ndarray,
+        kl: np.ndarray,
+        ref_log_prob: np.ndarray,
+        actions: np.ndarray,
+        dones: np.ndarray,
+        components: Sequence[dict[int, dict[str, float]]] = (),
     ) -> None:
         """Subtract each constraint's charge from a rollout's ``rewards`` ``(n_steps, n_envs)`` in place: ``λ·KL`` per
         token for ``kl`` (beside β), and at the step where an episode ends ``λ·s·(g - c)/u`` for the others (and
-        ``-λ·s·c`` for ``kl``, so that an episode pays ``λ·s·(KL - c)`` in all)."""
+        ``-λ·s·c`` for ``kl``, so that an episode pays ``λ·s·(KL - c)`` in all).
+
+        :param components: per step, the composite reward's component scores of each env whose episode ended there.
+        """
         finished: list[tuple[int, int, dict[str, float]]] = []
         for t in range(rewards.shape[0]):
             for i, episode in enumerate(self._episode):
@@ -166,6 +181,8 @@ class Lagrangian:
                 episode["tokens"].append(int(actions[t, i]))
                 if dones[t, i]:
                     values = episode_quantities(np.array(episode["kl"]), np.array(episode["ref"]), episode["tokens"])
+                    if t < len(components):
+                        values.update(components[t].get(i, {}))
                     finished.append((t, i, values))
                     self._episode[i] = {"kl": [], "ref": [], "tokens": []}
         self._ended.extend(values for _, _, values in finished)

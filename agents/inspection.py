@@ -29,8 +29,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.cached_lm import token_log_probs
-from agents.run import ALGORITHMS, TrainConfig, algorithm_class, make_env, run_task
-from text_env.core import resolve_reward
+from agents.run import ALGORITHMS, TrainConfig, algorithm_class, make_env, run_reward, run_task
 from text_env.prompts import Example, as_example
 from text_env.rewards import Scorer
 
@@ -356,7 +355,7 @@ def inspect_run(
     chosen = list(prompts) if prompts is not None else task.examples(split)[:n_prompts]
     if not chosen:
         raise ValueError("no prompts to inspect: n_prompts must be at least 1")
-    scorer = reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs)
+    scorer = reward if reward is not None else run_reward(config, task)
     env = make_env(replace(config, n_envs=min(len(chosen), 8)), split, scorer, seed=seed)
     try:
         base, trained = inspect_policy(loaded.policy, env, chosen, seed)

@@ -178,6 +178,7 @@ class KLPenalty(BaseCallback):
         self._pending = False  # a rollout is being collected: its rewards are not penalised yet
         self._dones: list[np.ndarray] = []  # (n_envs,) per step of the rollout: which episodes ended there
         self._paid: list[np.ndarray] = []  # (n_envs,) per step: the rewards the env paid (non-zero at episode ends)
+        self._components: list[dict[int, dict[str, float]]] = []  # per step: a composite reward's parts, by env
         self._running = np.zeros(0)  # (n_envs,) KL of each env's episode in progress, carried across rollouts
         self._completed: list[float] = []  # KL of each episode that ended in this rollout
         self._kl_sum = 0.0
@@ -224,7 +225,7 @@ class KLPenalty(BaseCallback):
 
         buffer.compute_returns_and_advantage = penalise_then_compute  # type: ignore[method-assign]
         self._pending = True
-        self._dones, self._paid = [], []
+        self._dones, self._paid, self._components = [], [], []
 
     def penalise(self, buffer: Any) -> np.ndarray:
         """Subtract ``β·(log π − log π_ref)`` from every step's reward in a full rollout buffer, in place (the
@@ -260,7 +261,7 @@ class KLPenalty(BaseCallback):
         dones = np.stack(self._dones[:n_steps])
         if self.constraints is not None:
             actions = np.asarray(buffer.actions).reshape(n_steps, n_envs)
-            self.constraints.charge(buffer.rewards, kl, ref, actions, dones)
+            self.constraints.charge(buffer.rewards, kl, ref, actions, dones, self._components[:n_steps])
         self._account(kl, dones)
         return kl
 
@@ -285,6 +286,9 @@ class KLPenalty(BaseCallback):
 
     def _on_step(self) -> bool:
         self._dones.append(np.asarray(self.locals["dones"], dtype=bool).copy())
+        if self.constraints is not None:  # a composite reward's components, which a constraint may bound
+            parts = "reward_components"
+            self._components.append({i: x[parts] for i, x in enumerate(self.locals.get("infos", ())) if parts in x})
         if self.reward_scale is not None:  # the env pays an episode's reward with its last step
             self._paid.append(np.where(self._dones[-1], np.asarray(self.locals["rewards"], dtype=np.float64), 0.0))
         return True

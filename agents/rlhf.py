@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.run import Run, TrainConfig, build_run, checked_task
+from agents.run import Run, TrainConfig, build_run, checked_task, run_reward
 from agents.train import (
     CHECKPOINT,
     Interrupted,
@@ -67,7 +67,6 @@ from agents.train import (
     save_checkpoint,
     set_aside_report,
 )
-from text_env.core import resolve_reward
 from text_env.rewards import Scorer
 from text_env.rewards.annotators import HumanAnnotator, SimulatedAnnotator
 from text_env.rewards.preferences import PreferencePair, drop_torn_last_line, generate_pairs, load_preferences
@@ -197,7 +196,7 @@ class _Loop:
         self.task = checked_task(config.train)  # --prompts, when given, are where the pairs come from too
         self.timesteps = 0  # PPO steps saved so far (for the message of an interruption)
         source = config.train.reward_model or self.task.reward_model
-        self.round0 = resolve_reward(config.train.reward_model, self.task, config.train.reward_kwargs)
+        self.round0 = run_reward(config.train, self.task)
         # Refits are head-mode reward models on the round-0 model's backbone and features (layer, pooling, ensemble
         # size); with a gold (or scorer) round 0, one head on the policy's own LM's last hidden states.
         if isinstance(self.round0, RewardModel):

@@ -34,6 +34,7 @@ from text_env.extras import require
 from text_env.models import DEFAULT_MODEL, resolve_model
 from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
+from text_env.rewards.composite import reward_terms
 from text_env.tasks import Task, get_task
 from text_env.vec_env import make_text_vec_env
 
@@ -108,6 +109,13 @@ class TrainConfig:
     algo: str = field(default="ppo", metadata=_help("algorithm", ALGORITHMS + BASELINES))
     reward_model: str | None = field(
         default=None, metadata=_help("reward-model directory or 'gold' (default: the task's reward model)")
+    )
+    reward: str | None = field(
+        default=None,
+        metadata=_help(
+            "a composite reward, a weighted sum such as 'rm + 0.3*gold - 0.01*words' (rm: --reward-model's scorer; "
+            "gold; words; the task's own components, e.g. dialogue's chrf and echo), each part logged"
+        ),
     )
     reward_aggregate: str | None = field(
         default=None, metadata=_help("an ensemble reward model's aggregation: mean, min or mean_minus_var (mean)")
@@ -190,7 +198,7 @@ class TrainConfig:
             self.model = str(model)
         if self.reward_scaling == "running-std":  # config.json of a run before the scale was fixed: resumes fixed
             self.reward_scaling = "base-std"
-        parse_constraints(self.constraints, self.max_new_tokens)  # a bad bound is one line before any model loads
+        parse_constraints(self.constraints, self.max_new_tokens, self.reward_parts)  # one line before any model
         if not self.constraint_lr > 0 or not self.constraint_init >= 0:
             raise ValueError(
                 f"constraint_lr must be > 0 and constraint_init >= 0; got {self.constraint_lr}, {self.constraint_init}"
@@ -222,6 +230,11 @@ class TrainConfig:
         return cls(**{"algo": algo, **PRESETS.get(algo, {}), **overrides})
 
     @property
+    def reward_parts(self) -> tuple[str, ...]:
+        """The names of the composite ``reward``'s components (none without one), which a constraint may bound."""
+        return tuple(reward_terms(self.reward)) if self.reward is not None else ()
+
+    @property
     def reward_kwargs(self) -> dict[str, Any]:
         """``RewardModel.load``'s keywords from ``reward_aggregate`` / ``reward_lambda`` (those that are set)."""
         return {k: v for k, v in (("aggregate", self.reward_aggregate), ("lam", self.reward_lambda)) if v is not None}
@@ -234,6 +247,8 @@ class TrainConfig:
         other, is not scaled."""
         if self.reward_scaling != "auto":
             return self.reward_scaling == "base-std"
+        if self.reward is not None:  # a weighted sum has no normalised scale, even of a reward model
+            return True
         source = self.reward_model if self.reward_model is not None else get_task(self.task).reward_model
         return source is None or source == "gold"  # anything else names a reward-model directory
 
@@ -325,10 +340,17 @@ def checked_task(config: TrainConfig) -> Task:
     """:func:`run_task` of ``config`` after the cheap checks (the task, its prompts, the model's name), which say a
     mistake before a reward model or the default model is loaded or fetched."""
     task = run_task(config)
-    parse_constraints(config.constraints, config.max_new_tokens or task.max_new_tokens)  # a length it cannot reach
+    if config.reward is not None:  # the task's own components are known now
+        reward_terms(config.reward, ("rm", "gold", "words", *task.components))
+    parse_constraints(config.constraints, config.max_new_tokens or task.max_new_tokens, config.reward_parts)
     if config.model != DEFAULT_MODEL:  # the default is fetched once, when first loaded
         resolve_model(config.model)
     return task
+
+
+def run_reward(config: TrainConfig, task: Task) -> Scorer:
+    """The scorer a run's env pays: ``config.reward_model`` (the task's by default), or the composite ``reward``."""
+    return resolve_reward(config.reward_model, task, config.reward_kwargs, config.reward)
 
 
 def make_env(
@@ -347,7 +369,7 @@ def make_env(
     task = task if task is not None else run_task(config)
     env: VecEnv = make_text_vec_env(
         config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
-        reward_model=reward if reward is not None else resolve_reward(config.reward_model, task, config.reward_kwargs),
+        reward_model=reward if reward is not None else run_reward(config, task),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
     )  # fmt: skip
     if config.algo == "maskable_ppo":  # NLPO-style: actions outside the reference model's top-p are masked
@@ -381,15 +403,14 @@ class Run:
 def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     """Build the envs (train and held-out, one reward model shared), the algorithm and the callbacks of ``config``."""
     task = checked_task(config)
-    reward = resolve_reward(config.reward_model, task, config.reward_kwargs)  # one, shared by the train and eval envs
+    reward = run_reward(config, task)  # one, shared by the train and eval envs
     env = make_env(config, "train", reward, task=task)
     eval_env = make_env(config, "eval", reward, task=task)
     algo = make_algorithm(config, env, verbose)
-    constraints = (
-        Lagrangian(parse_constraints(config.constraints), config.constraint_lr, config.constraint_init)
-        if config.constraints
-        else None
-    )
+    constraints = None
+    if config.constraints:
+        bounds = parse_constraints(config.constraints, components=config.reward_parts)
+        constraints = Lagrangian(bounds, config.constraint_lr, config.constraint_init)
     kl = KLPenalty(
         config.beta, config.target_kl, scale_rewards=config.scales_rewards, constraints=constraints, verbose=verbose
     )

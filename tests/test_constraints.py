@@ -111,8 +111,9 @@ def test_charges_and_dual_step_match_a_hand_computation() -> None:
 def test_refused_for_the_rllib_engine() -> None:
     from agents.rllib.train import rllib_config
 
-    with pytest.raises(ValueError, match="--constraint runs on --engine sb3 only"):
-        rllib_config(TrainConfig(constraints=["kl<=6"]))
+    for config in (TrainConfig(constraints=["kl<=6"]), TrainConfig(reward="rm + 0.3*gold")):
+        with pytest.raises(ValueError, match="--constraint and --reward run on --engine sb3 only"):
+            rllib_config(config)
 
 
 def _tiny_config(tiny_model: Path, tmp_path: Path, **overrides: object) -> TrainConfig:

@@ -13,6 +13,7 @@ from gymnasium import spaces
 from text_env.models import DEFAULT_MODEL, load_config, load_tokenizer
 from text_env.prompts import Example, PromptSource, as_example, columns_of, encode_prompt, load_examples
 from text_env.rewards import Scorer, call_scorer
+from text_env.rewards.composite import CompositeReward, WordCount, parse_reward
 from text_env.tasks import Task, get_task
 
 __all__ = ["RESET_OPTIONS", "TextGenCore", "check_options", "resolve_reward"]
@@ -38,7 +39,10 @@ def check_options(options: object) -> dict:
 
 
 def resolve_reward(
-    reward_model: Scorer | str | os.PathLike[str] | None, task: Task, reward_kwargs: dict[str, Any] | None = None
+    reward_model: Scorer | str | os.PathLike[str] | None,
+    task: Task,
+    reward_kwargs: dict[str, Any] | None = None,
+    composite: str | None = None,
 ) -> Scorer:
     """Turn the env's ``reward_model`` argument into a scorer.
 
@@ -49,7 +53,15 @@ def resolve_reward(
     :param reward_kwargs: keyword arguments of :meth:`RewardModel.load <text_env.rewards.reward_model.RewardModel.load>`
         for a learned reward model, e.g. ``{"aggregate": "min"}`` or ``{"aggregate": "mean_minus_var", "lam": 1.0}``
         for an ensemble; an error for ``"gold"`` or a scorer object, which have nothing to load.
+    :param composite: a weighted sum of named components, e.g. ``"rm + 0.3*gold"``, where ``rm`` is the scorer
+        ``reward_model`` names (:func:`text_env.rewards.composite.parse_reward`).
     """
+    if composite is not None:
+        scorers = {
+            "rm": lambda: resolve_reward(reward_model, task, reward_kwargs), "gold": lambda: task.gold,
+            "words": WordCount, **task.components,
+        }  # fmt: skip
+        return parse_reward(composite, scorers)
     if reward_model is None:
         reward_model = task.reward_model or "gold"
     if reward_kwargs and (reward_model == "gold" or not isinstance(reward_model, (str, os.PathLike))):
@@ -227,9 +239,16 @@ class TextGenCore:
         completions = [self.completion[i] for i in rows]
         columns = columns_of([e for i in rows if (e := self.current_example[i]) is not None])  # every row started
         rewards = call_scorer(self.reward_model, prompts, completions, columns, "reward_model")
+        composite = isinstance(self.reward_model, CompositeReward)
+        self.last_components = self.reward_model.last if composite else None  # type: ignore[union-attr]
         if self.reward_model is self.gold:
             return rewards, rewards
         return rewards, call_scorer(self.gold, prompts, completions, columns, "gold scorer")
+
+    def components(self, k: int) -> dict[str, float] | None:
+        """The ``k``-th scored row's score from each component of a composite reward (``None``: not composite)."""
+        last = getattr(self, "last_components", None)
+        return None if last is None else {name: float(scores[k]) for name, scores in last.items()}
 
     def info(self, i: int) -> dict:
         """``prompt`` and ``completion``; also the example's ``references`` and ``meta`` when it has them."""

@@ -157,6 +157,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
                 raise
             reward = float(rewards[0])
             info["reward_model_score"], info["gold_score"] = reward, float(gold[0])
+            if (components := self.core.components(0)) is not None:
+                info["reward_components"] = components
         if self.render_mode == "human":  # stream the new text, like a chat UI
             text = info["completion"]
             # A byte-level token can end inside a UTF-8 character, which decodes as U+FFFD until the rest arrives:

@@ -99,6 +99,8 @@ class TextGenVecEnv(VecEnv):
             for k, i in enumerate(finished):
                 rewards[i] = scores[k]
                 infos[i]["reward_model_score"], infos[i]["gold_score"] = float(scores[k]), float(gold[k])
+                if (components := self.core.components(k)) is not None:
+                    infos[i]["reward_components"] = components
                 # What SB3's Monitor wrapper adds, so that `rollout/ep_rew_mean` and `ep_len_mean` get logged.
                 infos[i]["episode"] = {
                     "r": float(scores[k]), "l": int(self.core.n_new[i]), "t": round(time.time() - self._started, 6)

@@ -85,8 +85,10 @@ def rllib_config(
         raise ValueError(f"the RLlib engine trains PPO only (RLlib's PPO on the LM RLModule), not {config.algo!r}")
     if num_env_runners < 0 or num_learners < 0:
         raise ValueError(f"num_env_runners and num_learners must be >= 0, got {num_env_runners}, {num_learners}")
-    if config.constraints:
-        raise ValueError("--constraint runs on --engine sb3 only so far: the RLlib connector has no multipliers yet")
+    if config.constraints or config.reward is not None:
+        raise ValueError(
+            "--constraint and --reward run on --engine sb3 only so far: the RLlib connector has no multipliers yet"
+        )
     env_config = {
         "model": config.model, "task": config.task, "reward_model": config.reward_model,
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,

@@ -119,6 +119,23 @@ class ChrF(_ReferenceScorer):
         if not reply:
             return -self.empty_penalty
         chrf = self._chrf.sentence_score(reply, references).score / 100
+        return chrf - self.copy_penalty if self.echoes(prompt, reply, chrf) else chrf
+
+    def echoes(self, prompt: str, reply: str, chrf: float) -> bool:
+        """Whether ``reply`` (of chrF ``chrf`` against the references) copies the prompt or one of its lines."""
         turns = [prompt.strip(), *(line.strip() for line in prompt.splitlines() if line.strip())]
         echo = self._chrf.sentence_score(reply, turns).score / 100  # the whole prompt or one of its lines
-        return chrf - self.copy_penalty if echo >= self.copy_threshold and echo > chrf else chrf
+        return echo >= self.copy_threshold and echo > chrf
+
+
+class EchoPenalty(ChrF):
+    """-1 for a reply that :class:`ChrF` counts as an echo of the prompt, -1 for an empty one, else 0: the
+    penalties of the dialogue gold as a component of their own (``--reward "chrf + 0.5*echo"``)."""
+
+    name = "echo penalty"
+
+    def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
+        reply = completion.strip()
+        if not reply:
+            return -1.0
+        return -1.0 if self.echoes(prompt, reply, self._chrf.sentence_score(reply, references).score / 100) else 0.0

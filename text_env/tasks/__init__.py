@@ -38,6 +38,9 @@ class Task:
     :param stop_strings: texts that end an episode (besides EOS) once they appear in the completion.
     :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
     :param description: what is asked and where the data comes from, one line (``textgen tasks`` lists it).
+    :param components: the task's own named scorers (name -> a function that builds one), which a composite reward
+        (``--reward "gold - 0.5*echo"``, :mod:`text_env.rewards.composite`) may weigh beside ``rm``, ``gold`` and
+        ``words``.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Task:
     stop_strings: tuple[str, ...] = ()
     reward_model: str | None = None
     description: str = ""
+    components: dict[str, Callable[[], Scorer]] = field(default_factory=dict)
     _gold: Scorer | None = field(default=None, init=False, repr=False)
     _examples: dict[str, list[Example]] = field(default_factory=dict, init=False, repr=False)
 

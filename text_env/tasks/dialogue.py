@@ -61,7 +61,7 @@ def dialogue_examples(context_turns: int = 1, language: str = "english") -> list
 
 def make_task(context_turns: int = 1, eval_categories: tuple[str, ...] = EVAL_CATEGORIES) -> Task:
     """The dialogue task: chatterbot-corpus replies, split by category, gold chrF with empty/echo penalties."""
-    from text_env.rewards.gold import ChrF
+    from text_env.rewards.gold import ChrF, EchoPenalty
 
     examples = dialogue_examples(context_turns)
     train = [e for e in examples if e.meta["category"] not in eval_categories]
@@ -78,4 +78,5 @@ def make_task(context_turns: int = 1, eval_categories: tuple[str, ...] = EVAL_CA
         max_new_tokens=32,
         max_prompt_tokens=96,  # the longest one-turn prompt is 65 tokens in SmolLM2's chat template
         stop_strings=("\n",),  # a reply is one turn
+        components={"chrf": lambda: ChrF(empty_penalty=0.0, copy_penalty=0.0), "echo": EchoPenalty},
     )
