@@ -130,13 +130,14 @@ class Lagrangian:
     """One multiplier λ ≥ 0 per constraint, charged in a rollout's rewards and updated by projected dual ascent.
 
     :param constraints: from :func:`parse_constraints`.
-    :param lr: the dual step η per rollout, per unit of violation (one nat of KL; one base spread of the others).
+    :param lr: the dual step η per rollout, per unit of violation (one nat of KL; one base spread of the others); 0
+        holds every λ at ``initial``: fixed weights, the penalty form that the multipliers are measured against.
     :param initial: every λ's starting value.
     """
 
     def __init__(self, constraints: Sequence[Constraint], lr: float = 0.05, initial: float = 0.0) -> None:
-        if not lr > 0 or not initial >= 0:
-            raise ValueError(f"the dual step must be > 0 and the initial multiplier >= 0; got {lr}, {initial}")
+        if not lr >= 0 or not initial >= 0:
+            raise ValueError(f"the dual step and the initial multiplier must be >= 0; got {lr}, {initial}")
         self.constraints = list(constraints)
         self.lr = lr
         self.lambdas = np.full(len(self.constraints), float(initial))

@@ -144,7 +144,8 @@ class TrainConfig:
         },
     )
     constraint_lr: float = field(
-        default=0.05, metadata=_help("the multipliers' dual step per rollout, per unit of violation")
+        default=0.05,
+        metadata=_help("the multipliers' dual step per rollout, per unit of violation (0: fixed at --constraint-init)"),
     )
     constraint_init: float = field(default=0.0, metadata=_help("every multiplier's starting value"))
     advantage_normalization: str = field(
@@ -199,9 +200,9 @@ class TrainConfig:
         if self.reward_scaling == "running-std":  # config.json of a run before the scale was fixed: resumes fixed
             self.reward_scaling = "base-std"
         parse_constraints(self.constraints, self.max_new_tokens, self.reward_parts)  # one line before any model
-        if not self.constraint_lr > 0 or not self.constraint_init >= 0:
+        if not self.constraint_lr >= 0 or not self.constraint_init >= 0:
             raise ValueError(
-                f"constraint_lr must be > 0 and constraint_init >= 0; got {self.constraint_lr}, {self.constraint_init}"
+                f"constraint_lr and constraint_init must be >= 0; got {self.constraint_lr}, {self.constraint_init}"
             )
         if self.reward_scale_prompts < 2:
             raise ValueError(f"reward_scale_prompts must be at least 2, got {self.reward_scale_prompts}")

@@ -270,3 +270,18 @@ def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
     assert json.loads(both.read_text())["kl_reference"] == str(sft_run / "model")
     table = (tmp_path / "supervised_rl_quick.md").read_text()
     assert "| dialogue | SFT + PPO |" in table and (tmp_path / "supervised_rl_quick.png").stat().st_size > 5_000
+
+
+def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
+    """benchmarks/constrained.py --quick on dialogue: the bounds measured on the train split, a tuned fixed weight,
+    and the three arms, each bound reported per run (λ held at 0 unconstrained, at the weight when fixed)."""
+    bench = load_benchmark("constrained")
+    results = bench.main(["--quick", "--cases", "dialogue", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    case = results["dialogue"]
+    assert [b.split(">=")[0].split("<=")[0] for b in case["bounds"]] == ["ref_logprob", "length", "length"]
+    assert [r["arm"] for r in case["rows"]] == list(bench.ARMS) and case["fixed_weight"] == 1.0
+    lambdas = {r["arm"]: [c["final_lambda"] for c in r["constraints"].values()] for r in case["rows"]}
+    assert lambdas["unconstrained"] == [0.0] * 3 and lambdas["fixed"] == [1.0] * 3
+    assert all(set(r["constraints"]) == set(case["bounds"]) for r in case["rows"])
+    table = (tmp_path / "constrained_quick.md").read_text()
+    assert "## dialogue" in table and "| constrained | 0 |" in table and (tmp_path / "constrained_quick.png").is_file()

@@ -1,0 +1,215 @@
+"""Constrained RLHF (``--constraint``) against the unconstrained objective and against fixed weights, over seeds.
+
+Cases, each ``textgen train`` with its defaults but what the case sets:
+
+- ``positive-review``: maximise the reward model subject to ``kl<=6`` and ``distinct2>=0.85``;
+- ``dialogue``: maximise ``chrf - echo`` (a composite reward) subject to fluency, ``ref_logprob`` at least the base
+  model's mean - 0.5, and a length within the references' (their 5th to 95th percentile, in tokens), both measured
+  on the *train* split before any run;
+- ``infeasible``: positive-review subject to ``kl<=0.5`` alone, which the objective pulls against: the multiplier
+  must grow and hold the bound, without the policy collapsing.
+
+Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``fixed``
+(every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``, with ``w`` tuned once on
+seed 0 over ``--weights`` by the training episodes, never the held-out prompts: the best reward among the weights whose
+second half of training breaks no bound in more than half its rollouts, else the least broken); ``constrained`` (dual
+ascent, the defaults). Every run is a separate process whose directory is reused when it finished, so a stopped
+benchmark resumes. Run::
+
+    python benchmarks/constrained.py --runs RUNS            # 3 cases x 3 arms x 3 seeds, plus the tuning runs
+    python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
+
+Writes ``<out>/constrained.md``, ``.json`` and ``.png`` (each bound's training mean per rollout, per arm, against
+the bound). Per run: held-out gold before and after, KL, distinct-2, length, tokens/s of training; per bound: the
+last rollout's mean, λ, and the share of rollouts in the second half of training that broke it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.train import cpu_kind, pyplot
+
+ARMS = ("unconstrained", "fixed", "constrained")
+QUICK = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "8", "--batch-size", "8",
+         "--max-new-tokens", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-prompt-tokens", "240",
+         "--reward-scale-prompts", "2"]  # fmt: skip
+
+
+def case_settings(quick: bool, model: str) -> dict[str, dict[str, Any]]:
+    """Each case's task, objective options and bounds (dialogue's measured on its train split)."""
+    fluency, low, high = dialogue_bounds(model, quick)
+    return {
+        "positive-review": {"task": "positive-review", "objective": [], "bounds": ["kl<=6", "distinct2>=0.85"]},
+        "dialogue": {
+            "task": "dialogue", "objective": ["--reward", "chrf - echo"],
+            "bounds": [f"ref_logprob>={fluency:.3f}", f"length>={low:g}", f"length<={high:g}"],
+        },
+        "infeasible": {"task": "positive-review", "objective": [], "bounds": ["kl<=0.5"]},
+    }  # fmt: skip
+
+
+def dialogue_bounds(model: str, quick: bool) -> tuple[float, float, float]:
+    """The base model's mean log-prob per token on dialogue's train prompts minus 0.5, and the 5th and 95th
+    percentile of the train references' lengths in tokens (the model's tokenizer)."""
+    from agents.evaluate import evaluate_base_model
+    from text_env.models import load_tokenizer
+    from text_env.tasks import get_task
+
+    n = 4 if quick else 64
+    kwargs = {"max_new_tokens": 8, "max_prompt_tokens": 240, "bf16": False} if quick else {}
+    base = evaluate_base_model("dialogue", model, n_prompts=n, split="train", n_envs=min(n, 16), **kwargs)
+    fluency = float(np.mean(base.reference_log_prob / np.maximum(base.n_tokens, 1))) - 0.5
+    tokenizer = load_tokenizer(model)
+    references = [r for e in get_task("dialogue").examples("train") for r in e.references]
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+    low, high = np.percentile(lengths, [5, 95])
+    cap = 8 if quick else get_task("dialogue").max_new_tokens
+    return fluency, max(1.0, float(np.floor(low))), min(float(cap), float(np.ceil(high)))
+
+
+def run(out: Path, options: list[str]) -> dict[str, Any]:
+    """``textgen train OPTIONS --out OUT`` in its own process, unless it finished before; its report."""
+    if not list(out.glob("*/report.json")):
+        subprocess.run([sys.executable, "-m", "agents.cli", "train", *options, "--out", str(out)], check=True)
+    (report,) = out.glob("*/report.json")
+    return json.loads(report.read_text())
+
+
+def broken_late(report: dict[str, Any]) -> float:
+    """The largest share, over the bounds, of second-half rollouts that broke their bound."""
+    return max(c["violated_share_second_half"] for c in report["constraints"].values())
+
+
+def tune_weight(case: dict[str, Any], weights: list[float], runs: Path, common: list[str]) -> float:
+    """The fixed weight of seed 0 (training episodes only): the best last-rollout reward among the weights whose
+    bounds hold in at least half the second-half rollouts, else the least broken."""
+    scored = []
+    for w in weights:
+        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), "--constraint-lr", "0",
+                   "--constraint-init", str(w)]  # fmt: skip
+        report = run(runs / "tuning" / f"w{w:g}", options)
+        last = report["history"][-1]["reward_model_score"] if report["history"] else -np.inf
+        scored.append((broken_late(report) > 0.5, broken_late(report) if broken_late(report) > 0.5 else -last, w))
+    return min(scored)[2]
+
+
+def _bounds(case: dict[str, Any]) -> list[str]:
+    return [arg for bound in case["bounds"] for arg in ("--constraint", bound)]
+
+
+def row(arm: str, seed: int, report: dict[str, Any]) -> dict[str, Any]:
+    before, after = report["before"], report["after"]
+    tokens = report["config"]["total_timesteps"]
+    return {
+        "arm": arm, "seed": seed, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
+        "kl": after["kl"], "distinct_2": after["distinct_2"], "length": after["length"],
+        "tokens_per_second": tokens / max(report["train_seconds"], 1e-9), "constraints": report.get("constraints"),
+        "history": report["history"],
+    }  # fmt: skip
+
+
+def markdown(results: dict[str, Any], command: str, machine: str) -> str:
+    title = "# Constrained RLHF against the unconstrained objective and fixed weights"
+    lines = [title, "", f"Command: `{command}`", "",
+             f"Machine: {machine}. Held-out: each task's first eval prompts before and after; KL in nats per "
+             "completion to the base model; per bound: the training episodes' last-rollout mean, its multiplier λ "
+             "and the share of second-half rollouts that broke it.", ""]  # fmt: skip
+    for name, case in results.items():
+        lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
+        if case.get("fixed_weight") is not None:
+            lines += [f"Fixed weight tuned on seed 0's training episodes: {case['fixed_weight']:g}.", ""]
+        lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (last mean, λ, "
+                  "broken late) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in case["rows"]:
+            bounds = "; ".join(
+                f"{b}: {c['final_mean']:.3f}, {c['final_lambda']:.3g}, {c['violated_share_second_half']:.0%}"
+                for b, c in (r["constraints"] or {}).items()
+            )
+            lines.append(
+                f"| {r['arm']} | {r['seed']} | {r['gold_before']:.3f} → {r['gold_after']:.3f} | {r['kl']:.2f} | "
+                f"{r['distinct_2']:.3f} | {r['length']:.1f} | {r['tokens_per_second']:.1f} | {bounds or '–'} |"
+            )
+        for arm in ARMS:
+            gains = [r["gold_after"] - r["gold_before"] for r in case["rows"] if r["arm"] == arm]
+            if gains:
+                lines.append(f"| {arm} | **gain: mean, worst** | {np.mean(gains):+.3f}, {min(gains):+.3f} | | | | | |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Each bound's training mean per rollout, per arm (seed 0), against the bound."""
+    panels = [(name, b) for name, case in results.items() for b in case["bounds"]]
+    plt = pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.4 * len(panels)), squeeze=False)
+    for (name, bound), ax in zip(panels, axes[:, 0], strict=True):
+        for r in results[name]["rows"]:
+            rows = [h for h in r["history"] if f"constraint/{bound}/mean" in h]
+            if r["seed"] == 0 and rows:
+                ax.plot([h["timesteps"] for h in rows], [h[f"constraint/{bound}/mean"] for h in rows], label=r["arm"])
+        ax.axhline(float(bound.replace(">=", "<=").split("<=")[1]), ls="--", color="grey")
+        ax.set_title(f"{name}: {bound}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cases", default="positive-review,dialogue,infeasible")
+    parser.add_argument("--weights", default="0.1,0.3,1,3", help="fixed weights tried on seed 0")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model (or --model), one seed, seconds")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.weights = 1, "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(args.runs or tmp)
+        if args.quick and args.model == "default":
+            from text_env.models import make_tiny_model
+
+            args.model = str(make_tiny_model(runs / "tiny-lm"))
+        cases = case_settings(args.quick, args.model)
+        results: dict[str, Any] = {}
+        for name in args.cases.split(","):
+            case = cases[name]
+            common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
+            weight = tune_weight(case, [float(w) for w in args.weights.split(",")], runs / name, common)
+            arms = {
+                # λ held at 0: the objective alone, its bounds only measured
+                "unconstrained": [*case["objective"], *_bounds(case), "--constraint-lr", "0"],
+                "fixed": [*case["objective"], *_bounds(case), "--constraint-lr", "0", "--constraint-init", str(weight)],
+                "constrained": [*case["objective"], *_bounds(case)],
+            }
+            rows = [
+                row(arm, seed, run(runs / name / arm / f"seed{seed}", [*common, "--seed", str(seed), *options]))
+                for arm, options in arms.items()
+                for seed in range(args.seeds)
+            ]
+            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "constrained_quick" if args.quick else "constrained"
+    command = "python benchmarks/constrained.py " + " ".join(argv)
+    (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / f"{stem}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
