@@ -320,6 +320,12 @@ def train_rllib(
             print(f"iteration {len(history)}: {sampled} tokens, {sampled / seconds:.1f} tokens/s, {shown}", flush=True)
         checkpoint = Path(algo.save_to_path(str((run_dir / "checkpoint").resolve())))
         final_beta = float(_on_learners(algo, lambda learner: learner.kl_beta())[0])
+        nodes = {  # where the work ran: on a cluster, the EnvRunners' nodes are not the driver's
+            "driver": ray.get_runtime_context().get_node_id(),
+            "env_runners": algo.env_runner_group.foreach_env_runner(
+                lambda runner: ray.get_runtime_context().get_node_id(), local_env_runner=False
+            ),
+        }
         algo.stop()
     finally:
         if started_ray:
@@ -331,7 +337,7 @@ def train_rllib(
     report = {
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
         "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
-        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(),
+        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(), "nodes": nodes,
         "final_reward_scale": algo_config.learner_config_dict[REWARD_SCALE] if config.scales_rewards else None,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, ray {ray.__version__}", "checkpoint": str(checkpoint),
         "samples": paired_samples(before, after),
