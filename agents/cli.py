@@ -111,10 +111,12 @@ def _train(args: argparse.Namespace) -> None:
 
     given = _given(args, TrainConfig)
     if args.engine == "rllib":
-        if args.resume:
-            raise ValueError("--resume continues --engine sb3 runs only; an RLlib run starts anew")
         from agents.rllib import train_rllib  # main() checked the rllib extra first
 
+        if args.resume:  # the run's settings, EnvRunners and Learners come from its config.json
+            _refuse_settings_with_resume(args, given, "")
+            train_rllib(resume=args.resume)
+            return
         config = TrainConfig.for_algo(given.pop("algo", "ppo"), **given)
         train_rllib(config, num_env_runners=args.num_env_runners, num_learners=args.num_learners)
         return

@@ -33,7 +33,7 @@ from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
-from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
 
 from agents.evaluate import evaluate
 from agents.kl import KLController, RewardScale
@@ -49,6 +49,7 @@ from agents.train import (
     paired_samples,
     peak_rss_gb,
     plot_training,
+    resumable_config,
 )
 from text_env.core import resolve_reward
 
@@ -257,6 +258,19 @@ def load_rllib_module(checkpoint: str | os.PathLike[str]) -> CausalLMRLModule:
     return module
 
 
+STATE_FILE = "textgen_state.json"
+"""Beside RLlib's own files in a run's ``checkpoint/``: the history, tokens, seconds, EnvRunner restarts and reward
+scale so far, what ``--resume`` continues from."""
+
+
+def _save(algo: Algorithm, checkpoint: Path, state: dict[str, Any]) -> None:
+    """RLlib's checkpoint of ``algo`` and the run's state beside it, the state written last (its presence marks a
+    complete checkpoint)."""
+    (checkpoint / STATE_FILE).unlink(missing_ok=True)
+    algo.save_to_path(str(checkpoint))
+    (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
 def export_rllib(checkpoint: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Write a checkpoint's fine-tuned LM (LoRA merged) and tokenizer with ``save_pretrained``, as
     :func:`agents.policies.export_pretrained` does for a ``model.zip``; loads in ``transformers.pipeline``."""
@@ -270,16 +284,35 @@ def train_rllib(
     address: str | None = None,
     num_cpus: int | None = None,
     num_gpus_per_learner: float = 0,
+    resume: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with RLlib's PPO; evaluate on held-out prompts before and after; save the run; return the
     report (``textgen train``'s fields plus ``tokens_per_second``, ``checkpoint`` and the Ray settings).
 
     The run directory ``<out>/<task>-rllib-ppo-<time>/`` gets ``config.json``, ``before.json``, ``checkpoint/``
-    (``Algorithm.from_checkpoint`` / :func:`export_rllib`), ``report.json``, ``report.md`` and ``training.png``.
+    (``Algorithm.from_checkpoint`` / :func:`export_rllib`; written every ``checkpoint_every`` iterations with
+    ``checkpoint/textgen_state.json``, the history so far), ``report.json``, ``report.md`` and ``training.png``.
+    A lost EnvRunner (its process or node killed) is restarted by RLlib's own fault tolerance and the run goes on;
+    the report counts the restarts and the episodes they lost. A lost driver is resumed from the last checkpoint.
 
     :param address: the Ray cluster (see :func:`connect_ray`); ``None``: ``$RAY_ADDRESS`` or a local Ray.
     :param num_cpus: CPUs of a local Ray (default: all of this machine's).
+    :param resume: an interrupted run directory to continue from its last checkpoint (its settings come from there:
+        leave the others at their defaults).
     """
+    run_dir = Path(resume) if resume is not None else None
+    state: dict[str, Any] = {"history": [], "sampled": 0, "seconds": 0.0, "restarts": 0}
+    if run_dir is not None:
+        record = resumable_config(run_dir, "textgen train --engine rllib")
+        if record.get("engine") != "rllib":
+            raise ValueError(f"{run_dir} is not an --engine rllib run: resume it with textgen train --resume")
+        num_env_runners, num_learners = record.pop("num_env_runners"), record.pop("num_learners")
+        record.pop("engine")
+        config = TrainConfig(**record)
+        saved = run_dir / "checkpoint" / STATE_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet: start the run again")
+        state = json.loads(saved.read_text())
     config = config or TrainConfig()
     algo_config = rllib_config(config, num_env_runners, num_learners, num_gpus_per_learner)  # checks before Ray
     torch.manual_seed(config.seed)
@@ -287,38 +320,60 @@ def train_rllib(
     reward = resolve_reward(config.reward_model, task, config.reward_kwargs)
     eval_env = make_env(config, "eval", reward, task=task)
     prompts = list(task.examples("eval")[: config.eval_prompts])  # records: a reference-based gold needs them
-    spec = algo_config.rl_module_spec
-    start = CausalLMRLModule(
-        observation_space=eval_env.observation_space, action_space=eval_env.action_space,
-        model_config=spec.model_config,
-    )  # fmt: skip
-    if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples before training
-        scale = RewardScale().measure(base_rewards(config, task, reward, start.policy))
-        algo_config.learners(learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: scale})
-    run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded: no mistake
     engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
-    (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
-    before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
-    (run_dir / "before.json").write_text(json.dumps(before, indent=1))
-    del start
+    if run_dir is None:
+        spec = algo_config.rl_module_spec
+        start = CausalLMRLModule(
+            observation_space=eval_env.observation_space, action_space=eval_env.action_space,
+            model_config=spec.model_config,
+        )  # fmt: skip
+        if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples first
+            state["reward_scale"] = RewardScale().measure(base_rewards(config, task, reward, start.policy))
+        run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded
+        (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
+        before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
+        (run_dir / "before.json").write_text(json.dumps(before, indent=1))
+        del start
+    else:
+        before = json.loads((run_dir / "before.json").read_text())
+    if state.get("reward_scale") is not None:
+        algo_config.learners(
+            learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: state["reward_scale"]}
+        )
+    checkpoint = (run_dir / "checkpoint").resolve()
 
     started_ray = connect_ray(address, num_cpus)
     try:
         algo = algo_config.build_algo()
-        history: list[dict[str, float]] = []
-        sampled, seconds = 0, 0.0
+        if resume is not None:
+            algo.restore_from_path(str(checkpoint))  # weights, optimiser, β: what the last checkpoint held
+            print(f"resumed {run_dir} at {state['sampled']} tokens", flush=True)
+        history: list[dict[str, float]] = state["history"]
+        sampled, seconds = int(state["sampled"]), float(state["seconds"])
+        restarts_before, failures = int(state["restarts"]), int(state.get("failures", 0))
+        healthy = num_env_runners
         while sampled < config.total_timesteps:
             tic = time.perf_counter()
             result = algo.train()
             seconds += time.perf_counter() - tic
-            sampled = int(result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED_LIFETIME])
+            sampled += int(result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED])  # this iteration's (a resume's too)
             row = {"timesteps": float(sampled), **result["rlhf"]}
             if "kl_per_episode" in row:
                 row["kl"] = row["kl_per_episode"]  # the key textgen train's history uses
             history.append(row)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps")
             print(f"iteration {len(history)}: {sampled} tokens, {sampled / seconds:.1f} tokens/s, {shown}", flush=True)
-        checkpoint = Path(algo.save_to_path(str((run_dir / "checkpoint").resolve())))
+            # RLlib takes a lost EnvRunner out of service and samples on with the others while Ray restarts it
+            now_healthy = algo.env_runner_group.num_healthy_remote_workers()
+            failures += max(0, healthy - now_healthy)
+            healthy = now_healthy
+            restarts = restarts_before + algo.env_runner_group.num_remote_worker_restarts()
+            failures = max(failures, restarts)  # one lost and back within an iteration shows as a restart only
+            state = {**state, "history": history, "sampled": sampled, "seconds": seconds, "restarts": restarts,
+                     "failures": failures}  # fmt: skip
+            if config.checkpoint_every and len(history) % config.checkpoint_every == 0:
+                _save(algo, checkpoint, state)
+        _save(algo, checkpoint, state)
         final_beta = float(_on_learners(algo, lambda learner: learner.kl_beta())[0])
         nodes = {  # where the work ran: on a cluster, the EnvRunners' nodes are not the driver's
             "driver": ray.get_runtime_context().get_node_id(),
@@ -330,6 +385,12 @@ def train_rllib(
     finally:
         if started_ray:
             ray.shutdown()
+    lost = int(state.get("failures", 0))
+    faults = {  # a lost EnvRunner loses the episodes in flight on its envs; what it sampled before was sent
+        "env_runners_lost": lost,
+        "env_runner_restarts": int(state["restarts"]),
+        "episodes_lost_at_most": lost * algo_config.num_envs_per_env_runner,
+    }
 
     trained = load_rllib_module(checkpoint)
     after = evaluation_record(evaluate(trained.policy, eval_env, prompts, seed=config.seed))
@@ -337,7 +398,8 @@ def train_rllib(
     report = {
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
         "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
-        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(), "nodes": nodes,
+        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(), "nodes": nodes, "faults": faults,
+        "resumed": resume is not None,
         "final_reward_scale": algo_config.learner_config_dict[REWARD_SCALE] if config.scales_rewards else None,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, ray {ray.__version__}", "checkpoint": str(checkpoint),
         "samples": paired_samples(before, after),
