@@ -133,8 +133,10 @@ def _trained_markdown(results: list[dict[str, Any]]) -> list[str]:
         "", "## After `textgen train --task X` (default budget, one seed)", "",
         f"Each task trained by `textgen train --task X --seed {rows[0]['trained']['seed']}` with every other setting "
         f"its default ({rows[0]['trained']['total_timesteps']} PPO tokens, LoRA, β = the default), rewarded by the "
-        "task's shipped reward model, or by its gold where none ships (`gold ÷ winsorised std (s)`: divided by the "
-        "running winsorised std of its episode rewards, `--reward-scaling auto`, s at the end of training; a `gold "
+        "task's shipped reward model, or by its gold where none ships (`gold ÷ winsorised std (s)`: divided by a "
+        "winsorised std s of its rewards, `--reward-scaling auto`: since 2026-12-05 the base model's, measured once "
+        "before training; a run made before divided by the running std of the policy's own episode rewards, s at "
+        "the end of training; a `gold "
         "÷ running std` row was trained before the std was winsorised, by the plain std; a `gold (unscaled)` row "
         "before rewards were scaled, as `--reward-scaling none` trains today, and its peak RSS, marked ≤, counted "
         "this benchmark's own process too: an upper bound); held-out gold on the task's first eval prompts before "
