@@ -249,6 +249,8 @@ def test_blind_ab_page_judgements_survive_a_restart(tiny_model: Path, tmp_path: 
                 shown.append(pid)
                 ActionChains(driver).send_keys(key).perform()
             wait_for(lambda: len(data.read_text().splitlines()) == 2, "two decisive judgements on disk")
+            undecided = tmp_path / "judged.undecided.jsonl"  # the tie: killed before it is written, it is asked again
+            wait_for(lambda: undecided.is_file() and len(undecided.read_text().splitlines()) == 1, "the tie on disk")
             _stop(process, signal.SIGKILL)
             process, url = _start(argv)  # restart: the same pairs, nothing sampled again
             driver.get(url)
