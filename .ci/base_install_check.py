@@ -25,7 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-# (arguments of `textgen`, the extra its one-line hint must name): one case per command or option that needs one
+# (arguments of `textgen`, the extra its one-line hint must name): one case per command or option that needs one;
+# tests/test_extras.py checks the same table in-process
 NEEDS_EXTRA: list[tuple[list[str], str]] = [
     (["label", "--data", "labels.jsonl", "--pairs", "pairs.jsonl"], "label"),
     (["inspect", "runs/some-run"], "label"),

@@ -4,6 +4,7 @@ start is one line and leaves no run directory; the packages import each other in
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,17 +16,17 @@ from text_env.extras import EXTRAS, MissingExtra, is_available, require
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (arguments of `textgen`, the extra they need): .ci/base_install_check.py runs the same cases without the extras
-NEEDS_EXTRA = [
-    (["label", "--data", "labels.jsonl", "--pairs", "pairs.jsonl"], "label"),
-    (["inspect", "runs/some-run"], "label"),
-    (["train", "--engine", "rllib"], "rllib"),
-    (["train", "--tensorboard"], "tensorboard"),
-    (["train", "--prompts", "hf:imdb"], "datasets"),
-    (["rlhf", "--prompts", "hf:imdb"], "datasets"),
-    (["train-rm", "--data", "hf:some/pairs", "--out", "rm"], "datasets"),
-    (["export", "runs", "exported"], "rllib"),
-]
+
+def _base_install_cases() -> list[tuple[list[str], str]]:
+    """The (arguments of `textgen`, the extra they need) cases of .ci/base_install_check.py, which runs them without
+    the extras: one table for both (the script imports only the standard library at module level)."""
+    spec = importlib.util.spec_from_file_location("base_install_check", ROOT / ".ci" / "base_install_check.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.NEEDS_EXTRA
+
+
+NEEDS_EXTRA = _base_install_cases()
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, extra: str) -> None:
