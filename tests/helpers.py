@@ -3,6 +3,10 @@ pass (each row's valid tokens alone, no padding, cache or grouping)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +86,17 @@ def lm_ppo(venv: TextGenVecEnv, tiny_model: Path, **policy_overrides: Any) -> PP
         batch_size=4 * venv.num_envs,
         policy_kwargs=lm_kwargs(tiny_model, **policy_overrides),
     )
+
+
+def interrupt_textgen(args: list[str], out: Path, checkpoint: str, timeout: float = 300) -> tuple[int, str]:
+    """Run ``textgen ARGS`` in a child process, Ctrl-C it (SIGINT) once a file matching ``out/checkpoint`` (a glob)
+    exists, and return its exit code and stderr."""
+    command = [sys.executable, "-m", "agents.cli", *args]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not list(out.glob(checkpoint)) and time.time() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=timeout)
+    return child.returncode, err

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_PROMPTS
+from helpers import interrupt_textgen
 
 from agents.cli import main
 from text_env import tasks
@@ -322,21 +323,11 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_interrupted_train_resumes_to_the_same_run(tiny_model: Path, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) saves a checkpoint and exits 130; --resume finishes the same number of steps with the
     same report keys as an uninterrupted run, and its history continues the interrupted one."""
-    import signal
-    import sys
-    import time
-
     args = ["--model", str(tiny_model), *TRAIN_ARGS, "--total-timesteps", "320", "--max-prompt-tokens", "128",
             "--checkpoint-every", "1"]  # fmt: skip
-    command = [sys.executable, "-m", "agents.cli", "train", *args, "--out", str(tmp_path / "interrupted")]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "interrupted").glob("*/checkpoint/state.json")) and time.time() < deadline:
-        assert child.poll() is None, child.communicate()
-        time.sleep(0.2)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 130, err[-2000:]
+    interrupted = tmp_path / "interrupted"
+    code, err = interrupt_textgen(["train", *args, "--out", str(interrupted)], interrupted, "*/checkpoint/state.json")
+    assert code == 130, err[-2000:]
     (run_dir,) = (tmp_path / "interrupted").iterdir()
     assert f"textgen train --resume {run_dir}" in err
     checkpoint = json.loads((run_dir / "checkpoint" / "state.json").read_text())

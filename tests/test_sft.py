@@ -5,13 +5,10 @@ interrupted run resumes."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import interrupt_textgen
 
 from agents.cli import main
 from agents.sft import SFTConfig, _encode
@@ -118,15 +115,9 @@ def test_sft_settings_are_checked() -> None:
 def test_an_interrupted_sft_resumes(long_model: Path, records: Path, tmp_path: Path) -> None:
     """Ctrl-C saves a checkpoint after the step in progress and exits 130 with the command that continues it;
     --resume finishes the run."""
-    command = [sys.executable, "-m", "agents.cli", *sft_argv(long_model, records, tmp_path / "sft", "--epochs", "4")]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((tmp_path / "sft").glob("*/trainer/checkpoint-*")) and time.time() < deadline:
-        assert child.poll() is None, child.communicate()
-        time.sleep(0.2)
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 130, err[-2000:]
+    argv = sft_argv(long_model, records, tmp_path / "sft", "--epochs", "4")
+    code, err = interrupt_textgen(argv, tmp_path / "sft", "*/trainer/checkpoint-*")
+    assert code == 130, err[-2000:]
     (run_dir,) = (tmp_path / "sft").iterdir()
     assert f"textgen sft --resume {run_dir}" in err and not (run_dir / "report.json").exists()
     main(["sft", "--resume", str(run_dir)])
