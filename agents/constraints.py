@@ -73,6 +73,13 @@ class Constraint:
     def __str__(self) -> str:
         return f"{self.name}{self.sense}{self.bound:g}"
 
+    @classmethod
+    def read(cls, spec: str) -> Constraint | None:
+        """``"kl<=6"`` as written, whatever its name (``None``: not ``NAME<=X`` or ``NAME>=X``): how a logged key such
+        as ``constraint/kl<=6/mean`` is read back; :func:`parse_constraints` also checks the name and the bound."""
+        match = _SPEC.match(spec)
+        return None if match is None else cls(match[1], match[2], float(match[3]))
+
 
 def parse_constraints(
     specs: Sequence[str], max_new_tokens: int | None = None, components: Sequence[str] = ()
@@ -87,16 +94,15 @@ def parse_constraints(
     names = (*QUANTITIES, *components)
     allowed = ", ".join(names)
     for spec in specs:
-        match = _SPEC.match(spec)
-        if match is None:
+        constraint = Constraint.read(spec)
+        if constraint is None:
             name = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", spec)
             if name is not None and name.group(1) not in names:
                 raise ValueError(f"constraint {spec!r}: unknown quantity {name.group(1)!r}; allowed: {allowed}")
             raise ValueError(f"constraint {spec!r} is not NAME<=NUMBER or NAME>=NUMBER (NAME one of {allowed})")
-        name, sense, number = match.groups()
+        name, sense = constraint.name, constraint.sense
         if name not in names:
             raise ValueError(f"constraint {spec!r}: unknown quantity {name!r}; allowed: {allowed}")
-        constraint = Constraint(name, sense, float(number))
         low, high = _RANGES.get(name, (-np.inf, np.inf))
         if name == "length" and max_new_tokens is not None:
             high = float(max_new_tokens)
@@ -143,9 +149,7 @@ class Lagrangian:
         self.lambdas = np.full(len(self.constraints), float(initial))
         self.units: np.ndarray | None = None  # u_i, measured on the first episodes that end
         self.history: list[dict[str, float]] = []  # per rollout: each quantity's mean and λ, for reports and plots
-        self._kl = np.ones(len(self.constraints), dtype=bool)
-        for i, c in enumerate(self.constraints):
-            self._kl[i] = c.name == "kl"
+        self._kl = np.array([c.name == "kl" for c in self.constraints], dtype=bool)
         self.start(0)
 
     def start(self, n_envs: int) -> None:

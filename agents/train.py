@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
+from agents.constraints import Constraint
 from agents.evaluate import Evaluation
 from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class, build_run, make_algorithm
 from text_env.rewards import scorer_name
@@ -419,8 +420,10 @@ def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None)
     for bound, ax in zip(bounds, axes[1:, 0], strict=True):  # each constrained quantity against its bound, and λ
         rows = [h for h in history if f"constraint/{bound}/mean" in h]
         x = [h["timesteps"] for h in rows]
-        ax.plot(x, [h[f"constraint/{bound}/mean"] for h in rows], label=bound.split("<")[0].split(">")[0])
-        ax.axhline(float(bound.replace(">=", "<=").split("<=")[1]), ls="--", color="grey", label=bound)
+        constraint = Constraint.read(bound)
+        assert constraint is not None  # the key was written from one
+        ax.plot(x, [h[f"constraint/{bound}/mean"] for h in rows], label=constraint.name)
+        ax.axhline(constraint.bound, ls="--", color="grey", label=bound)
         ax.legend(loc="upper left")
         twin = ax.twinx()
         twin.plot(x, [h[f"constraint/{bound}/lambda"] for h in rows], color="tab:red", alpha=0.6)

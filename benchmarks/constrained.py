@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
 
 ARMS = ("unconstrained", "fixed", "constrained")
@@ -98,7 +99,8 @@ def tune_weight(case: dict[str, Any], weights: list[float], runs: Path, common: 
                    "--constraint-init", str(w)]  # fmt: skip
         report = run(runs / "tuning" / f"w{w:g}", options)
         last = report["history"][-1]["reward_model_score"] if report["history"] else -np.inf
-        scored.append((broken_late(report) > 0.5, broken_late(report) if broken_late(report) > 0.5 else -last, w))
+        broken = broken_late(report)
+        scored.append((broken > 0.5, broken if broken > 0.5 else -last, w))
     return min(scored)[2]
 
 
@@ -156,7 +158,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             rows = [h for h in r["history"] if f"constraint/{bound}/mean" in h]
             if r["seed"] == 0 and rows:
                 ax.plot([h["timesteps"] for h in rows], [h[f"constraint/{bound}/mean"] for h in rows], label=r["arm"])
-        ax.axhline(float(bound.replace(">=", "<=").split("<=")[1]), ls="--", color="grey")
+        ax.axhline(Constraint.read(bound).bound, ls="--", color="grey")  # type: ignore[union-attr]
         ax.set_title(f"{name}: {bound}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

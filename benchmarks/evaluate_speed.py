@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report(results))
-    print(report(results))
+    table = report(results)
+    out.with_suffix(".md").write_text(table)
+    print(table)
     return results
 
 
