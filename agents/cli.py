@@ -103,6 +103,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--num-env-runners", type=int, default=2, help="--engine rllib: sampling processes (0: this one)")
     p.add_argument("--num-learners", type=int, default=0, help="--engine rllib: training processes (0: this one)")
+    p.add_argument(
+        "--num-gpus-per-learner", type=float, default=0,
+        help="--engine rllib: GPUs per Learner (fractions share one; refused where there is none)",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -118,7 +122,10 @@ def _train(args: argparse.Namespace) -> None:
             train_rllib(resume=args.resume)
             return
         config = TrainConfig.for_algo(given.pop("algo", "ppo"), **given)
-        train_rllib(config, num_env_runners=args.num_env_runners, num_learners=args.num_learners)
+        train_rllib(
+            config, num_env_runners=args.num_env_runners, num_learners=args.num_learners,
+            num_gpus_per_learner=args.num_gpus_per_learner,
+        )  # fmt: skip
         return
     if args.resume:
         _refuse_settings_with_resume(args, given, "total_timesteps")

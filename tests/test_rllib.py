@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,7 @@ from ray.rllib.connectors.learner import GeneralAdvantageEstimation  # noqa: E40
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from ray.rllib.core.columns import Columns  # noqa: E402
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # noqa: E402
+from ray.rllib.env.env_context import EnvContext  # noqa: E402
 
 from agents.cli import main  # noqa: E402
 from agents.inspection import inspect_run  # noqa: E402
@@ -37,12 +39,13 @@ from agents.rllib import (  # noqa: E402
     connect_ray,
     export_rllib,
     load_rllib_module,
+    make_rllib_env,
     rllib_config,
     train_rllib,
 )
-from agents.rllib.learner import REWARD_SCALE  # noqa: E402
+from agents.rllib.learner import ADAM_EPS, REWARD_SCALE, RealRowAdvantages  # noqa: E402
 from agents.rllib.module import SAMPLING_MASK  # noqa: E402
-from agents.run import TrainConfig, make_env  # noqa: E402
+from agents.run import TrainConfig, make_algorithm, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -210,6 +213,42 @@ def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_m
     shaped = [torch.cat([r / scale - beta * kl, torch.zeros(1)]) for r, kl in expected]  # + RLlib's bootstrap row
     assert torch.allclose(batch[Columns.REWARDS].float(), torch.cat(shaped), atol=1e-4)
     assert "advantages" in batch and "value_targets" in batch
+    # standardised over the rows where an action was taken, as SB3's rollout normalisation; not over RLlib's
+    # bootstrap rows, whose "advantage" spans two episodes
+    assert names.index(RealRowAdvantages.__name__) == names.index(GeneralAdvantageEstimation.__name__) + 1
+    real = torch.as_tensor(batch[Columns.LOSS_MASK])
+    advantages = torch.as_tensor(batch["advantages"]).double()
+    assert int((~real).sum()) == len(episodes)  # one bootstrap row per episode chunk
+    assert abs(float(advantages[real].mean())) < 1e-6 and float(advantages[real].std(correction=0)) == pytest.approx(1)
+
+
+def test_learner_steps_with_sb3s_adam(trained: dict[str, Any], tiny_model: Path) -> None:
+    """The Learner's optimizer is Adam with the SB3 path's settings (ε 1e-5, not torch's 1e-8), on the trainable
+    tensors only."""
+    algo, config = trained["algo"], trained["config"]
+
+    def settings(learner: Any) -> tuple[str, dict[str, Any], int]:
+        optimizer = learner.get_optimizer()
+        return type(optimizer).__name__, dict(optimizer.defaults), sum(len(g["params"]) for g in optimizer.param_groups)
+
+    name, defaults, tensors = next(iter(algo.learner_group.foreach_learner(settings))).get()
+    sb3 = make_algorithm(config, make_env(config), verbose=0).policy.optimizer
+    assert name == type(sb3).__name__ == "Adam" and defaults["eps"] == sb3.defaults["eps"] == ADAM_EPS
+    assert defaults["betas"] == sb3.defaults["betas"] and tensors == len(trained["module"].get_state())
+
+
+def test_env_runners_draw_the_sb3_paths_prompt_streams(tiny_model: Path, tmp_path: Path) -> None:
+    """RLlib resets EnvRunner w's k envs with seeds seed + w + i; make_rllib_env shifts them so that 2 runners x 4
+    envs draw the prompts of the SB3 path's 8 envs (env j: seed + j), none twice."""
+    config = tiny_config(tiny_model, tmp_path, n_envs=8, seed=5)
+    env_config = rllib_config(config, num_env_runners=2).env_config
+    drawn = []
+    for worker in (1, 2):
+        context = EnvContext(env_config, worker_index=worker, num_workers=2)
+        vector = gym.vector.SyncVectorEnv([lambda context=context: make_rllib_env(context)] * 4)
+        drawn += [tuple(row) for row in vector.reset(seed=config.seed + worker)[0]["input_ids"]]  # as RLlib seeds
+    sb3 = [tuple(row) for row in make_env(config).reset()["input_ids"]]
+    assert drawn == sb3 and len(set(drawn)) == 8
 
 
 def test_checkpoint_restores_identical_greedy_actions(trained: dict[str, Any], tiny_model: Path) -> None:
@@ -265,9 +304,24 @@ def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_
 def test_bad_input_says_what_to_do(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PPO only"):
         rllib_config(tiny_config(tiny_model, tmp_path, algo="a2c"))
+    with pytest.raises(ValueError, match=">= 0"):
+        rllib_config(tiny_config(tiny_model, tmp_path), num_gpus_per_learner=-1)
+    with pytest.MonkeyPatch.context() as patch:  # the same answer on a machine with a GPU
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ValueError, match=r"needs a CUDA GPU here.*leave it at 0"):
+            rllib_config(tiny_config(tiny_model, tmp_path), num_gpus_per_learner=1)
+        rllib_config(tiny_config(tiny_model, tmp_path), num_learners=1, num_gpus_per_learner=1)  # a cluster's GPUs
     env = make_env(tiny_config(tiny_model, tmp_path), "eval")
     with pytest.raises(ValueError, match="model_config"):
         CausalLMRLModule(observation_space=env.observation_space, action_space=env.action_space, model_config={})
+
+
+def test_gpu_learners_on_a_cluster_without_gpus_are_refused(local_ray: None, tiny_model: Path, tmp_path: Path) -> None:
+    """--num-learners 1 --num-gpus-per-learner 1 on a Ray cluster with no GPU: one line, no run directory (RLlib
+    would wait for the GPU for ever)."""
+    with pytest.raises(ValueError, match="need 1 GPUs, and the Ray cluster has 0"):
+        train_rllib(tiny_config(tiny_model, tmp_path), num_env_runners=0, num_learners=1, num_gpus_per_learner=1)
+    assert not any(tmp_path.iterdir())
 
 
 def test_example_trains_saves_and_exports(tiny_model: Path, tmp_path: Path) -> None:
@@ -293,6 +347,7 @@ def test_textgen_train_engine_rllib_passes_the_config_and_processes(monkeypatch:
     monkeypatch.setattr(agents.rllib, "train_rllib", lambda config, **kw: calls.append((config, kw)))
     main(["train", "--engine", "rllib", "--num-env-runners", "3", "--num-learners", "1", "--beta", "0.2"])
     ((config, kwargs),) = calls
-    assert config.beta == 0.2 and config.algo == "ppo" and kwargs == {"num_env_runners": 3, "num_learners": 1}
+    assert config.beta == 0.2 and config.algo == "ppo"
+    assert kwargs == {"num_env_runners": 3, "num_learners": 1, "num_gpus_per_learner": 0}
     with pytest.raises(SystemExit, match="1"):  # --resume is for sb3 runs: a one-line error
         main(["train", "--engine", "rllib", "--resume", "runs/x"])

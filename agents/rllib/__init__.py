@@ -23,6 +23,7 @@ from agents.rllib.train import (  # noqa: E402
     connect_ray,
     export_rllib,
     load_rllib_module,
+    make_rllib_env,
     rllib_config,
     train_rllib,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "connect_ray",
     "export_rllib",
     "load_rllib_module",
+    "make_rllib_env",
     "rllib_config",
     "train_rllib",
 ]

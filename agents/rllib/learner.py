@@ -21,10 +21,15 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from agents.rllib.module import REF_LOGP
 
-__all__ = ["KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner"]
+__all__ = ["ADAM_EPS", "KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
+
+ADAM_EPS = 1e-5
+"""Adam's ε, SB3's for its policies: RLlib's plain ``Adam(params)`` has 1e-8, which steps the LoRA coordinates whose
+gradients are far below 1e-5 (all of A while B is still near its zero start) at nearly the full learning rate."""
 
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
@@ -82,8 +87,27 @@ class KLRewardPenalty(ConnectorV2):
         return batch
 
 
+class RealRowAdvantages(ConnectorV2):
+    """Standardise the advantages over the rows where an action was taken, after RLlib's GAE standardised them
+    over every row, the bootstrap row it appends to each episode chunk included (whose "advantage" is a value
+    difference across two episodes). Standardising is affine, so this equals standardising the raw advantages over
+    the real rows, as SB3's rollout normalisation does (:class:`agents.buffers.EpisodeRolloutBuffer`: population
+    std + 1e-8)."""
+
+    def __call__(self, *, rl_module: RLModule, batch: dict[str, Any], episodes: list[Any], **kwargs: Any) -> Any:
+        for columns in batch.values():
+            advantages, real = columns[Postprocessing.ADVANTAGES], columns.get(Columns.LOSS_MASK)
+            if real is None:
+                continue
+            real = torch.as_tensor(real, device=advantages.device)
+            kept = advantages[real]
+            columns[Postprocessing.ADVANTAGES] = (advantages - kept.mean()) / (kept.std(correction=0) + 1e-8)
+        return batch
+
+
 class RLHFPPOLearner(PPOTorchLearner):
-    """RLlib's torch PPO Learner with :class:`KLRewardPenalty` before GAE, optimising the trainable tensors only.
+    """RLlib's torch PPO Learner with :class:`KLRewardPenalty` before GAE and :class:`RealRowAdvantages` after it,
+    optimising the trainable tensors only, with SB3's Adam.
 
     The initial β is ``config.learner_config_dict["kl_beta"]``; :meth:`set_kl_beta` changes it.
     """
@@ -99,6 +123,13 @@ class RLHFPPOLearner(PPOTorchLearner):
         settings = self.config.learner_config_dict
         penalty = KLRewardPenalty(beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)))
         self._learner_connector.insert_before(GeneralAdvantageEstimation, penalty)
+        self._learner_connector.insert_after(GeneralAdvantageEstimation, RealRowAdvantages())
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        """Adam as SB3 builds it for the SB3 path's policy (ε = :data:`ADAM_EPS`), on the trainable tensors."""
+        params = self.get_parameters(self.module[module_id])
+        optimizer = torch.optim.Adam(params, eps=ADAM_EPS, fused=True)
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr)
 
     def get_parameters(self, module: RLModule) -> list[torch.nn.Parameter]:
         """What the optimizer steps and clips: frozen LM weights (LoRA's base, untrained blocks) are left out."""

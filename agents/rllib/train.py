@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import gymnasium as gym
 import numpy as np
 import ray
 import torch
@@ -33,7 +34,9 @@ from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
+from ray.rllib.env.env_context import EnvContext
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
+from ray.tune.registry import register_env
 
 from agents.evaluate import evaluate
 from agents.kl import KLController, RewardScale
@@ -53,7 +56,15 @@ from agents.train import (
 )
 from text_env.core import resolve_reward
 
-__all__ = ["RLHFMetrics", "connect_ray", "export_rllib", "load_rllib_module", "rllib_config", "train_rllib"]
+__all__ = [
+    "RLHFMetrics",
+    "connect_ray",
+    "export_rllib",
+    "load_rllib_module",
+    "make_rllib_env",
+    "rllib_config",
+    "train_rllib",
+]
 
 ENV_ID = "text_env:TextGen-v0"  # the module prefix makes every EnvRunner process import text_env (registration)
 KL_TARGET = "kl_target"  # learner_config_dict keys read by RLHFMetrics (KL_BETA: the initial β)
@@ -62,7 +73,40 @@ CLIP_RANGE = 0.2  # SB3 PPO's clip_range
 VF_COEF = 0.5  # SB3 PPO's vf_coef
 MAX_GRAD_NORM = 0.5  # SB3 PPO's max_grad_norm
 SAMPLE_TIMEOUT_S = 1800.0  # RLlib drops an EnvRunner's late samples (its default, 60 s, is one CPU rollout of SmolLM2)
+ENVS_PER_RUNNER = "envs_per_runner"  # env_config key read by make_rllib_env
+RLLIB_ENV_ID = "textgen-rllib"  # make_rllib_env in Ray's env registry, which EnvRunners on every node read
 _SUMS = ("rlhf_reward_model_score_sum", "rlhf_gold_score_sum", "rlhf_kl_sum", "rlhf_tokens", "rlhf_episodes")
+
+
+class _SeedOffset(gym.Wrapper):
+    """Shifts the seed of every seeded reset by ``offset``."""
+
+    def __init__(self, env: gym.Env, offset: int) -> None:
+        super().__init__(env)
+        self.offset = offset
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        return self.env.reset(seed=None if seed is None else seed + self.offset, options=options)
+
+
+def make_rllib_env(context: EnvContext) -> gym.Env:
+    """One TextGen env of an EnvRunner, from its ``env_config``.
+
+    RLlib seeds EnvRunner ``w``'s ``k`` envs with ``seed + w + i`` (``i < k``), so two runners' prompt streams
+    overlap (runner 1: 1..8, runner 2: 2..9): 7 of 16 envs drew another env's prompts. Shifting runner ``w``'s seeds
+    by ``(w - 1)(k - 1) - 1`` gives ``seed + (w - 1)k + i``: ``n_envs`` distinct streams, env ``i`` of the SB3 path's
+    ``seed + i`` among them. The driver's own envs (``worker_index`` 0) are left as RLlib seeds them.
+    """
+    settings = dict(context)
+    per_runner = settings.pop(ENVS_PER_RUNNER, 1)
+    settings.pop("num_envs", None)  # RLlib's hint for vectorised creators; these are made one at a time
+    env = gym.make(ENV_ID, **settings)
+    if not context.worker_index:
+        return env
+    return _SeedOffset(env, (context.worker_index - 1) * (per_runner - 1) - 1)
+
+
+register_env(RLLIB_ENV_ID, make_rllib_env)
 
 
 def rllib_config(
@@ -84,8 +128,17 @@ def rllib_config(
     """
     if config.algo != "ppo":
         raise ValueError(f"the RLlib engine trains PPO only (RLlib's PPO on the LM RLModule), not {config.algo!r}")
-    if num_env_runners < 0 or num_learners < 0:
-        raise ValueError(f"num_env_runners and num_learners must be >= 0, got {num_env_runners}, {num_learners}")
+    if num_env_runners < 0 or num_learners < 0 or num_gpus_per_learner < 0:
+        raise ValueError(
+            "num_env_runners, num_learners and num_gpus_per_learner must be >= 0, got "
+            f"{num_env_runners}, {num_learners}, {num_gpus_per_learner}"
+        )
+    if num_gpus_per_learner and not num_learners and not torch.cuda.is_available():
+        raise ValueError(
+            f"--num-gpus-per-learner {num_gpus_per_learner} with the Learner in this process (--num-learners 0) needs "
+            f"a CUDA GPU here, and torch {torch.__version__} sees none: leave it at 0 to train on the CPU, or give "
+            "--num-learners N to place N GPU Learners on the cluster's GPU nodes"
+        )
     if config.constraints or config.reward is not None:
         raise ValueError(
             "--constraint and --reward run on --engine sb3 only so far: the RLlib connector has no multipliers yet"
@@ -95,6 +148,7 @@ def rllib_config(
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
         "max_prompt_tokens": config.max_prompt_tokens, "split": "train",
         "prompts": run_task(config).examples("train") if config.prompts else None,  # plain records, not a model
+        ENVS_PER_RUNNER: math.ceil(config.n_envs / max(1, num_env_runners)),
     }  # fmt: skip
     train_batch = max(1, config.n_envs * config.n_steps // max(1, num_learners))  # tokens per Learner per iteration
     model_config = {
@@ -105,10 +159,10 @@ def rllib_config(
     }
     return (
         PPOConfig()
-        .environment(ENV_ID, env_config=env_config)
+        .environment(RLLIB_ENV_ID, env_config=env_config)
         .env_runners(
             num_env_runners=num_env_runners,
-            num_envs_per_env_runner=math.ceil(config.n_envs / max(1, num_env_runners)),
+            num_envs_per_env_runner=env_config[ENVS_PER_RUNNER],
             sample_timeout_s=SAMPLE_TIMEOUT_S,
         )
         .learners(
@@ -307,6 +361,7 @@ def train_rllib(
         if record.get("engine") != "rllib":
             raise ValueError(f"{run_dir} is not an --engine rllib run: resume it with textgen train --resume")
         num_env_runners, num_learners = record.pop("num_env_runners"), record.pop("num_learners")
+        num_gpus_per_learner = record.pop("num_gpus_per_learner", 0)
         record.pop("engine")
         config = TrainConfig(**record)
         saved = run_dir / "checkpoint" / STATE_FILE
@@ -320,7 +375,19 @@ def train_rllib(
     reward = resolve_reward(config.reward_model, task, config.reward_kwargs)
     eval_env = make_env(config, "eval", reward, task=task)
     prompts = list(task.examples("eval")[: config.eval_prompts])  # records: a reference-based gold needs them
-    engine = {"engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners}
+    engine = {
+        "engine": "rllib", "num_env_runners": num_env_runners, "num_learners": num_learners,
+        "num_gpus_per_learner": num_gpus_per_learner,
+    }  # fmt: skip
+    started_ray = connect_ray(address, num_cpus)  # before the run directory: a cluster short of GPUs leaves none
+    gpus_needed, gpus = num_learners * num_gpus_per_learner, ray.cluster_resources().get("GPU", 0)
+    if gpus_needed > gpus:
+        if started_ray:
+            ray.shutdown()
+        raise ValueError(
+            f"{num_learners} Learners x {num_gpus_per_learner} GPUs need {gpus_needed:g} GPUs, and the Ray cluster "
+            f"has {gpus:g}: add GPU nodes (ray start --address ... --num-gpus N) or leave --num-gpus-per-learner at 0"
+        )
     if run_dir is None:
         spec = algo_config.rl_module_spec
         start = CausalLMRLModule(
@@ -342,7 +409,6 @@ def train_rllib(
         )
     checkpoint = (run_dir / "checkpoint").resolve()
 
-    started_ray = connect_ray(address, num_cpus)
     try:
         algo = algo_config.build_algo()
         if resume is not None:
