@@ -67,6 +67,13 @@ class SFTConfig:
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
     bf16: bool = field(default=True, metadata=_help("bfloat16 autocast (weights stay float32)"))
+    activation_checkpointing: bool = field(
+        default=True,
+        metadata=_help(
+            "recompute each layer's activations in backward (about 1.4x the step time): a step on code's longest "
+            "rows peaked at 5.7 GB without, 3.2 GB with"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of the split, the shuffling and the sampled evaluation"))
     out: str = field(default="runs", metadata=_help("directory for runs"))
 
@@ -147,11 +154,12 @@ def reference_perplexity(
     for start in range(0, len(rows), 8):
         batch = _collate(rows[start : start + 8], tokenizer.pad_token_id or 0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]  # (B, T-1) token t+1 from position t
-        log_p = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         keep = targets != -100
-        total -= float(log_p[keep].sum())
+        # the reference's positions only, in float32: a long prompt's would be most of the (B, T, V) logits
+        log_p = torch.log_softmax(logits[:, :-1][keep].float(), -1)  # (N, V)
+        total -= float(log_p.gather(-1, targets[keep].unsqueeze(-1)).sum())
         count += int(keep.sum())
     return math.exp(total / count)
 
@@ -269,7 +277,8 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, save_total_limit=2, bf16=config.bf16, use_cpu=not torch.cuda.is_available(),
         report_to=[], seed=config.seed, data_seed=config.seed, logging_steps=10, remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, activation_checkpointing=config.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs that need grad
     )  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.time()

@@ -374,6 +374,42 @@ def test_training_passes_run_frozen_weights_on_bf16_copies(
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_checkpointed_training_pass_gives_the_same_gradients(
+    tiny_env_kwargs: dict, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, lora: dict | None
+) -> None:
+    """A training pass over at least ``checkpoint_tokens`` slots keeps only each decoder layer's input and replays
+    the layer in backward: the shared prompt prefix's cache, the bf16 weight copies and the bucketed matmul rows
+    included, the outputs and every gradient are bit-identical to the plain pass; a smaller pass is not replayed."""
+    venv = make_env(tiny_env_kwargs, 3, seed=4, prompts=SHARED_PREFIX_PROMPTS)
+    policy = lm_ppo(venv, tiny_model, bf16=True, lora=lora).policy
+    with torch.no_grad():
+        for p in policy.lm.parameters():  # LoRA's B starts at zero: make the adapters count
+            p.add_(0.02 * torch.randn_like(p))
+    steps = random_rollout(venv, 8, seed=4)
+    obs = {k: torch.as_tensor(np.concatenate([o[k] for o, _ in steps])) for k in steps[0][0]}
+    actions = torch.as_tensor(np.concatenate([a for _, a in steps]))
+    layer_class = next(type(m) for m in policy.lm.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    calls, forward = [], layer_class.forward
+    monkeypatch.setattr(layer_class, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    policy.set_training_mode(True)
+
+    def pass_and_grads(checkpoint_tokens: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        policy.checkpoint_tokens, calls[:] = checkpoint_tokens, []
+        policy.optimizer.zero_grad()
+        outputs = policy.evaluate_actions(obs, actions)
+        (outputs[0].sum() + outputs[1].sum() + outputs[2].sum()).backward()
+        return list(outputs), [p.grad.clone() for p in policy.parameters() if p.grad is not None], len(calls)
+
+    plain, plain_grads, plain_calls = pass_and_grads(None)
+    replayed, grads, replayed_calls = pass_and_grads(1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed, strict=True))
+    assert len(grads) == len(plain_grads) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+    assert replayed_calls == 2 * plain_calls > 0  # each layer ran again in backward (the prefix's pass too)
+    assert pass_and_grads(10**9)[2] == plain_calls  # below the threshold: no replay
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
 @pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
 def test_kl_reference_pass_reads_log_probs_off_bf16_copies(
