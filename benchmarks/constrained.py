@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,55 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def bookkeeping(specs: list[str], rollouts: int = 200, n_steps: int = 32, n_envs: int = 16) -> dict[str, float]:
+    """What the multipliers add to a rollout: :class:`~agents.constraints.Lagrangian`'s charge and dual step on a
+    default rollout's arrays (``n_steps x n_envs``, every episode ending at the last step, as positive-review's
+    32-token episodes do), median seconds per rollout. The KL and reference log-probs they read are computed for the
+    KL penalty anyway; nothing else runs only for the constraints."""
+    from agents.constraints import Lagrangian, parse_constraints
+
+    rng = np.random.default_rng(0)
+    lagrangian = Lagrangian(parse_constraints(specs), lr=0.05)
+    lagrangian.start(n_envs)
+    dones = np.zeros((n_steps, n_envs), dtype=bool)
+    dones[-1] = True
+    times = []
+    for _ in range(rollouts):
+        rewards, kl = rng.normal(size=(2, n_steps, n_envs)).astype(np.float32)
+        ref = -np.abs(rng.normal(size=(n_steps, n_envs)))
+        actions = rng.integers(0, 49152, size=(n_steps, n_envs))
+        tic = time.perf_counter()
+        lagrangian.charge(rewards, kl, ref, actions, dones)
+        lagrangian.update()
+        times.append(time.perf_counter() - tic)
+    return {"seconds_per_rollout": float(np.median(times)), "rollouts": rollouts}
+
+
+def bookkeeping_report(out: Path, command: str) -> dict[str, Any]:
+    """``constrained_bookkeeping.md``: the multipliers' seconds per rollout against a default run's rollout+update
+    (``textgen_train_seeds.json``: training seconds / rollouts, each seed)."""
+    specs = ["kl<=6", "distinct2>=0.85"]
+    measured = bookkeeping(specs)
+    runs = json.loads((out / "textgen_train_seeds.json").read_text())
+    per_rollout = [
+        r["train_seconds"] * r["config"]["n_envs"] * r["config"]["n_steps"] / r["config"]["total_timesteps"]
+        for r in runs
+    ]
+    share = measured["seconds_per_rollout"] / min(per_rollout)
+    text = (
+        f"# What the Lagrange multipliers cost per rollout\n\nCommand: `{command.strip()}`\n\nMachine: {cpu_kind()}."
+        f"\n\n`Lagrangian.charge` + `update` for `{' '.join(specs)}` on a default rollout's arrays (32 steps x 16 "
+        f"envs), median of {measured['rollouts']}: **{measured['seconds_per_rollout'] * 1e3:.2f} ms**. A default run's "
+        f"rollout + update took {min(per_rollout):.1f}-{max(per_rollout):.1f} s ([textgen_train_seeds.md]"
+        f"(textgen_train_seeds.md), one per seed), so the constraints cost at most **{100 * share:.3f} %** of it "
+        "(target: within 5 %): they read the per-token KL and reference log-probs that the KL penalty computes "
+        "anyway, and add no pass of any model.\n"
+    )
+    (out / "constrained_bookkeeping.md").write_text(text)
+    print(text)
+    return {**measured, "share_of_rollout": share}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,7 +226,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument("--quick", action="store_true", help="a tiny model (or --model), one seed, seconds")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--bookkeeping", action="store_true",
+        help="only time the multipliers' own work per default rollout (no model; seconds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.bookkeeping:
+        return bookkeeping_report(Path(args.out), "python benchmarks/constrained.py " + " ".join(argv))
     if args.quick:
         args.seeds, args.weights = 1, "1"
     with tempfile.TemporaryDirectory() as tmp:

@@ -285,3 +285,13 @@ def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
     assert all(set(r["constraints"]) == set(case["bounds"]) for r in case["rows"])
     table = (tmp_path / "constrained_quick.md").read_text()
     assert "## dialogue" in table and "| constrained | 0 |" in table and (tmp_path / "constrained_quick.png").is_file()
+
+
+def test_constrained_bookkeeping_times_the_multipliers_against_a_default_rollout(tmp_path: Path) -> None:
+    """--bookkeeping times Lagrangian.charge + update on a default rollout's arrays and relates it to the default
+    runs' seconds per rollout (read from a textgen_train_seeds.json)."""
+    runs = [{"train_seconds": 100.0, "config": {"n_envs": 16, "n_steps": 32, "total_timesteps": 1024}}]
+    (tmp_path / "textgen_train_seeds.json").write_text(json.dumps(runs))
+    result = load_benchmark("constrained").main(["--bookkeeping", "--out", str(tmp_path)])
+    assert 0 < result["seconds_per_rollout"] < 1 and result["share_of_rollout"] == result["seconds_per_rollout"] / 50
+    assert "50.0-50.0 s" in (tmp_path / "constrained_bookkeeping.md").read_text()
