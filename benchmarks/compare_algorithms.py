@@ -137,7 +137,7 @@ def _trl_grpo(cfg: Any, spaces: tuple[Any, Any]) -> tuple[Any, list[dict[str, fl
             output_dir=tmp, learning_rate=cfg.learning_rate, beta=cfg.beta, num_generations=generations,
             per_device_train_batch_size=batch, max_completion_length=new_tokens, temperature=1.0, top_k=0,
             max_steps=max(1, math.ceil(cfg.total_timesteps / (batch * new_tokens))), seed=cfg.seed, use_cpu=True,
-            bf16=cfg.bf16, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+            bf16=cfg.bf16, activation_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
             disable_tqdm=True,
         )  # fmt: skip
         trainer = trl.GRPOTrainer(

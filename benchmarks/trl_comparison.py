@@ -103,7 +103,7 @@ def trl_trainer(kind: str, config: TrainConfig, updates: int, generations: int) 
         generation_batch_size=config.n_envs, per_device_train_batch_size=per_step, num_iterations=config.n_epochs,
         max_completion_length=config.max_new_tokens or task.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         max_steps=updates * config.n_epochs * (config.n_envs // per_step), seed=config.seed, use_cpu=True,
-        bf16=config.bf16, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+        bf16=config.bf16, activation_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True,
     )  # fmt: skip
     lora = LoraConfig(**{**_LORA_DEFAULTS, "r": config.lora_r})
