@@ -47,8 +47,9 @@ from text_env.models import (
 __all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
 
 _FRAMES_TO_ALGORITHM = 8  # the policy's __init__ chain up to the algorithm's _setup_model, with room to spare
-# Training passes from this many token slots on are checkpointed: a default code-task minibatch (4-6 episodes of
-# 150-600 prompt tokens + 128) is, a positive-review one (~6 episodes of ~90) is not.
+# Training passes from this many token slots on are checkpointed: a default code-task minibatch (4 or more episodes
+# of up to ~200 prompt tokens + 128) or summarize-docstring one (prompts up to 320) is, a positive-review one (4
+# episodes of at most 72 + 32) is not.
 CHECKPOINT_TOKENS = 1024
 _LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
