@@ -222,6 +222,62 @@ def test_kl_penalty_is_in_the_rewards_before_gae(trained: dict[str, Any], tiny_m
     assert abs(float(advantages[real].mean())) < 1e-6 and float(advantages[real].std(correction=0)) == pytest.approx(1)
 
 
+def test_learner_loss_is_sb3_ppos_by_hand(trained: dict[str, Any]) -> None:
+    """On episodes sampled by the EnvRunners, the Learner's PPO loss is SB3 PPO's, computed here by hand: GAE
+    (γ, λ 0.95) on the shaped rewards with the module's values (0 after a finished episode's last token, the next
+    observation's after a cut), advantages standardised over the real rows (population std + 1e-8, SB3's rollout
+    normalisation), the ratio to the recorded log-probs clipped at 0.2, 0.5·(V − R)² unclipped, the entropy bonus,
+    no KL loss term, one mean over the real rows."""
+    algo, config = trained["algo"], trained["config"]
+    episodes = algo.env_runner_group.foreach_env_runner(
+        lambda runner: runner.sample(num_timesteps=8), local_env_runner=False
+    )[0]
+    finished = [episode.is_terminated for episode in episodes]
+
+    def loss(learner: Any) -> tuple[float, dict[str, torch.Tensor]]:
+        batch = learner._learner_connector(
+            rl_module=learner.module, batch={}, episodes=episodes, shared_data={}, metrics=learner.metrics
+        )[DEFAULT_MODULE_ID]
+        module = learner.module[DEFAULT_MODULE_ID]
+        shift = torch.linspace(-0.5, 0.5, len(batch[Columns.ACTION_LOGP]))  # ratios inside and outside the clip
+        batch[Columns.ACTION_LOGP] = torch.as_tensor(batch[Columns.ACTION_LOGP]) + shift
+        with torch.no_grad():
+            out = module.forward_train(batch)
+            total = learner.compute_loss_for_module(
+                module_id=DEFAULT_MODULE_ID, config=learner.config.get_config_for_module(DEFAULT_MODULE_ID),
+                batch=batch, fwd_out=out,
+            )  # fmt: skip
+            values = module.compute_values(batch)
+        keys = (Columns.REWARDS, Columns.LOSS_MASK, Columns.ACTIONS, Columns.ACTION_LOGP)
+        return float(total), {**{k: torch.as_tensor(batch[k]) for k in keys}, "values": values,
+                              "logits": out[Columns.ACTION_DIST_INPUTS]}  # fmt: skip
+
+    total, b = next(iter(algo.learner_group.foreach_learner(loss))).get()
+    real, rewards, values = b[Columns.LOSS_MASK].bool(), b[Columns.REWARDS].double(), b["values"].double()
+    ends = torch.nonzero(~real).squeeze(1).tolist()  # each chunk's appended bootstrap row
+    assert len(ends) == len(episodes)
+    advantages = torch.zeros_like(values)
+    start = 0
+    for end, done in zip(ends, finished, strict=True):
+        following, running = 0.0 if done else float(values[end]), 0.0
+        for t in range(end - 1, start - 1, -1):
+            delta = float(rewards[t]) + config.gamma * following - float(values[t])
+            running = delta + config.gamma * 0.95 * running
+            advantages[t], following = running, float(values[t])
+        start = end + 1
+    returns = advantages + values
+    a = advantages[real]
+    a = (a - a.mean()) / (a.std(correction=0) + 1e-8)
+    log_probs = torch.log_softmax(b["logits"].double(), -1)[real]  # (N, V)
+    log_p = log_probs.gather(1, b[Columns.ACTIONS][real].long().unsqueeze(1)).squeeze(1)
+    ratio = torch.exp(log_p - b[Columns.ACTION_LOGP][real].double())
+    assert ((ratio < 0.8) | (ratio > 1.2)).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+    surrogate = torch.min(a * ratio, a * ratio.clamp(0.8, 1.2))
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    expected = (-surrogate + 0.5 * (values[real] - returns[real]) ** 2 - config.ent_coef * entropy).mean()
+    assert total == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_learner_steps_with_sb3s_adam(trained: dict[str, Any], tiny_model: Path) -> None:
     """The Learner's optimizer is Adam with the SB3 path's settings (ε 1e-5, not torch's 1e-8), on the trainable
     tensors only."""
