@@ -43,7 +43,7 @@ from agents.rllib import (  # noqa: E402
     rllib_config,
     train_rllib,
 )
-from agents.rllib.learner import ADAM_EPS, REWARD_SCALE, RealRowAdvantages  # noqa: E402
+from agents.rllib.learner import REWARD_SCALE, RealRowAdvantages  # noqa: E402
 from agents.rllib.module import SAMPLING_MASK  # noqa: E402
 from agents.run import TrainConfig, make_algorithm, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
@@ -289,7 +289,7 @@ def test_learner_steps_with_sb3s_adam(trained: dict[str, Any], tiny_model: Path)
 
     name, defaults, tensors = next(iter(algo.learner_group.foreach_learner(settings))).get()
     sb3 = make_algorithm(config, make_env(config), verbose=0).policy.optimizer
-    assert name == type(sb3).__name__ == "Adam" and defaults["eps"] == sb3.defaults["eps"] == ADAM_EPS
+    assert name == type(sb3).__name__ == "Adam" and defaults["eps"] == sb3.defaults["eps"] == 1e-5
     assert defaults["betas"] == sb3.defaults["betas"] and tensors == len(trained["module"].get_state())
 
 

@@ -25,11 +25,7 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from agents.rllib.module import REF_LOGP
 
-__all__ = ["ADAM_EPS", "KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
-
-ADAM_EPS = 1e-5
-"""Adam's ε, SB3's for its policies: RLlib's plain ``Adam(params)`` has 1e-8, which steps the LoRA coordinates whose
-gradients are far below 1e-5 (all of A while B is still near its zero start) at nearly the full learning rate."""
+__all__ = ["KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
 
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
@@ -126,9 +122,14 @@ class RLHFPPOLearner(PPOTorchLearner):
         self._learner_connector.insert_after(GeneralAdvantageEstimation, RealRowAdvantages())
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
-        """Adam as SB3 builds it for the SB3 path's policy (ε = :data:`ADAM_EPS`), on the trainable tensors."""
-        params = self.get_parameters(self.module[module_id])
-        optimizer = torch.optim.Adam(params, eps=ADAM_EPS, fused=True)
+        """The optimizer the module's policy builds on the SB3 path (``CausalLMPolicy.optimizer_settings``: SB3's
+        Adam, ε 1e-5), on the trainable tensors. RLlib's plain ``Adam(params)`` has ε 1e-8, which steps the LoRA
+        coordinates whose gradients are far below 1e-5 (all of A while B is near its zero start) at nearly the full
+        learning rate."""
+        module = self.module[module_id]
+        params = self.get_parameters(module)
+        optimizer_class, kwargs = module.unwrapped().policy.optimizer_settings()
+        optimizer = optimizer_class(params, **kwargs)
         self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params, lr_or_lr_schedule=config.lr)
 
     def get_parameters(self, module: RLModule) -> list[torch.nn.Parameter]:
