@@ -380,36 +380,34 @@ def train_rllib(
         "num_gpus_per_learner": num_gpus_per_learner,
     }  # fmt: skip
     started_ray = connect_ray(address, num_cpus)  # before the run directory: a cluster short of GPUs leaves none
-    gpus_needed, gpus = num_learners * num_gpus_per_learner, ray.cluster_resources().get("GPU", 0)
-    if gpus_needed > gpus:
-        if started_ray:
-            ray.shutdown()
-        raise ValueError(
-            f"{num_learners} Learners x {num_gpus_per_learner} GPUs need {gpus_needed:g} GPUs, and the Ray cluster "
-            f"has {gpus:g}: add GPU nodes (ray start --address ... --num-gpus N) or leave --num-gpus-per-learner at 0"
-        )
-    if run_dir is None:
-        spec = algo_config.rl_module_spec
-        start = CausalLMRLModule(
-            observation_space=eval_env.observation_space, action_space=eval_env.action_space,
-            model_config=spec.model_config,
-        )  # fmt: skip
-        if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples first
-            state["reward_scale"] = RewardScale().measure(base_rewards(config, task, reward, start.policy))
-        run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded
-        (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
-        before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
-        (run_dir / "before.json").write_text(json.dumps(before, indent=1))
-        del start
-    else:
-        before = json.loads((run_dir / "before.json").read_text())
-    if state.get("reward_scale") is not None:
-        algo_config.learners(
-            learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: state["reward_scale"]}
-        )
-    checkpoint = (run_dir / "checkpoint").resolve()
-
     try:
+        gpus_needed, gpus = num_learners * num_gpus_per_learner, ray.cluster_resources().get("GPU", 0)
+        if gpus_needed > gpus:
+            raise ValueError(
+                f"{num_learners} Learners x {num_gpus_per_learner} GPUs need {gpus_needed:g} GPUs, and the Ray "
+                f"cluster has {gpus:g}: add GPU nodes (ray start --address ... --num-gpus N) or leave "
+                "--num-gpus-per-learner at 0"
+            )
+        if run_dir is None:
+            spec = algo_config.rl_module_spec
+            start = CausalLMRLModule(
+                observation_space=eval_env.observation_space, action_space=eval_env.action_space,
+                model_config=spec.model_config,
+            )  # fmt: skip
+            if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples first
+                state["reward_scale"] = RewardScale().measure(base_rewards(config, task, reward, start.policy))
+            run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded
+            (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
+            before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
+            (run_dir / "before.json").write_text(json.dumps(before, indent=1))
+            del start
+        else:
+            before = json.loads((run_dir / "before.json").read_text())
+        if state.get("reward_scale") is not None:
+            algo_config.learners(
+                learner_config_dict={**algo_config.learner_config_dict, REWARD_SCALE: state["reward_scale"]}
+            )
+        checkpoint = (run_dir / "checkpoint").resolve()
         algo = algo_config.build_algo()
         if resume is not None:
             algo.restore_from_path(str(checkpoint))  # weights, optimiser, β: what the last checkpoint held
