@@ -332,6 +332,20 @@ def test_evaluate_actions_matches_sb3s_categorical(tiny_env_kwargs: dict, tiny_m
         torch.testing.assert_close(grad, sb3_grad, atol=1e-5, rtol=1e-4)
 
 
+def moved_policy_and_batch(
+    venv: Any, tiny_model: Path, n_steps: int, seed: int, **policy_overrides: Any
+) -> tuple[CausalLMPolicy, dict[str, torch.Tensor], torch.Tensor]:
+    """A bf16 policy whose weights have left their start (LoRA's B starts at zero: the adapters must count), and the
+    observations and actions of a random ``n_steps`` rollout, as one training batch."""
+    policy = lm_ppo(venv, tiny_model, bf16=True, **policy_overrides).policy
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    steps = random_rollout(venv, n_steps, seed=seed)
+    obs = {k: torch.as_tensor(np.concatenate([o[k] for o, _ in steps])) for k in steps[0][0]}
+    return policy, obs, torch.as_tensor(np.concatenate([a for _, a in steps]))
+
+
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize(
     ("lora", "train_layers", "copied"),
@@ -345,13 +359,7 @@ def test_training_passes_run_frozen_weights_on_bf16_copies(
     copies made once per update phase: log-probs, values, entropy and every gradient bit-identical to autocast's
     own casts; trainable weights stay the model's own, and the copies go at the next switch to rolling out."""
     venv = make_env(tiny_env_kwargs, 3, seed=3)
-    policy = lm_ppo(venv, tiny_model, bf16=True, lora=lora, train_layers=train_layers).policy
-    with torch.no_grad():
-        for p in policy.lm.parameters():  # LoRA's B starts at zero: make the adapters count
-            p.add_(0.02 * torch.randn_like(p))
-    steps = random_rollout(venv, 6, seed=3)
-    obs = {k: torch.as_tensor(np.concatenate([o[k] for o, _ in steps])) for k in steps[0][0]}
-    actions = torch.as_tensor(np.concatenate([a for _, a in steps]))
+    policy, obs, actions = moved_policy_and_batch(venv, tiny_model, 6, 3, lora=lora, train_layers=train_layers)
     policy.set_training_mode(True)
 
     def pass_and_grads() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -382,13 +390,7 @@ def test_checkpointed_training_pass_gives_the_same_gradients(
     the layer in backward: the shared prompt prefix's cache, the bf16 weight copies and the bucketed matmul rows
     included, the outputs and every gradient are bit-identical to the plain pass; a smaller pass is not replayed."""
     venv = make_env(tiny_env_kwargs, 3, seed=4, prompts=SHARED_PREFIX_PROMPTS)
-    policy = lm_ppo(venv, tiny_model, bf16=True, lora=lora).policy
-    with torch.no_grad():
-        for p in policy.lm.parameters():  # LoRA's B starts at zero: make the adapters count
-            p.add_(0.02 * torch.randn_like(p))
-    steps = random_rollout(venv, 8, seed=4)
-    obs = {k: torch.as_tensor(np.concatenate([o[k] for o, _ in steps])) for k in steps[0][0]}
-    actions = torch.as_tensor(np.concatenate([a for _, a in steps]))
+    policy, obs, actions = moved_policy_and_batch(venv, tiny_model, 8, 4, lora=lora)
     layer_class = next(type(m) for m in policy.lm.modules() if type(m).__name__ == "LlamaDecoderLayer")
     calls, forward = [], layer_class.forward
     monkeypatch.setattr(layer_class, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
