@@ -193,8 +193,9 @@ class _CausalLMMixin:
     :param checkpoint_tokens: a training pass over at least this many token slots (episodes x their padded length)
         keeps only each decoder layer's input and recomputes the rest in backward
         (:func:`~agents.cached_lm.checkpointed_layers`): same gradients, bit for bit, for ~1.5x the pass's time
-        (1.45x on a code-task minibatch: benchmarks/activation_checkpointing.py), where long prompts would otherwise hold GBs of activations. ``None``:
-        never. Not under TRPO, whose Fisher-vector products differentiate the pass twice.
+        (1.45x on a code-task minibatch, ``benchmarks/activation_checkpointing.py``), where long prompts would
+        otherwise hold GBs of activations. ``None``: never. Not under TRPO, whose Fisher-vector products
+        differentiate the pass twice.
     :param trust_remote_code: passed to ``from_pretrained``.
     """
 
