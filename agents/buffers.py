@@ -15,7 +15,7 @@ import numpy as np
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
-__all__ = ["EpisodeRolloutBuffer", "MaskableEpisodeRolloutBuffer", "episode_batches", "episode_order"]
+__all__ = ["EpisodeRolloutBuffer", "MaskableEpisodeRolloutBuffer", "cut_segments", "episode_batches", "episode_order"]
 
 
 def _shuffled_segments(episode_starts: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -42,12 +42,17 @@ def episode_batches(
 ) -> list[np.ndarray]:
     """Minibatches of whole episode segments, in random order, of about ``batch_size`` steps each.
 
-    The shuffled order of :func:`episode_order` is cut at the segment boundary nearest to each multiple of
-    ``batch_size``, never inside a segment (that would cost the episode a second forward pass): sizes vary by
-    about half a segment, and there are as many minibatches as fixed-size ones would give (fewer when segments
-    are long compared with ``batch_size``).
+    The shuffled order of :func:`episode_order` is cut by :func:`cut_segments`, never inside a segment (that would
+    cost the episode a second forward pass).
     """
-    segments = _shuffled_segments(episode_starts, rng)
+    return cut_segments(_shuffled_segments(episode_starts, rng), batch_size)
+
+
+def cut_segments(segments: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Minibatches of about ``batch_size`` indices from ``segments`` (index arrays, in the order given): their
+    concatenation cut at the segment boundary nearest to each multiple of ``batch_size``. Sizes vary by about half a
+    segment, and there are as many minibatches as fixed-size ones would give (fewer when segments are long compared
+    with ``batch_size``). The RLlib Learner cuts its episodes with it too, so both engines step alike."""
     order = np.concatenate(segments)
     ends = np.cumsum([len(s) for s in segments])  # (S,) segment boundaries along the order
     targets = np.arange(batch_size, len(order), batch_size)  # where fixed-size minibatches would be cut

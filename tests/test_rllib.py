@@ -26,9 +26,12 @@ from helpers import unpadded_outputs  # noqa: E402
 from ray.rllib.connectors.learner import GeneralAdvantageEstimation  # noqa: E402
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from ray.rllib.core.columns import Columns  # noqa: E402
+from ray.rllib.core.learner.training_data import TrainingData  # noqa: E402
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec  # noqa: E402
 from ray.rllib.env.env_context import EnvContext  # noqa: E402
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch  # noqa: E402
 
+from agents.buffers import episode_batches  # noqa: E402
 from agents.cli import main  # noqa: E402
 from agents.inspection import inspect_run  # noqa: E402
 from agents.kl import DEFAULT_BETA, KLController  # noqa: E402
@@ -43,7 +46,7 @@ from agents.rllib import (  # noqa: E402
     rllib_config,
     train_rllib,
 )
-from agents.rllib.learner import REWARD_SCALE, RealRowAdvantages  # noqa: E402
+from agents.rllib.learner import REWARD_SCALE, EpisodeMinibatches, RealRowAdvantages  # noqa: E402
 from agents.rllib.module import SAMPLING_MASK  # noqa: E402
 from agents.run import TrainConfig, make_algorithm, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
@@ -276,6 +279,54 @@ def test_learner_loss_is_sb3_ppos_by_hand(trained: dict[str, Any]) -> None:
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     expected = (-surrogate + 0.5 * (values[real] - returns[real]) ** 2 - config.ent_coef * entropy).mean()
     assert total == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_minibatches_are_sb3s_whole_shuffled_episodes() -> None:
+    """A 512-token iteration of 16 episodes of 32 (each chunk followed by GAE's bootstrap row) trains in 16
+    minibatches of 128 real rows at 4 epochs, as SB3's EpisodeRolloutBuffer cuts the same episodes, not RLlib's 17
+    contiguous slices: no bootstrap row, no episode cut in two, each real row once per epoch, a new order each
+    epoch."""
+    chunks = [32] * 12 + [16, 16, 8, 24, 32, 32]  # episodes of the 16 envs, some ended early (512 tokens)
+    row_chunk = np.concatenate([np.full(n + 1, i) for i, n in enumerate(chunks)])  # (N,) + one bootstrap row each
+    real = np.concatenate([[True] * n + [False] for n in chunks])
+    rows = SampleBatch({Columns.LOSS_MASK: real, "chunk": row_chunk, "row": np.arange(len(real))})
+    batches = list(EpisodeMinibatches(MultiAgentBatch({"p": rows}, len(rows)), num_epochs=4, minibatch_size=128,
+                                      rng=np.random.default_rng(0)))  # fmt: skip
+    starts = np.zeros((32, 16))  # the SB3 buffer's view of the same chunks: (n_steps, n_envs)
+    assert len(batches) == 16 == 4 * len(episode_batches(starts, 128))
+    epochs = [np.concatenate([b.policy_batches["p"]["row"] for b in batches[e * 4 : (e + 1) * 4]]) for e in range(4)]
+    for batch in batches:
+        minibatch = batch.policy_batches["p"]
+        assert minibatch[Columns.LOSS_MASK].all() and abs(len(minibatch) - 128) <= 32  # cut within a chunk of 128
+        for chunk in np.unique(minibatch["chunk"]):  # whole, in order
+            assert np.array_equal(
+                minibatch["row"][minibatch["chunk"] == chunk], np.flatnonzero(real & (row_chunk == chunk))
+            )
+    for order in epochs:
+        assert np.array_equal(np.sort(order), np.flatnonzero(real))
+    assert not np.array_equal(epochs[0], epochs[1])
+    lockstep = EpisodeMinibatches(MultiAgentBatch({"p": rows}, len(rows)), num_epochs=4, minibatch_size=128,
+                                  rng=np.random.default_rng(0), num_total_minibatches=18)  # fmt: skip
+    assert len(list(lockstep)) == 18  # several Learners take RLlib's common count of steps
+
+
+def test_learner_iterates_episode_minibatches(trained: dict[str, Any]) -> None:
+    """The Learner's update iterates EpisodeMinibatches over the batch its connectors build from sampled episodes."""
+    algo = trained["algo"]
+    episodes = algo.env_runner_group.foreach_env_runner(
+        lambda runner: runner.sample(num_timesteps=16), local_env_runner=False
+    )[0]
+
+    def minibatches(learner: Any) -> tuple[str, list[int], int]:
+        iterator = learner._create_iterator_if_necessary(
+            training_data=TrainingData(episodes=episodes), num_epochs=2, minibatch_size=8
+        )
+        sizes = [len(b.policy_batches[DEFAULT_MODULE_ID]) for b in iterator]
+        return type(iterator).__name__, sizes, int(np.asarray(iterator.rows[Columns.LOSS_MASK]).sum())
+
+    name, sizes, real = next(iter(algo.learner_group.foreach_learner(minibatches))).get()
+    assert name == "EpisodeMinibatches" and sum(sizes) == 2 * real  # real rows only, each once per epoch
+    assert len(sizes) == 2 * math.ceil(real / 8)  # chunks of at most 4 tokens: a cut near every 8
 
 
 def test_learner_steps_with_sb3s_adam(trained: dict[str, Any], tiny_model: Path) -> None:

@@ -9,12 +9,17 @@ the EnvRunner with the action), the same β. β itself is moved by :class:`agent
 With ``learner_config_dict["reward_scale"]``, the rewards are first divided by that divisor: the spread of the base
 model's rewards, measured once by the driver before training (:class:`agents.kl.RewardScale`), so every Learner
 divides by the same number, as ``KLPenalty(scale_rewards=True)`` does in SB3.
+
+Minibatches are SB3's too (:class:`EpisodeMinibatches`): whole episodes, reshuffled each epoch, the rows RLlib
+appends for GAE's bootstrap left out, so an iteration of 512 tokens takes 16 steps of about 128 as SB3's does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.connector_v2 import ConnectorV2
@@ -22,10 +27,13 @@ from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.evaluation.postprocessing import Postprocessing
+from ray.rllib.policy.sample_batch import MultiAgentBatch, concat_samples
+from ray.rllib.utils.minibatch_utils import MiniBatchCyclicIterator
 
+from agents.buffers import cut_segments
 from agents.rllib.module import REF_LOGP
 
-__all__ = ["KL_BETA", "REWARD_SCALE", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
+__all__ = ["KL_BETA", "REWARD_SCALE", "EpisodeMinibatches", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
 
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
@@ -101,9 +109,57 @@ class RealRowAdvantages(ConnectorV2):
         return batch
 
 
+class EpisodeMinibatches:
+    """SB3's minibatches (:func:`agents.buffers.cut_segments`) over RLlib's train batch: each epoch the episode
+    chunks in a new random order, cut into minibatches of about ``minibatch_size`` real rows at chunk boundaries.
+
+    RLlib's own iterator cuts the episode-ordered batch into contiguous fixed-size slices, in the same order every
+    epoch and with the bootstrap row GAE appended to each chunk (``LOSS_MASK`` False): 17 gradient steps on the
+    same 4 groups of episodes where SB3 takes 16 on reshuffled ones. Those bootstrap rows are dropped here (their
+    loss weight is 0; GAE has already used them), which also keeps an episode from being cut between minibatches.
+
+    :param batch: the Learner's train batch, one module, each chunk ending in its bootstrap row.
+    :param num_total_minibatches: with several Learners, RLlib's count that keeps them in lockstep (0: whole epochs).
+    """
+
+    def __init__(
+        self,
+        batch: MultiAgentBatch,
+        *,
+        num_epochs: int,
+        minibatch_size: int,
+        rng: np.random.Generator,
+        num_total_minibatches: int = 0,
+    ) -> None:
+        if len(batch.policy_batches) != 1:
+            raise ValueError(f"EpisodeMinibatches trains one module, got {sorted(batch.policy_batches)}")
+        ((self.module_id, self.rows),) = batch.policy_batches.items()
+        real = np.asarray(self.rows[Columns.LOSS_MASK], dtype=bool)  # (N,) False on each chunk's bootstrap row
+        ends = np.flatnonzero(~real)  # the bootstrap rows close their chunks
+        if not len(ends) or ends[-1] != len(real) - 1:
+            raise ValueError("EpisodeMinibatches needs a batch whose every episode chunk ends in GAE's bootstrap row")
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        self.chunks = [np.arange(a, b) for a, b in zip(starts, ends, strict=True) if b > a]
+        self.num_epochs, self.minibatch_size, self.rng = num_epochs, minibatch_size, rng
+        self.num_total_minibatches, self.env_steps = num_total_minibatches, len(batch)
+
+    def __iter__(self) -> Iterator[MultiAgentBatch]:
+        done, epoch = 0, 0
+        while (done < self.num_total_minibatches) if self.num_total_minibatches else (epoch < self.num_epochs):
+            order = [self.chunks[i] for i in self.rng.permutation(len(self.chunks))]
+            for indices in cut_segments(order, self.minibatch_size):
+                if self.num_total_minibatches and done == self.num_total_minibatches:
+                    break
+                runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1)  # contiguous chunks: slices
+                rows = concat_samples([self.rows[int(run[0]) : int(run[-1]) + 1] for run in runs])
+                yield MultiAgentBatch({self.module_id: rows}, self.env_steps)
+                done += 1
+            epoch += 1
+
+
 class RLHFPPOLearner(PPOTorchLearner):
     """RLlib's torch PPO Learner with :class:`KLRewardPenalty` before GAE and :class:`RealRowAdvantages` after it,
-    optimising the trainable tensors only, with SB3's Adam.
+    optimising the trainable tensors only, with SB3's Adam, on SB3's minibatches (:class:`EpisodeMinibatches`).
 
     The initial β is ``config.learner_config_dict["kl_beta"]``; :meth:`set_kl_beta` changes it.
     """
@@ -120,6 +176,20 @@ class RLHFPPOLearner(PPOTorchLearner):
         penalty = KLRewardPenalty(beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)))
         self._learner_connector.insert_before(GeneralAdvantageEstimation, penalty)
         self._learner_connector.insert_after(GeneralAdvantageEstimation, RealRowAdvantages())
+        self._minibatch_rng = np.random.default_rng(self.config.seed)
+
+    def _create_iterator_if_necessary(self, *, training_data: Any, **kwargs: Any) -> Any:
+        """RLlib's iterator, with its contiguous slices replaced by :class:`EpisodeMinibatches` of the same batch."""
+        iterator = super()._create_iterator_if_necessary(training_data=training_data, **kwargs)
+        if not isinstance(iterator, MiniBatchCyclicIterator):  # a data iterator, or one batch and one epoch
+            return iterator
+        return EpisodeMinibatches(
+            iterator._batch,
+            num_epochs=kwargs.get("num_epochs", 1),
+            minibatch_size=kwargs["minibatch_size"] or iterator._batch.count,
+            rng=self._minibatch_rng,
+            num_total_minibatches=kwargs.get("num_total_minibatches", 0),
+        )
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         """The optimizer the module's policy builds on the SB3 path (``CausalLMPolicy.optimizer_settings``: SB3's

@@ -9,8 +9,8 @@ not copied but reused:
   cache, and travels with the episode as :data:`REF_LOGP` (SB3's ``KLPenalty`` instead runs one batched reference
   pass over the finished rollout; moving this one into the KL learner connector the same way is not done yet).
 - **training** (Learners): the policy's grouped forward, one pass per episode for all of its timesteps in a
-  minibatch (RLlib's minibatches are contiguous slices of the episode-ordered batch unless
-  ``shuffle_batch_per_epoch``), giving logits and values of the same pass.
+  minibatch (the Learner's minibatches are whole episode chunks, :class:`agents.rllib.learner.EpisodeMinibatches`),
+  giving logits and values of the same pass.
 
 What RLlib forced to change: (1) PPO's loss reads ``ACTION_DIST_INPUTS`` of the behaviour policy even when it does
 not use them (only ``use_kl_loss`` does): shipping 49,152 logits per token from every EnvRunner would cost ~100 MB

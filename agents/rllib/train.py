@@ -118,9 +118,9 @@ def rllib_config(
     """RLlib's ``PPOConfig`` of a :class:`~agents.run.TrainConfig`: same env, LM policy, KL leash and PPO settings.
 
     ``n_envs`` envs are spread over the EnvRunners (``ceil(n_envs / runners)`` each), a rollout of
-    ``n_envs * n_steps`` tokens is one training iteration (split over the Learners), minibatches of ``batch_size``
-    tokens are contiguous slices of the episode-ordered batch (one LM pass per episode); the rest is SB3 PPO's
-    defaults (GAE λ 0.95, clip 0.2, value coefficient 0.5, no value clipping, gradient norm 0.5).
+    ``n_envs * n_steps`` tokens is one training iteration (split over the Learners), minibatches of about
+    ``batch_size`` tokens are whole episodes reshuffled each epoch, as SB3's (one LM pass per episode); the rest is
+    SB3 PPO's defaults (GAE λ 0.95, clip 0.2, value coefficient 0.5, no value clipping, gradient norm 0.5).
 
     :param num_env_runners: sampling processes (0: sample in the driver).
     :param num_learners: training processes (0: train in the driver); more than one trains data-parallel.
@@ -183,7 +183,7 @@ def rllib_config(
             train_batch_size_per_learner=train_batch,
             minibatch_size=min(config.batch_size, train_batch),  # as SB3: a minibatch is at most the rollout
             num_epochs=config.n_epochs,
-            shuffle_batch_per_epoch=False,
+            shuffle_batch_per_epoch=False,  # RLHFPPOLearner shuffles whole episodes itself (EpisodeMinibatches)
             clip_param=CLIP_RANGE,
             vf_loss_coeff=VF_COEF,
             vf_clip_param=float("inf"),
