@@ -190,17 +190,28 @@ class Lagrangian:
                         values.update(components[t].get(i, {}))
                     finished.append((t, i, values))
                     self._episode[i] = {"kl": [], "ref": [], "tokens": []}
-        self._ended.extend(values for _, _, values in finished)
-        if self.units is None and finished:
-            self.units = self._measure_units([values for _, _, values in finished])
         rewards -= (self.kl_price * kl).astype(rewards.dtype)
+        charges = self.end_episodes([values for _, _, values in finished])
+        for (t, i, _), charge in zip(finished, charges, strict=True):
+            rewards[t, i] -= charge
+
+    def end_episodes(self, episodes: Sequence[dict[str, float]]) -> list[float]:
+        """Record the quantities of episodes that ended (for the next dual step) and return each one's charge at its
+        last step: ``λ·s·(g - c)/u`` summed over the constraints (``-λ·s·c`` for ``kl``, whose per-token part is
+        :attr:`kl_price`). The units are measured on the first episodes that end; until then nothing is charged.
+        The RLlib Learner's connector calls it with the episodes the EnvRunners measured."""
+        self._ended.extend(episodes)
+        if self.units is None and episodes:
+            self.units = self._measure_units(list(episodes))
         if self.units is None:
-            return
-        for t, i, values in finished:
+            return []
+        charges = []
+        for values in episodes:
             charge = 0.0
             for c, lam, unit, is_kl in zip(self.constraints, self.lambdas, self.units, self._kl, strict=True):
                 charge += lam * (c.sign * -c.bound if is_kl else c.violation(values[c.name]) / unit)
-            rewards[t, i] -= charge
+            charges.append(float(charge))
+        return charges
 
     def _measure_units(self, episodes: list[dict[str, float]]) -> np.ndarray:
         """u_i: 1 for ``kl``; for each other quantity the larger of its winsorised spread (5 % each side) over

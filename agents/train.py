@@ -216,6 +216,17 @@ def paired_samples(before: dict[str, Any], after: dict[str, Any]) -> list[dict[s
     return [{"prompt": p, "before": x, "after": y} for p, x, y in zip(prompts, b, a, strict=True)]
 
 
+def constraints_table(summary: dict[str, dict[str, float]] | None) -> str:
+    """The report's table of :meth:`agents.constraints.Lagrangian.summary` (empty without constraints)."""
+    if not summary:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {c['final_mean']:.3f} | {c['final_lambda']:.3f} | {c['violated_share_second_half']:.0%} |"
+        for name, c in summary.items()
+    )
+    return f"\n\n| constraint | last rollout's mean | λ | rollouts broken, 2nd half |\n|---|---|---|---|\n{rows}"
+
+
 def before_after_table(before: dict[str, Any], after: dict[str, Any], n_samples: int = 3) -> str:
     """The report's markdown: each metric before and after training, then a few held-out samples side by side."""
     rows = ["| metric | before | after |", "|---|---|---|"]
@@ -279,12 +290,7 @@ def train(
     reference = f"{config.model} (the SFT model of --init {config.init})" if config.init else config.model
     table = before_after_table(before, after) + f"\n\nKL and perplexity against the starting model: {reference}."
     constraints = run.kl.constraints.summary() if run.kl.constraints is not None else None
-    if constraints:
-        table += "\n\n| constraint | last rollout's mean | λ | rollouts broken, 2nd half |\n|---|---|---|---|\n"
-        table += "\n".join(
-            f"| {name} | {c['final_mean']:.3f} | {c['final_lambda']:.3f} | {c['violated_share_second_half']:.0%} |"
-            for name, c in constraints.items()
-        )
+    table += constraints_table(constraints)
     report = {
         "config": asdict(config),
         "before": before["summary"],

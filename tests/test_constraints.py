@@ -108,14 +108,6 @@ def test_charges_and_dual_step_match_a_hand_computation() -> None:
     assert shared.units == pytest.approx([4.0])  # the way from the start (8) to the bound (4) weighs one unit
 
 
-def test_refused_for_the_rllib_engine() -> None:
-    from agents.rllib.train import rllib_config
-
-    for config in (TrainConfig(constraints=["kl<=6"]), TrainConfig(reward="rm + 0.3*gold")):
-        with pytest.raises(ValueError, match="--constraint and --reward run on --engine sb3 only"):
-            rllib_config(config)
-
-
 def _tiny_config(tiny_model: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
     settings: dict[str, object] = {"total_timesteps": 2048, **overrides}
     return TrainConfig(

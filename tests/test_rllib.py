@@ -5,6 +5,7 @@ restores identical greedy actions; the export loads in `transformers.pipeline`; 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import os
@@ -406,6 +407,76 @@ def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_
         assert row["beta"] == pytest.approx(controller.beta)
         controller.update(row["kl_per_episode"], int(row["episodes"]))
     assert report["final_beta"] == pytest.approx(controller.beta) and report["final_beta"] < config.beta
+
+
+def test_constraints_are_charged_in_the_connector_as_sb3_charges_them() -> None:
+    """The Learner's KLRewardPenalty with multipliers gives the rewards and the dual step that SB3's KLPenalty gives
+    on the same two episode chunks (one finished, one going on): λ_kl added to β per token, each finished episode
+    charged at its last token from the quantities its EnvRunner measured, then λ's step on the finished ones."""
+    from types import SimpleNamespace
+
+    from agents.constraints import Lagrangian, episode_quantities, parse_constraints
+    from agents.rllib.learner import QUANTITIES_KEY
+
+    bounds = parse_constraints(["length<=2", "kl<=0.5", "distinct2>=0.9"])
+    rng = np.random.default_rng(0)
+    logp, ref = -rng.random((3, 2)), -rng.random((3, 2))  # (n_steps, envs): env 0 ends at step 2, env 1 goes on
+    paid, actions = np.array([[0.0, 0.0], [0.0, 0.0], [0.7, 0.0]]), np.array([[5, 6], [5, 7], [5, 8]])
+    dones = np.array([[False, False], [False, False], [True, False]])
+    beta, kl = 0.1, logp - ref
+    sb3 = Lagrangian(bounds, lr=0.5, initial=1.0)
+    sb3.start(2)
+    expected = (paid - beta * kl).astype(np.float32)
+    sb3.charge(expected, kl, ref, actions, dones)
+    sb3_logged = sb3.update()
+
+    connector = KLRewardPenalty(beta=beta, constraints=Lagrangian(bounds, lr=0.5, initial=1.0))
+    measured = episode_quantities(kl[:, 0], ref[:, 0], actions[:, 0].tolist())  # what env 0's EnvRunner sends
+    episodes = [SimpleNamespace(is_done=True, custom_data={QUANTITIES_KEY: measured}), SimpleNamespace(is_done=False)]
+    column = lambda x: torch.as_tensor(np.concatenate([x[:, 0], [0], x[:, 1], [0]]), dtype=torch.float32)  # noqa: E731
+    columns = {
+        Columns.ACTION_LOGP: column(logp), REF_LOGP: column(ref), Columns.REWARDS: column(paid),
+        Columns.LOSS_MASK: torch.tensor([True] * 3 + [False] + [True] * 3 + [False]),
+    }  # fmt: skip
+    batch = connector(rl_module=None, batch={"p": columns}, episodes=episodes, metrics=None)
+    rewards = batch["p"][Columns.REWARDS].numpy()
+    assert np.allclose(rewards[[0, 1, 2, 4, 5, 6]], np.concatenate([expected[:, 0], expected[:, 1]]), atol=1e-6)
+    assert rewards[2] < expected[2, 0] + 1e-6 and sb3_logged is not None  # length 3 > 2: charged
+    assert connector.constraints.lambdas.tolist() == sb3.lambdas.tolist()
+    assert connector.constraints.units.tolist() == sb3.units.tolist()  # type: ignore[union-attr]
+
+
+def test_constrained_composite_run_reports_and_resumes_its_multipliers(
+    local_ray: None, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`textgen train --engine rllib --reward ... --constraint ...`: each component and each multiplier logged per
+    iteration, the report's constraint table, and λ (with β) saved beside RLlib's checkpoint and put back into the
+    Learner bit for bit, as --resume does."""
+    from agents.rllib.train import STATE_FILE, _restore_learner_state
+
+    config = tiny_config(tiny_model, tmp_path, reward="gold + 0.1*words", constraints=["length<=2", "kl<=3"],
+                         constraint_init=0.5, target_kl=1.0)  # fmt: skip
+    report = train_rllib(config, num_env_runners=1)
+    history = report["history"]
+    assert all("reward/gold" in row and "reward/words" in row for row in history)
+    assert all(row["constraint/length<=2/lambda"] >= 0 for row in history)
+    assert history[-1]["constraint/length<=2/mean"] > 2  # the tiny model writes its 4 tokens: λ grows
+    assert report["constraints"]["length<=2"]["final_lambda"] == history[-1]["constraint/length<=2/lambda"] > 0.5
+    run_dir = Path(report["run_dir"])
+    assert "| length<=2 |" in (run_dir / "report.md").read_text()
+    saved = json.loads((run_dir / "checkpoint" / STATE_FILE).read_text())
+    algo = rllib_config(config, num_env_runners=0).build_algo()
+    try:
+        _restore_learner_state(algo, saved)
+        state, beta = next(iter(algo.learner_group.foreach_learner(
+            lambda learner: (learner.constraint_state(), learner.kl_beta())))).get()  # fmt: skip
+        callback = algo.callbacks[0] if isinstance(algo.callbacks, list) else algo.callbacks
+    finally:
+        algo.stop()
+    assert state == saved["constraints"] and beta == saved["beta"] == report["final_beta"] != config.beta
+    assert callback.controller.beta == saved["beta"]
+    with pytest.raises(ValueError, match="one Learner"):
+        rllib_config(config, num_learners=2)
 
 
 def test_bad_input_says_what_to_do(tiny_model: Path, tmp_path: Path) -> None:

@@ -10,6 +10,12 @@ With ``learner_config_dict["reward_scale"]``, the rewards are first divided by t
 model's rewards, measured once by the driver before training (:class:`agents.kl.RewardScale`), so every Learner
 divides by the same number, as ``KLPenalty(scale_rewards=True)`` does in SB3.
 
+Constraints (``learner_config_dict["constraints"]``, ``--constraint``) are charged in the same connector, as SB3's
+``KLPenalty`` charges them: each Learner owns an :class:`agents.constraints.Lagrangian`, whose λ adds to β per token
+for ``kl`` bounds and charges each finished episode at its last token for the others, from the whole-episode
+quantities the EnvRunner measured (:data:`QUANTITIES_KEY` in the episode's ``custom_data``: an episode's earlier
+chunks went to earlier iterations); then λ takes its dual step on this iteration's finished episodes.
+
 Minibatches are SB3's too (:class:`EpisodeMinibatches`): whole episodes, reshuffled each epoch, the rows RLlib
 appends for GAE's bootstrap left out, so an iteration of 512 tokens takes 16 steps of about 128 as SB3's does.
 """
@@ -31,15 +37,32 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, concat_samples
 from ray.rllib.utils.minibatch_utils import MiniBatchCyclicIterator
 
 from agents.buffers import cut_segments
+from agents.constraints import Lagrangian, parse_constraints
 from agents.rllib.module import REF_LOGP
 
-__all__ = ["KL_BETA", "REWARD_SCALE", "EpisodeMinibatches", "KLRewardPenalty", "RLHFPPOLearner", "RealRowAdvantages"]
+__all__ = [
+    "CONSTRAINTS",
+    "KL_BETA",
+    "QUANTITIES_KEY",
+    "REWARD_SCALE",
+    "EpisodeMinibatches",
+    "KLRewardPenalty",
+    "RLHFPPOLearner",
+    "RealRowAdvantages",
+]
 
 KL_BETA = "kl_beta"
 """``learner_config_dict`` key of the initial β."""
 REWARD_SCALE = "reward_scale"
 """``learner_config_dict`` key of the reward scale: the divisor of every paid reward (1: none;
 ``TrainConfig.scales_rewards``, measured by :func:`agents.run.base_rewards`)."""
+CONSTRAINTS = "constraints"
+"""``learner_config_dict`` key of the constraints: ``{"specs": ["kl<=6", ...], "lr": η, "init": λ0,
+"components": [names a bound may use]}`` (``TrainConfig``'s ``constraints``, ``constraint_lr``, ``constraint_init``)."""
+QUANTITIES_KEY = "textgen_quantities"
+"""``custom_data`` key of a finished episode: its whole-episode quantities
+(:func:`agents.constraints.episode_quantities` and a composite reward's components), set by the EnvRunner's
+``on_episode_end``."""
 
 
 class KLRewardPenalty(ConnectorV2):
@@ -51,15 +74,22 @@ class KLRewardPenalty(ConnectorV2):
 
     :param beta: the KL coefficient (the driver sets it each iteration when it is adaptive).
     :param scale: the reward scale, fixed for the run (1: the rewards as paid).
+    :param constraints: multipliers charged after the penalty and stepped on each call's finished episodes.
     """
 
     def __init__(
-        self, input_observation_space: Any = None, input_action_space: Any = None, *, beta: float, scale: float = 1.0
+        self,
+        input_observation_space: Any = None,
+        input_action_space: Any = None,
+        *,
+        beta: float,
+        scale: float = 1.0,
+        constraints: Lagrangian | None = None,
     ) -> None:
         super().__init__(input_observation_space, input_action_space)
         if beta < 0 or scale <= 0:
             raise ValueError(f"need beta >= 0 and scale > 0, got {beta} and {scale}")
-        self.beta, self.scale = beta, scale
+        self.beta, self.scale, self.constraints = beta, scale, constraints
 
     def __call__(
         self,
@@ -83,12 +113,43 @@ class KLRewardPenalty(ConnectorV2):
             if real is not None:
                 kl = torch.where(torch.as_tensor(real, device=kl.device), kl, torch.zeros_like(kl))
             rewards = columns[Columns.REWARDS] / self.scale
-            columns[Columns.REWARDS] = rewards - (self.beta * kl).to(rewards.dtype)
+            price = self.beta + (self.constraints.kl_price if self.constraints is not None else 0.0)
+            columns[Columns.REWARDS] = rewards - (price * kl).to(rewards.dtype)
+            if self.constraints is not None:
+                columns[Columns.REWARDS] = self._charge(columns[Columns.REWARDS], real, episodes, metrics, module_id)
             if metrics is not None:
                 tokens = int(real.sum()) if real is not None else kl.numel()
                 metrics.log_value((module_id, "rlhf_kl_per_token"), float(kl.sum()) / max(1, tokens), window=1)
                 metrics.log_value((module_id, "rlhf_beta"), self.beta, window=1)
         return batch
+
+    def _charge(self, rewards: torch.Tensor, real: Any, episodes: list[Any], metrics: Any, module_id: str) -> Any:
+        """Each finished episode's constraint charge at its last token, then the dual step. The batch holds the
+        episodes' rows in order, each chunk closed by its bootstrap row (``real`` False)."""
+        assert self.constraints is not None
+        if real is None:
+            raise KeyError(f"the constraints need the batch's {Columns.LOSS_MASK!r} to find where each episode ends")
+        closing = np.flatnonzero(~np.asarray(real, dtype=bool))  # (chunks,) each chunk's bootstrap row
+        if len(closing) != len(episodes):
+            raise ValueError(f"{len(episodes)} episode chunks but {len(closing)} bootstrap rows in the batch")
+        finished, rows = [], []
+        for episode, end in zip(episodes, closing, strict=True):
+            if episode.is_done:
+                if QUANTITIES_KEY not in episode.custom_data:
+                    raise KeyError(
+                        f"a finished episode carries no {QUANTITIES_KEY!r}: the constraints need EnvRunners with the "
+                        "RLHFMetrics callback, which measures each episode's quantities"
+                    )
+                finished.append(episode.custom_data[QUANTITIES_KEY])
+                rows.append(int(end) - 1)  # its last token
+        charges = self.constraints.end_episodes(finished)
+        rewards = rewards.clone()
+        for index, charge in zip(rows, charges, strict=False):  # none before the units are measured
+            rewards[index] -= charge
+        for key, value in (self.constraints.update() or {}).items():  # e.g. kl<=6/lambda
+            if metrics is not None:
+                metrics.log_value((module_id, f"constraint/{key}"), value, window=1)
+        return rewards
 
 
 class RealRowAdvantages(ConnectorV2):
@@ -173,7 +234,14 @@ class RLHFPPOLearner(PPOTorchLearner):
         if KL_BETA not in self.config.learner_config_dict:
             raise KeyError(f"RLHFPPOLearner needs learner_config_dict={{{KL_BETA!r}: beta}} (the KL coefficient)")
         settings = self.config.learner_config_dict
-        penalty = KLRewardPenalty(beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)))
+        constraints = None
+        if settings.get(CONSTRAINTS):
+            spec = settings[CONSTRAINTS]
+            bounds = parse_constraints(spec["specs"], components=spec.get("components", ()))
+            constraints = Lagrangian(bounds, float(spec.get("lr", 0.05)), float(spec.get("init", 0.0)))
+        penalty = KLRewardPenalty(
+            beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)), constraints=constraints
+        )
         self._learner_connector.insert_before(GeneralAdvantageEstimation, penalty)
         self._learner_connector.insert_after(GeneralAdvantageEstimation, RealRowAdvantages())
         self._minibatch_rng = np.random.default_rng(self.config.seed)
@@ -213,3 +281,16 @@ class RLHFPPOLearner(PPOTorchLearner):
     def kl_beta(self) -> float:
         """The β the next update applies."""
         return self._learner_connector[KLRewardPenalty][0].beta
+
+    def constraint_state(self) -> dict[str, Any] | None:
+        """The multipliers' state (:meth:`agents.constraints.Lagrangian.state`; ``None`` without constraints), which
+        the driver saves beside RLlib's checkpoint (RLlib saves no connector state)."""
+        constraints = self._learner_connector[KLRewardPenalty][0].constraints
+        return None if constraints is None else constraints.state()
+
+    def load_constraint_state(self, state: dict[str, Any]) -> None:
+        """Go on with the multipliers of :meth:`constraint_state` (a resumed run)."""
+        constraints = self._learner_connector[KLRewardPenalty][0].constraints
+        if constraints is None:
+            raise ValueError("this Learner has no constraints to load multipliers into")
+        constraints.load_state(state)

@@ -38,14 +38,16 @@ from ray.rllib.env.env_context import EnvContext
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
 from ray.tune.registry import register_env
 
+from agents.constraints import Lagrangian, episode_quantities, parse_constraints
 from agents.evaluate import evaluate
 from agents.kl import KLController, RewardScale
 from agents.policies import export_pretrained
-from agents.rllib.learner import KL_BETA, REWARD_SCALE, RLHFPPOLearner
+from agents.rllib.learner import CONSTRAINTS, KL_BETA, QUANTITIES_KEY, REWARD_SCALE, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
 from agents.run import TrainConfig, base_rewards, checked_task, make_env, run_task
 from agents.train import (
     before_after_table,
+    constraints_table,
     cpu_kind,
     evaluation_record,
     new_run_dir,
@@ -55,6 +57,7 @@ from agents.train import (
     resumable_config,
 )
 from text_env.core import resolve_reward
+from text_env.tasks import get_task
 
 __all__ = [
     "RLHFMetrics",
@@ -73,8 +76,10 @@ CLIP_RANGE = 0.2  # SB3 PPO's clip_range
 VF_COEF = 0.5  # SB3 PPO's vf_coef
 MAX_GRAD_NORM = 0.5  # SB3 PPO's max_grad_norm
 SAMPLE_TIMEOUT_S = 1800.0  # RLlib drops an EnvRunner's late samples (its default, 60 s, is one CPU rollout of SmolLM2)
-ENVS_PER_RUNNER = "envs_per_runner"  # env_config key read by make_rllib_env
+ENVS_PER_RUNNER = "envs_per_runner"  # env_config keys read by make_rllib_env
+COMPOSITE = "composite_reward"
 RLLIB_ENV_ID = "textgen-rllib"  # make_rllib_env in Ray's env registry, which EnvRunners on every node read
+_COMPONENT_SUM = "rlhf_component_sum/"  # + a composite reward's component name
 _SUMS = ("rlhf_reward_model_score_sum", "rlhf_gold_score_sum", "rlhf_kl_sum", "rlhf_tokens", "rlhf_episodes")
 
 
@@ -100,6 +105,12 @@ def make_rllib_env(context: EnvContext) -> gym.Env:
     settings = dict(context)
     per_runner = settings.pop(ENVS_PER_RUNNER, 1)
     settings.pop("num_envs", None)  # RLlib's hint for vectorised creators; these are made one at a time
+    composite = settings.pop(COMPOSITE, None)
+    if composite is not None:  # --reward "rm + 0.3*gold": built here, in the EnvRunner, from names
+        task = get_task(settings["task"])
+        settings["reward_model"] = resolve_reward(
+            settings["reward_model"], task, settings.pop("reward_kwargs", None), composite
+        )
     env = gym.make(ENV_ID, **settings)
     if not context.worker_index:
         return env
@@ -139,18 +150,25 @@ def rllib_config(
             f"a CUDA GPU here, and torch {torch.__version__} sees none: leave it at 0 to train on the CPU, or give "
             "--num-learners N to place N GPU Learners on the cluster's GPU nodes"
         )
-    if config.constraints or config.reward is not None:
+    if config.constraints and num_learners > 1:
         raise ValueError(
-            "--constraint and --reward run on --engine sb3 only so far: the RLlib connector has no multipliers yet"
+            f"--constraint with --num-learners {num_learners}: the multipliers step on one Learner's episodes so far; "
+            "train with --num-learners 0 or 1 (the EnvRunners still scale out)"
         )
     env_config = {
         "model": config.model, "task": config.task, "reward_model": config.reward_model,
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
         "max_prompt_tokens": config.max_prompt_tokens, "split": "train",
         "prompts": run_task(config).examples("train") if config.prompts else None,  # plain records, not a model
-        ENVS_PER_RUNNER: math.ceil(config.n_envs / max(1, num_env_runners)),
+        ENVS_PER_RUNNER: math.ceil(config.n_envs / max(1, num_env_runners)), COMPOSITE: config.reward,
     }  # fmt: skip
     train_batch = max(1, config.n_envs * config.n_steps // max(1, num_learners))  # tokens per Learner per iteration
+    constraints = None
+    if config.constraints:  # the Learner's KLRewardPenalty owns the multipliers (agents.constraints.Lagrangian)
+        constraints = {
+            "specs": list(config.constraints), "lr": config.constraint_lr, "init": config.constraint_init,
+            "components": list(config.reward_parts),
+        }  # fmt: skip
     model_config = {
         "model": config.model,
         "bf16": config.bf16,
@@ -174,6 +192,7 @@ def rllib_config(
                 KL_BETA: config.beta,
                 KL_TARGET: config.target_kl,
                 REWARD_SCALE: 1.0,  # train_rllib sets the measured one when the run scales its rewards
+                CONSTRAINTS: constraints,
             },
         )
         .training(
@@ -220,7 +239,7 @@ class RLHFMetrics(RLlibCallback):
         self, *, episode: Any, prev_episode_chunks: Any = None, metrics_logger: Any, **kwargs: Any
     ) -> None:
         info = episode.get_infos(-1)
-        kl, tokens = 0.0, 0
+        kls, refs, actions = [], [], []
         chunks = [*(prev_episode_chunks or []), episode]
         for chunk, following in zip(chunks, [*chunks[1:], None], strict=True):
             # A chunk's own steps end where the next one starts: a chunk sampled in this process (num_env_runners=0)
@@ -228,10 +247,18 @@ class RLHFMetrics(RLlibCallback):
             own = len(chunk) if following is None else following.t_started - chunk.t_started
             logp = np.asarray(chunk.get_extra_model_outputs(Columns.ACTION_LOGP), dtype=np.float64)[:own]  # (T,)
             ref = np.asarray(chunk.get_extra_model_outputs(REF_LOGP), dtype=np.float64)[:own]  # (T,)
-            kl, tokens = kl + float((logp - ref).sum()), tokens + logp.size
-        values = (info["reward_model_score"], info["gold_score"], kl, tokens, 1)
+            kls.append(logp - ref)
+            refs.append(ref)
+            actions.extend(int(a) for a in np.asarray(chunk.get_actions())[:own])
+        kl = np.concatenate(kls)  # (T,) the whole episode's, earlier chunks included
+        # what a constraint may bound, measured over the whole episode; the Learner charges it at the last token
+        quantities = episode_quantities(kl, np.concatenate(refs), actions)
+        episode.custom_data[QUANTITIES_KEY] = {**quantities, **info.get("reward_components", {})}
+        values = (info["reward_model_score"], info["gold_score"], float(kl.sum()), kl.size, 1)
         for key, value in zip(_SUMS, values, strict=True):
             metrics_logger.log_value(key, value, reduce="sum")
+        for name, score in info.get("reward_components", {}).items():  # a composite reward's parts, each logged
+            metrics_logger.log_value(f"{_COMPONENT_SUM}{name}", float(score), reduce="sum")
 
     def on_train_result(self, *, algorithm: Algorithm, result: dict, **kwargs: Any) -> None:
         runners = result.get(ENV_RUNNER_RESULTS, {})
@@ -244,8 +271,13 @@ class RLHFMetrics(RLlibCallback):
                 reward_model_score=rm / episodes, gold_score=gold / episodes, kl_per_episode=kl / episodes,
                 kl_per_token=kl / max(1.0, tokens),
             )  # fmt: skip
+            for key, value in runners.items():  # reward/<component>, as textgen train logs them
+                if key.startswith(_COMPONENT_SUM):
+                    row[f"reward/{key.removeprefix(_COMPONENT_SUM)}"] = float(value) / episodes
             beta = self.controller.update(row["kl_per_episode"], int(episodes))
             _on_learners(algorithm, lambda learner, beta=beta: learner.set_kl_beta(beta))
+        learned = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})  # the multipliers' dual step, if any
+        row.update({key: float(value) for key, value in learned.items() if key.startswith("constraint/")})
         result["rlhf"] = row
 
 
@@ -317,12 +349,29 @@ STATE_FILE = "textgen_state.json"
 scale so far, what ``--resume`` continues from."""
 
 
-def _save(algo: Algorithm, checkpoint: Path, state: dict[str, Any]) -> None:
+def _save(algo: Algorithm, checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]:
     """RLlib's checkpoint of ``algo`` and the run's state beside it, the state written last (its presence marks a
-    complete checkpoint)."""
+    complete checkpoint); return that state. It holds β and the multipliers too: they live in the Learners'
+    connector, whose state RLlib does not save."""
+    beta, constraints = _on_learners(algo, lambda learner: (learner.kl_beta(), learner.constraint_state()))[0]
+    state = {**state, "beta": beta, "constraints": constraints}
     (checkpoint / STATE_FILE).unlink(missing_ok=True)
     algo.save_to_path(str(checkpoint))
     (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return state
+
+
+def _restore_learner_state(algo: Algorithm, state: dict[str, Any]) -> None:
+    """Put :func:`_save`'s β and multipliers back into the Learners and the driver's β controller."""
+    if "beta" in state:
+        beta = float(state["beta"])
+        _on_learners(algo, lambda learner: learner.set_kl_beta(beta))
+        callbacks = algo.callbacks if isinstance(algo.callbacks, list) else [algo.callbacks]
+        for callback in callbacks:
+            if isinstance(callback, RLHFMetrics):
+                callback.controller.beta = beta
+    if state.get("constraints"):
+        _on_learners(algo, lambda learner: learner.load_constraint_state(state["constraints"]))
 
 
 def export_rllib(checkpoint: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
@@ -410,7 +459,8 @@ def train_rllib(
         checkpoint = (run_dir / "checkpoint").resolve()
         algo = algo_config.build_algo()
         if resume is not None:
-            algo.restore_from_path(str(checkpoint))  # weights, optimiser, β: what the last checkpoint held
+            algo.restore_from_path(str(checkpoint))  # weights and optimiser: what the last checkpoint held
+            _restore_learner_state(algo, state)  # β and the multipliers, saved beside it
             print(f"resumed {run_dir} at {state['sampled']} tokens", flush=True)
         history: list[dict[str, float]] = state["history"]
         sampled, seconds = int(state["sampled"]), float(state["seconds"])
@@ -436,9 +486,9 @@ def train_rllib(
             state = {**state, "history": history, "sampled": sampled, "seconds": seconds, "restarts": restarts,
                      "failures": failures}  # fmt: skip
             if config.checkpoint_every and len(history) % config.checkpoint_every == 0:
-                _save(algo, checkpoint, state)
-        _save(algo, checkpoint, state)
-        final_beta = float(_on_learners(algo, lambda learner: learner.kl_beta())[0])
+                state = _save(algo, checkpoint, state)
+        state = _save(algo, checkpoint, state)
+        final_beta = float(state["beta"])
         nodes = {  # where the work ran: on a cluster, the EnvRunners' nodes are not the driver's
             "driver": ray.get_runtime_context().get_node_id(),
             "env_runners": algo.env_runner_group.foreach_env_runner(
@@ -458,11 +508,17 @@ def train_rllib(
 
     trained = load_rllib_module(checkpoint)
     after = evaluation_record(evaluate(trained.policy, eval_env, prompts, seed=config.seed))
-    table = before_after_table(before, after)
+    constraints = None
+    if state.get("constraints"):  # the Learner's multipliers, summarised as textgen train's report does
+        lagrangian = Lagrangian(parse_constraints(config.constraints, components=config.reward_parts))
+        lagrangian.load_state(state["constraints"])
+        constraints = lagrangian.summary()
+    table = before_after_table(before, after) + constraints_table(constraints)
     report = {
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
         "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
-        "final_beta": final_beta, "peak_rss_gb": peak_rss_gb(), "nodes": nodes, "faults": faults,
+        "final_beta": final_beta, "constraints": constraints, "peak_rss_gb": peak_rss_gb(), "nodes": nodes,
+        "faults": faults,
         "resumed": resume is not None,
         "final_reward_scale": algo_config.learner_config_dict[REWARD_SCALE] if config.scales_rewards else None,
         "machine": f"{cpu_kind()}, torch {torch.__version__}, ray {ray.__version__}", "checkpoint": str(checkpoint),
