@@ -1,8 +1,9 @@
-"""Callbacks of an RLHF run: reward-model and gold scores per rollout, sample completions, and sparing SB3's value
-bootstrap when every episode ended with the rollout."""
+"""Callbacks of an RLHF run: reward-model and gold scores per rollout, sample completions, held-out evaluation along
+training, and sparing SB3's value bootstrap when every episode ended with the rollout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
-__all__ = ["SkipFinishedBootstrap", "TextMetrics"]
+__all__ = ["HeldOutEvaluation", "SkipFinishedBootstrap", "TextMetrics"]
 
 
 class TextMetrics(BaseCallback):
@@ -26,6 +27,7 @@ class TextMetrics(BaseCallback):
         super().__init__(verbose)
         self.n_samples = n_samples
         self.history: list[dict[str, float]] = []  # one row per rollout, for plots and reports
+        self.held_out: list[dict[str, float]] = []  # --eval-every: the held-out summary after every N-th update
         self._rm: list[float] = []
         self._gold: list[float] = []
         self._samples: list[str] = []
@@ -125,3 +127,41 @@ def _equal_observations(obs: Any, new_obs: Any) -> bool:
         return False
     array = torch.as_tensor(np.asarray(new_obs))
     return obs.shape == array.shape and torch.equal(obs.cpu(), array.to(obs.dtype))
+
+
+class HeldOutEvaluation(BaseCallback):
+    """Evaluate the held-out prompts after every ``every``-th update (``--eval-every``), as a row of
+    :attr:`TextMetrics.held_out` (``timesteps`` and :attr:`~agents.evaluate.Evaluation.summary`) and SB3's logger
+    (``eval/gold_score``, ...): held-out gold and KL along training, not only before and after.
+
+    It runs when the next rollout starts, so the policy it measures has just been updated (the last update is the
+    report's "after"), with the torch RNG left as it was, and the policy's rollout caches emptied again after it, as
+    a rollout starts with them, so training goes on exactly as without it.
+
+    :param evaluate: what measures the policy (:meth:`agents.run.Run.evaluate`).
+    :param metrics: the run's :class:`TextMetrics`, which keeps the rows (and a checkpoint with them).
+    """
+
+    def __init__(self, evaluate: Callable[[], Any], metrics: TextMetrics, every: int, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.evaluate, self.metrics, self.every = evaluate, metrics, every
+
+    def _on_rollout_start(self) -> None:
+        timesteps = int(self.model.num_timesteps)
+        updates = timesteps // (self.model.n_steps * self.model.n_envs)  # type: ignore[attr-defined]  # a resume's too
+        done = self.metrics.held_out and self.metrics.held_out[-1]["timesteps"] == timesteps
+        if not updates or updates % self.every or done:
+            return
+        with torch.random.fork_rng(devices=[]):
+            summary = self.evaluate().summary
+        policy = self.model.policy
+        policy.set_training_mode(True)  # back to the state a rollout starts from: caches and sampled nuclei empty
+        policy.set_training_mode(False)
+        self.metrics.held_out.append({"timesteps": float(timesteps), **{k: float(v) for k, v in summary.items()}})
+        for key, value in summary.items():
+            self.logger.record(f"eval/{key}", float(value))
+
+    def _on_step(self) -> bool:
+        return True

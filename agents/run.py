@@ -25,7 +25,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.callbacks import SkipFinishedBootstrap, TextMetrics
+from agents.callbacks import HeldOutEvaluation, SkipFinishedBootstrap, TextMetrics
 from agents.constraints import QUANTITIES, Lagrangian, parse_constraints
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
@@ -172,6 +172,13 @@ class TrainConfig:
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
+    eval_every: int = field(
+        default=0,
+        metadata=_help(
+            "also evaluate the held-out prompts after every N-th update (0: before and after only): the report's "
+            "held_out_history, a held-out curve of gold and KL along training"
+        ),
+    )
     bf16: bool = field(default=True, metadata=_help("bfloat16 autocast (weights stay float32)"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank; 0 fine-tunes every weight (or --train-layers)"))
     train_layers: int | None = field(default=None, metadata=_help("with lora_r 0: train only the top N blocks"))
@@ -185,6 +192,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS + BASELINES:
             raise ValueError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS + BASELINES)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: evaluate before and after only), got {self.eval_every}")
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -393,8 +402,12 @@ class Run:
     eval_prompts: list[str | Example]  # records: a reference-based gold scorer needs their references
 
     def callbacks(self, *more: Any) -> CallbackList:
-        """The KL leash, the text metrics and the bootstrap skip (plus ``more``), for ``algo.learn(callback=...)``."""
-        return CallbackList([self.kl, self.metrics, SkipFinishedBootstrap(), *more])
+        """The KL leash, the text metrics and the bootstrap skip (plus ``more``), for ``algo.learn(callback=...)``;
+        with ``eval_every``, the held-out evaluation along training."""
+        held_out = (
+            [HeldOutEvaluation(self.evaluate, self.metrics, self.config.eval_every)] if self.config.eval_every else []
+        )
+        return CallbackList([self.kl, self.metrics, SkipFinishedBootstrap(), *held_out, *more])
 
     def evaluate(self) -> Evaluation:
         """The policy on the held-out prompts, measured by :func:`agents.evaluate.evaluate`."""

@@ -117,7 +117,7 @@ def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, An
     torch.save({"torch": torch.get_rng_state()}, new / "rng.pt")
     record = {
         **state, "num_timesteps": timesteps, "n_updates": int(getattr(run.algo, "_n_updates", 0)),
-        **run.kl.state(), "history": run.metrics.history, "numpy_rng": _np_state(),
+        **run.kl.state(), "history": run.metrics.history, "held_out": run.metrics.held_out, "numpy_rng": _np_state(),
         "python_rng": repr(random.getstate()),
     }  # fmt: skip
     (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: its presence marks a complete one
@@ -147,6 +147,7 @@ def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
         run.algo._n_updates = state["n_updates"]
     run.kl.load_state(state)
     run.metrics.history = state["history"]
+    run.metrics.held_out = state.get("held_out", [])
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
@@ -298,6 +299,7 @@ def train(
         "train_seconds": state["train_seconds"],
         "resumed": state["resumed"],
         "history": run.metrics.history,
+        "held_out_history": run.metrics.held_out,  # --eval-every: the held-out summary along training
         "kl_reference": config.model,  # the starting model, an SFT run's with --init (InstructGPT's reference)
         "final_beta": run.kl.controller.beta,
         "final_reward_scale": None if run.kl.reward_scale is None else run.kl.reward_scale.scale,
@@ -309,7 +311,7 @@ def train(
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
     (run_dir / "report.md").write_text(table + "\n")
-    plot_training(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0])
+    plot_training(run.metrics.history, run_dir / "training.png", run.env.get_attr("gold")[0], run.metrics.held_out)
     print(table)
     print(f"\nsaved to {run_dir} (load with {type(run.algo).__name__}.load('{run_dir / 'model'}'))")
     return report
@@ -409,8 +411,11 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None) -> None:
-    """Reward-model and gold score per rollout, as a PNG (none before the first rollout ends)."""
+def plot_training(
+    history: list[dict[str, float]], path: Path, gold: Any = None, held_out: list[dict[str, float]] = ()
+) -> None:
+    """Reward-model and gold score per rollout (and the held-out gold of ``--eval-every``), as a PNG (none before
+    the first rollout ends)."""
     if not history:
         return
     plt = pyplot()
@@ -420,6 +425,9 @@ def plot_training(history: list[dict[str, float]], path: Path, gold: Any = None)
     ax = axes[0, 0]
     ax.plot(steps, [h["reward_model_score"] for h in history], label="reward model")
     ax.plot(steps, [h["gold_score"] for h in history], label=f"gold ({scorer_name(gold)})")
+    if held_out:  # --eval-every
+        ax.plot([h["timesteps"] for h in held_out], [h["gold_score"] for h in held_out], "o--",
+                label="gold, held-out prompts")  # fmt: skip
     ax.set_xlabel("environment steps (tokens)")
     ax.set_ylabel("mean score of finished episodes")
     ax.legend()

@@ -389,9 +389,11 @@ def test_export_loads_in_transformers_pipeline(trained: dict[str, Any], tmp_path
 
 def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_model: Path, tmp_path: Path) -> None:
     """The whole `textgen train --engine rllib` run, here with full fine-tuning and bf16 (the fixture: LoRA, float32):
-    the report of textgen train, and the adaptive β pushed to the Learner."""
-    config = tiny_config(tiny_model, tmp_path, target_kl=1.0, lora_r=0, bf16=True)
+    the report of textgen train, the held-out evaluation along training, and the adaptive β pushed to the Learner."""
+    config = tiny_config(tiny_model, tmp_path, target_kl=1.0, lora_r=0, bf16=True, eval_every=1)
     report = train_rllib(config, num_env_runners=1)
+    (held_out,) = report["held_out_history"]  # after iteration 1 (iteration 2's is the "after")
+    assert held_out["timesteps"] == 16 and {"gold_score", "kl"} <= set(held_out)
     run_dir = Path(report["run_dir"])
     for name in ("config.json", "before.json", "report.json", "report.md"):
         assert (run_dir / name).is_file()

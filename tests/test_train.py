@@ -73,6 +73,26 @@ def test_trpo_with_lora_says_what_to_do() -> None:
         TrainConfig(algo="trpo")
 
 
+def test_held_out_evaluation_along_training_changes_nothing_else(tiny_model: Path) -> None:
+    """--eval-every 2: after every second update the held-out summary (gold, KL, ...) joins the run's held-out
+    history; training itself goes on exactly as without it (same rollouts, same weights), episodes running across
+    rollouts included: the evaluation leaves the RNG and the rollout caches as they were."""
+    histories, held_out, weights = [], [], []
+    for every in (0, 2):
+        settings = {**tiny_config(tiny_model), "max_new_tokens": 12}  # episodes span rollouts of 16 tokens
+        config = TrainConfig(**settings, total_timesteps=96, lora_r=4, eval_every=every)
+        run = build_run(config, verbose=0)
+        run.algo.learn(config.total_timesteps, callback=run.callbacks())
+        histories.append(run.metrics.history)
+        held_out.append(run.metrics.held_out)
+        weights.append(next(p for n, p in run.algo.policy.named_parameters() if "lora_B" in n).detach().clone())
+    assert histories[0] == histories[1] and np.array_equal(weights[0].numpy(), weights[1].numpy())
+    assert held_out[0] == [] and [row["timesteps"] for row in held_out[1]] == [32.0, 64.0]  # 96: the "after"
+    assert {"gold_score", "kl", "reward_model_score", "distinct_2"} <= set(held_out[1][0])
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        TrainConfig(eval_every=-1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"algo": "dqn"}, "choose one of ppo, a2c, trpo, maskable_ppo, ppo_bag_of_tokens"),

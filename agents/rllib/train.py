@@ -349,6 +349,10 @@ STATE_FILE = "textgen_state.json"
 scale so far, what ``--resume`` continues from."""
 
 
+def _shown(row: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps")
+
+
 def _save(algo: Algorithm, checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]:
     """RLlib's checkpoint of ``algo`` and the run's state beside it, the state written last (its presence marks a
     complete checkpoint); return that state. It holds β and the multipliers too: they live in the Learners'
@@ -437,18 +441,24 @@ def train_rllib(
                 f"cluster has {gpus:g}: add GPU nodes (ray start --address ... --num-gpus N) or leave "
                 "--num-gpus-per-learner at 0"
             )
-        if run_dir is None:
-            spec = algo_config.rl_module_spec
-            start = CausalLMRLModule(
+        spec = algo_config.rl_module_spec
+
+        def driver_module() -> CausalLMRLModule:  # the LM in this process, to evaluate (trainable tensors set later)
+            return CausalLMRLModule(
                 observation_space=eval_env.observation_space, action_space=eval_env.action_space,
                 model_config=spec.model_config,
             )  # fmt: skip
+
+        held_out: CausalLMRLModule | None = None  # with eval_every: the driver's copy of the Learner's weights
+        if run_dir is None:
+            start = driver_module()
             if config.scales_rewards:  # one divisor for every Learner, measured on the base model's samples first
                 state["reward_scale"] = RewardScale().measure(base_rewards(config, task, reward, start.policy))
             run_dir = new_run_dir(config.out, f"{config.task}-rllib-ppo")  # the settings, data and model loaded
             (run_dir / "config.json").write_text(json.dumps({**asdict(config), **engine}, indent=1))
             before = evaluation_record(evaluate(start.policy, eval_env, prompts, seed=config.seed))
             (run_dir / "before.json").write_text(json.dumps(before, indent=1))
+            held_out = start if config.eval_every else None
             del start
         else:
             before = json.loads((run_dir / "before.json").read_text())
@@ -475,8 +485,17 @@ def train_rllib(
             if "kl_per_episode" in row:
                 row["kl"] = row["kl_per_episode"]  # the key textgen train's history uses
             history.append(row)
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps")
-            print(f"iteration {len(history)}: {sampled} tokens, {sampled / seconds:.1f} tokens/s, {shown}", flush=True)
+            if config.eval_every and len(history) % config.eval_every == 0 and sampled < config.total_timesteps:
+                held_out = held_out or driver_module()  # the last update's is the report's "after"
+                held_out.set_state(_on_learners(algo, lambda learner: learner.module[DEFAULT_MODULE_ID].get_state())[0])
+                with torch.random.fork_rng(devices=[]):
+                    summary = evaluate(held_out.policy, eval_env, prompts, seed=config.seed).summary
+                state.setdefault("held_out", []).append({"timesteps": float(sampled), **summary})
+                print(f"held-out after iteration {len(history)}: " + _shown(summary), flush=True)
+            print(
+                f"iteration {len(history)}: {sampled} tokens, {sampled / seconds:.1f} tokens/s, {_shown(row)}",
+                flush=True,
+            )
             # RLlib takes a lost EnvRunner out of service and samples on with the others while Ray restarts it
             now_healthy = algo.env_runner_group.num_healthy_remote_workers()
             failures += max(0, healthy - now_healthy)
@@ -517,6 +536,7 @@ def train_rllib(
     report = {
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
         "train_seconds": seconds, "tokens": sampled, "tokens_per_second": sampled / seconds, "history": history,
+        "held_out_history": state.get("held_out", []),
         "final_beta": final_beta, "constraints": constraints, "peak_rss_gb": peak_rss_gb(), "nodes": nodes,
         "faults": faults,
         "resumed": resume is not None,
@@ -527,7 +547,7 @@ def train_rllib(
     }  # fmt: skip
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(table + "\n")
-    plot_training(history, run_dir / "training.png", eval_env.get_attr("gold")[0])
+    plot_training(history, run_dir / "training.png", eval_env.get_attr("gold")[0], state.get("held_out", []))
     print(table)
     print(f"\nsaved to {run_dir} (export with: textgen export {checkpoint} OUT_DIR)")
     return report
