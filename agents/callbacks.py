@@ -3,6 +3,7 @@ training, and sparing SB3's value bootstrap when every episode ended with the ro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -131,8 +132,9 @@ def _equal_observations(obs: Any, new_obs: Any) -> bool:
 
 class HeldOutEvaluation(BaseCallback):
     """Evaluate the held-out prompts after every ``every``-th update (``--eval-every``), as a row of
-    :attr:`TextMetrics.held_out` (``timesteps`` and :attr:`~agents.evaluate.Evaluation.summary`) and SB3's logger
-    (``eval/gold_score``, ...): held-out gold and KL along training, not only before and after.
+    :attr:`TextMetrics.held_out` (``timesteps``, :attr:`~agents.evaluate.Evaluation.summary`, ``train_seconds``
+    so far and ``eval_seconds``) and SB3's logger (``eval/gold_score``, ...): held-out gold and KL along training,
+    not only before and after.
 
     It runs when the next rollout starts, so the policy it measures has just been updated (the last update is the
     report's "after"), with the torch RNG left as it was, and the policy's rollout caches emptied again after it, as
@@ -148,18 +150,26 @@ class HeldOutEvaluation(BaseCallback):
             raise ValueError(f"every must be >= 1, got {every}")
         self.evaluate, self.metrics, self.every = evaluate, metrics, every
 
+    def _on_training_start(self) -> None:
+        self._started, self._evaluating = time.perf_counter(), 0.0
+
     def _on_rollout_start(self) -> None:
         timesteps = int(self.model.num_timesteps)
         updates = timesteps // (self.model.n_steps * self.model.n_envs)  # type: ignore[attr-defined]  # a resume's too
         done = self.metrics.held_out and self.metrics.held_out[-1]["timesteps"] == timesteps
         if not updates or updates % self.every or done:
             return
+        started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             summary = self.evaluate().summary
         policy = self.model.policy
         policy.set_training_mode(True)  # back to the state a rollout starts from: caches and sampled nuclei empty
         policy.set_training_mode(False)
-        self.metrics.held_out.append({"timesteps": float(timesteps), **{k: float(v) for k, v in summary.items()}})
+        row = {"timesteps": float(timesteps), **{k: float(v) for k, v in summary.items()}}
+        row["train_seconds"] = started - self._started - self._evaluating  # of this learn() call, evaluation excluded
+        row["eval_seconds"] = time.perf_counter() - started
+        self._evaluating += row["eval_seconds"]
+        self.metrics.held_out.append(row)
         for key, value in summary.items():
             self.logger.record(f"eval/{key}", float(value))
 

@@ -488,8 +488,10 @@ def train_rllib(
             if config.eval_every and len(history) % config.eval_every == 0 and sampled < config.total_timesteps:
                 held_out = held_out or driver_module()  # the last update's is the report's "after"
                 held_out.set_state(_on_learners(algo, lambda learner: learner.module[DEFAULT_MODULE_ID].get_state())[0])
+                tic = time.perf_counter()
                 with torch.random.fork_rng(devices=[]):
                     summary = evaluate(held_out.policy, eval_env, prompts, seed=config.seed).summary
+                summary = {**summary, "train_seconds": seconds, "eval_seconds": time.perf_counter() - tic}
                 state.setdefault("held_out", []).append({"timesteps": float(sampled), **summary})
                 print(f"held-out after iteration {len(history)}: " + _shown(summary), flush=True)
             print(
