@@ -1,0 +1,530 @@
+"""Which method, at what KL, at what cost: held-out gold against KL for every method, with Gao et al.'s fits.
+
+Gao et al. (2022, "Scaling Laws for Reward Model Overoptimization") fit the gold gain against d = sqrt(KL): best-of-n
+follows R(d) = d(alpha - beta d), RL follows R(d) = d(alpha - beta ln d). This benchmark measures both kinds on the
+same task, model, reward model, held-out prompts and seeds, at several points of each method:
+
+- ``ppo``, ``a2c``, ``nlpo`` (MaskablePPO with top-p masks): ``textgen train --algo ... --eval-every K``, so the
+  held-out prompts are evaluated at evenly spaced updates, plus before and after;
+- ``rloo``, ``grpo``: TRL's trainers set up as ``benchmarks/trl_comparison.py`` sets them (same LoRA, prompts rendered
+  as the env renders them, reward model, beta, learning rate, completion length, tokens), their adapters copied into
+  a ``CausalLMPolicy`` and evaluated at evenly spaced steps;
+- ``dpo``: TRL's ``DPOTrainer``, offline on the train split of the pairs the task's reward model was fitted on, at
+  each beta of ``--dpo-betas``, evaluated at evenly spaced steps;
+- ``best_of_n``: n = 1, 2, 4, ..., 64 from one pool of 64 base samples per held-out prompt. Gold, reward-model score
+  and perplexity are the expectation over the pool of the best of n drawn with replacement; the KL is measured the
+  same way (log n + (n - 1) log F(r), F the pool's reward CDF) beside the bound log n - (n - 1)/n it never exceeds.
+
+Every point: held-out gold and reward-model score, KL to the base model on samples, distinct-2, perplexity, training
+seconds and tokens generated so far, and samples scored per answer (n for best-of-n, 1 for the rest). Each method
+and seed is its own process and its own JSON under ``--work``, so a stopped benchmark resumes. Run::
+
+    python benchmarks/frontier.py --work WORK          # positive-review and concepts, 3 seeds, every method
+    python benchmarks/frontier.py --tasks positive-review --methods ppo,best_of_n --seeds 0 --work WORK
+    python benchmarks/frontier.py --quick              # a tiny model, one point per method (CI)
+
+Writes ``<out>/frontier.md`` (per KL budget of 2, 4, 8, 12 nats: each method's gold, mean +- std over seeds from each
+seed's fitted curve, and its training and inference cost there; the fits; PPO against best-of-16), ``frontier.json``
+(every point, every fit) and ``frontier.png`` (gold gain against sqrt(KL), points and fitted curves, per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TASKS = ("positive-review", "concepts")  # both ship a learned reward model and the pairs it was fitted on
+LEARNERS = {"ppo": "ppo", "a2c": "a2c", "nlpo": "maskable_ppo"}  # method -> textgen train --algo
+TRL_ONLINE = ("rloo", "grpo")
+METHODS = (*LEARNERS, *TRL_ONLINE, "dpo", "best_of_n")
+ABLATIONS = {  # PPO variants at the default budget (Xu et al. 2024: what made PPO win)
+    "ppo_no_adv_norm": ["--advantage-normalization", "none"],
+    "ppo_4x_batch": ["--n-envs", "64"],
+}
+BUDGETS = (2.0, 4.0, 8.0, 12.0)  # KL, nats per completion
+METRICS = ("gold_score", "reward_model_score", "kl", "distinct_2", "perplexity")
+
+
+@dataclass
+class Settings:
+    """What every method shares (``textgen train``'s defaults unless set) and how many points each takes."""
+
+    points: int = 5  # evaluations along training, the last one after training
+    pool: int = 64  # best-of-n: base samples per held-out prompt
+    dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    dpo_pairs: int | None = None  # None: the reward model's whole train split
+    generations: int = 4  # RLOO / GRPO completions per prompt
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (--quick: the tiny model's)
+
+    def config(self, task: str, seed: int, **more: Any) -> Any:
+        from agents.run import TrainConfig
+
+        return TrainConfig(**{"task": task, "seed": seed, **self.train, **more})
+
+
+# --- one method, one seed: a list of points ----------------------------------------------------------------------
+
+
+def _point(summary: dict[str, float], seconds: float, tokens: float, per_answer: float = 1.0, **more: Any) -> dict:
+    row = {k: float(summary[k]) for k in METRICS}
+    return {**row, "train_seconds": seconds, "tokens": tokens, "samples_per_answer": per_answer, **more}
+
+
+def learner_points(method: str, task: str, seed: int, settings: Settings, out: Path, extra: list[str]) -> list[dict]:
+    """``textgen train`` with ``--eval-every``: before, every k-th update, after."""
+    config = settings.config(task, seed)
+    updates = max(1, config.total_timesteps // (config.n_envs * config.n_steps))
+    every = max(1, updates // settings.points)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.train.items() if not isinstance(v, bool)]
+    flags += [f"--no-{k.replace('_', '-')}" for k, v in settings.train.items() if v is False]
+    command = ["train", "--task", task, "--seed", str(seed), "--algo", LEARNERS[method.split("_")[0]],
+               "--eval-every", str(every), "--out", str(out), *flags, *extra]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "agents.cli", *command], check=True)
+    (report_file,) = out.glob("*/report.json")
+    report = json.loads(report_file.read_text())
+    points = [_point(report["before"], 0.0, 0.0)]
+    evaluating = 0.0
+    for row in report["held_out_history"]:
+        points.append(_point(row, row["train_seconds"], row["timesteps"]))
+        evaluating += row["eval_seconds"]
+    points.append(_point(report["after"], report["train_seconds"] - evaluating, float(config.total_timesteps)))
+    return points
+
+
+class _Evaluator:
+    """Held-out evaluation of a TRL model's LoRA adapters, copied into a ``CausalLMPolicy`` of the same LoRA."""
+
+    def __init__(self, config: Any) -> None:
+        from agents.run import make_env, run_task
+
+        self.config = config
+        self.env = make_env(config, "eval")
+        self.prompts = list(run_task(config).examples("eval")[: config.eval_prompts])
+        self.policy = None
+
+    def __call__(self, model: Any = None) -> dict[str, float]:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        from agents.evaluate import evaluate
+        from agents.policies import CausalLMPolicy
+
+        if self.policy is None:
+            space = self.env.observation_space, self.env.action_space
+            self.policy = CausalLMPolicy(*space, lambda _: 0.0, model=self.config.model, bf16=self.config.bf16,
+                                         lora={"r": self.config.lora_r})  # fmt: skip
+        if model is not None:
+            set_peft_model_state_dict(self.policy.lm, get_peft_model_state_dict(model))
+        return evaluate(self.policy, self.env, self.prompts, seed=self.config.seed).summary  # caches reset there
+
+
+def _points_callback(evaluate: _Evaluator, at: set[int], points: list[dict], counted: dict[str, float]) -> Any:
+    """A transformers ``TrainerCallback`` that evaluates the model at the given steps, its time left out."""
+    from transformers import TrainerCallback
+
+    class Points(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            counted["started"], counted["evaluating"] = time.perf_counter(), 0.0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step not in at:
+                return
+            started = time.perf_counter()
+            seconds = started - counted["started"] - counted["evaluating"]
+            points.append(_point(evaluate(model), seconds, counted["tokens"], step=state.global_step))
+            counted["evaluating"] += time.perf_counter() - started
+
+    return Points()
+
+
+def trl_points(method: str, task: str, seed: int, settings: Settings, beta: float | None = None) -> list[dict]:
+    """RLOO / GRPO online, or DPO offline on the reward model's train pairs, with points along training."""
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from agents.policies import _LORA_DEFAULTS
+    from agents.run import run_task
+    from text_env.core import resolve_reward
+    from text_env.models import load_causal_lm, load_tokenizer
+    from text_env.prompts import columns_of, render_prompt
+    from text_env.rewards import call_scorer
+
+    config = settings.config(task, seed)
+    task_ = run_task(config)
+    tokenizer = load_tokenizer(config.model)
+    evaluate = _Evaluator(config)
+    points = [_point(evaluate(), 0.0, 0.0)]
+    counted = {"tokens": 0.0}
+    new_tokens = config.max_new_tokens or task_.max_new_tokens
+    common = dict(
+        learning_rate=config.learning_rate, seed=seed, use_cpu=True, bf16=config.bf16, activation_checkpointing=False,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    lora = LoraConfig(**{**_LORA_DEFAULTS, "r": config.lora_r})
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "dpo":
+            pairs = dpo_pairs(task, settings.dpo_pairs)
+            per_step = 8
+            steps = max(1, len(pairs) // per_step)
+            rows = {"prompt": [render_prompt(tokenizer, p.prompt, task_.instruction) for p in pairs],
+                    "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs]}  # fmt: skip
+            args: Any = trl.DPOConfig(output_dir=tmp, beta=beta, per_device_train_batch_size=per_step,
+                                      max_steps=steps, **common)  # fmt: skip
+            at = {round(steps * (k + 1) / settings.points) for k in range(settings.points)}
+            trainer: Any = trl.DPOTrainer(model=load_causal_lm(config.model), args=args, processing_class=tokenizer,
+                                          train_dataset=Dataset.from_dict(rows), peft_config=lora)  # fmt: skip
+        else:
+            reward_model = resolve_reward(config.reward_model, task_, config.reward_kwargs)
+            rendered = {render_prompt(tokenizer, e.prompt, task_.instruction): e for e in task_.examples("train")}
+
+            def reward(prompts: list[str], completions: list[str], completion_ids: list, **_: Any) -> list[float]:
+                examples = [rendered[p] for p in prompts]
+                scores = call_scorer(reward_model, [e.prompt for e in examples], completions, columns_of(examples),
+                                     "reward")  # fmt: skip
+                counted["tokens"] += sum(len(ids) for ids in completion_ids)
+                return [float(x) for x in scores]
+
+            per_step = config.batch_size // config.n_steps  # PPO's minibatch, in completions
+            updates = max(1, config.total_timesteps // (config.n_envs * new_tokens))  # the same tokens as PPO
+            steps = updates * config.n_epochs * (config.n_envs // per_step)
+            at = {round(steps * (k + 1) / settings.points) for k in range(settings.points)}
+            kind = trl.GRPOConfig if method == "grpo" else trl.RLOOConfig
+            args = kind(output_dir=tmp, beta=config.beta, num_generations=settings.generations,
+                        generation_batch_size=config.n_envs, per_device_train_batch_size=per_step,
+                        num_iterations=config.n_epochs, max_completion_length=new_tokens, temperature=1.0, top_k=0,
+                        top_p=1.0, max_steps=steps, **common)  # fmt: skip
+            trainer_class = trl.GRPOTrainer if method == "grpo" else trl.RLOOTrainer
+            prompts = Dataset.from_dict({"prompt": list(rendered)})
+            trainer = trainer_class(model=load_causal_lm(config.model), reward_funcs=reward, args=args,
+                                    processing_class=tokenizer, train_dataset=prompts, peft_config=lora)  # fmt: skip
+        trainer.add_callback(_points_callback(evaluate, at, points, counted))
+        trainer.train()
+    return points
+
+
+def dpo_pairs(task: str, limit: int | None) -> list[Any]:
+    """The pairs the task's shipped reward model was fitted on: its train split (:func:`split_pairs`, the settings in
+    its report.json), the first ``limit`` of them."""
+    from text_env.rewards.preferences import load_preferences
+    from text_env.rewards.training import split_pairs
+    from text_env.tasks import get_task
+
+    directory = Path(str(get_task(task).reward_model))
+    split = json.loads((directory / "report.json").read_text())["split"]
+    train, _, _ = split_pairs(load_preferences(directory / "prefs.jsonl"), split["validation"], split["test"],
+                              split["seed"])  # fmt: skip
+    return train[:limit]
+
+
+def best_of_n_points(task: str, seed: int, settings: Settings) -> list[dict]:
+    """n = 1, 2, 4, ... up to the pool, from one pool of base samples per held-out prompt."""
+    from agents.evaluate import distinct_n, evaluate
+    from agents.policies import CausalLMPolicy
+    from agents.run import make_env, run_task
+
+    config = settings.config(task, seed)
+    env = make_env(config, "eval")
+    prompts = list(run_task(config).examples("eval")[: config.eval_prompts])
+    policy = CausalLMPolicy(env.observation_space, env.action_space, lambda _: 0.0, model=config.model,
+                            bf16=config.bf16)  # fmt: skip
+    started = time.perf_counter()
+    pool = evaluate(policy, env, [p for p in prompts for _ in range(settings.pool)], seed=seed)
+    seconds = time.perf_counter() - started
+    m = settings.pool
+    shape = len(prompts), m
+    rm, gold = pool.reward_model_score.reshape(shape), pool.gold_score.reshape(shape)
+    ref_lp, n_tokens = pool.reference_log_prob.reshape(shape), pool.n_tokens.reshape(shape)
+    order = np.argsort(rm, axis=1, kind="stable")  # (P, M) ranks 1..M by reward-model score
+    ranked = {name: np.take_along_axis(x, order, 1) for name, x in (("rm", rm), ("gold", gold), ("lp", ref_lp),
+                                                                      ("tokens", n_tokens))}  # fmt: skip
+    points = []
+    n = 1
+    while n <= m:
+        k = np.arange(1, m + 1)
+        weight = (k / m) ** n - ((k - 1) / m) ** n  # (M,) P(the best of n draws with replacement has rank k)
+        kl = float(weight @ (math.log(n) + (n - 1) * np.log(k / m)))  # the same for every prompt
+        first = rm[:, :n].argmax(1)  # a concrete best of n per prompt: the distinct-2 of real answers
+        chosen = [pool.completions[i * m + j] for i, j in enumerate(first)]
+        summary = {
+            "reward_model_score": float((ranked["rm"] @ weight).mean()),
+            "gold_score": float((ranked["gold"] @ weight).mean()), "kl": max(kl, 0.0),
+            "distinct_2": distinct_n(chosen, 2),
+            "perplexity": float(np.exp(-(ranked["lp"] @ weight).sum() / (ranked["tokens"] @ weight).sum())),
+        }  # fmt: skip
+        per_prompt_tokens = float(n_tokens.mean()) * n
+        points.append(_point(summary, 0.0, per_prompt_tokens * len(prompts), per_answer=float(n), n=n,
+                             kl_bound=math.log(n) - (n - 1) / n, sampling_seconds=seconds * n / m))  # fmt: skip
+        n *= 2
+    return points
+
+
+def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path) -> dict[str, Any]:
+    """One method and seed (a DPO beta is its own method, ``dpo_0.1``): its points, once (finished ones are read)."""
+    path = work / task / method / f"seed{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if method.split("_")[0] in LEARNERS or method in ABLATIONS:
+        runs = path.parent / f"runs_seed{seed}"
+        points = learner_points(method, task, seed, settings, runs, ABLATIONS.get(method, []))
+    else:
+        command = [sys.executable, __file__, "--cell", task, method, str(seed), "--result", str(path),
+                   "--settings", json.dumps(asdict(settings))]  # fmt: skip
+        subprocess.run(command, check=True)
+        return json.loads(path.read_text())
+    result = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "points": points,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _child(task: str, method: str, seed: int, settings: Settings, path: Path) -> None:
+    from agents.train import peak_rss_gb
+
+    started = time.perf_counter()
+    if method == "best_of_n":
+        points = best_of_n_points(task, seed, settings)
+    elif method.startswith("dpo_"):
+        points = trl_points("dpo", task, seed, settings, beta=float(method.removeprefix("dpo_")))
+    else:
+        points = trl_points(method, task, seed, settings)
+    result = {"task": task, "method": method, "seed": seed, "points": points,
+              "wall_seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
+    path.write_text(json.dumps(result, indent=1))
+
+
+# --- fits, budgets, report ---------------------------------------------------------------------------------------
+
+
+def fit_gao(kl: np.ndarray, gain: np.ndarray, form: str) -> dict[str, float]:
+    """Least squares of ``gain = d(alpha - beta d)`` (``form="bon"``) or ``d(alpha - beta ln d)`` (``"rl"``) on
+    d = sqrt(KL); the peak d* (where the fitted gain is largest) and R^2."""
+    d = np.sqrt(np.clip(kl, 0.0, None))
+    second = d**2 if form == "bon" else d * np.log(np.where(d > 0, d, 1.0))
+    features = np.stack([d, -second], 1)
+    (alpha, beta), *_ = np.linalg.lstsq(features, gain, rcond=None)
+    fitted = features @ np.array([alpha, beta])
+    total = float(((gain - gain.mean()) ** 2).sum())
+    r2 = 1.0 - float(((gain - fitted) ** 2).sum()) / total if total > 0 else float("nan")
+    if beta <= 0:  # no turn within reach: the gain keeps growing
+        peak = float("inf")
+    elif form == "bon":
+        peak = alpha / (2 * beta)
+    else:
+        peak = math.exp(alpha / beta - 1)
+    return {"alpha": float(alpha), "beta": float(beta), "d_star": float(peak), "r2": r2, "points": len(d)}
+
+
+def fitted_gain(fit: dict[str, float], kl: float, form: str) -> float:
+    d = math.sqrt(kl)
+    second = d**2 if form == "bon" else (d * math.log(d) if d > 0 else 0.0)
+    return fit["alpha"] * d - fit["beta"] * second
+
+
+def _at(kl: float, points: list[dict], key: str) -> float:
+    """``key`` at ``kl``, linearly between the points (sorted by KL) on either side."""
+    return float(np.interp(kl, [p["kl"] for p in points], [p[key] for p in points]))
+
+
+def _form(method: str) -> str:
+    return "bon" if method == "best_of_n" else "rl"
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task and method: the pooled fit (gain over each seed's base gold) and, per KL budget, the gold from each
+    seed's own fit (mean, std) where that seed reached the budget, with the training and inference cost there."""
+    summary: dict[str, Any] = {}
+    for task in sorted({r["task"] for r in results}):
+        summary[task] = {}
+        for method in sorted({r["method"] for r in results if r["task"] == task}):
+            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            form = _form(method)
+            kls, gains, per_seed = [], [], []
+            for run in runs:
+                points = sorted(run["points"], key=lambda p: p["kl"])  # by KL, for interpolating costs
+                base = run["points"][0]["gold_score"]  # before training; best-of-1: the base model's samples
+                kl = np.array([p["kl"] for p in points])
+                gain = np.array([p["gold_score"] - base for p in points])
+                kls.append(kl)
+                gains.append(gain)
+                per_seed.append((fit_gao(kl, gain, form), float(kl.max()), base, points))
+            fit = fit_gao(np.concatenate(kls), np.concatenate(gains), form)
+            budgets = {}
+            for budget in BUDGETS:
+                reached = [(f, base, pts) for f, top, base, pts in per_seed if top >= budget]
+                if not reached:
+                    continue
+                gold = [base + fitted_gain(f, budget, form) for f, base, _ in reached]
+                cost = [_at(budget, pts, "train_seconds") for _, _, pts in reached]
+                answer = [_at(budget, pts, "samples_per_answer") for _, _, pts in reached]
+                budgets[str(budget)] = {"gold": float(np.mean(gold)), "gold_std": float(np.std(gold)),
+                                        "seeds": len(reached), "train_seconds": float(np.mean(cost)),
+                                        "samples_per_answer": float(np.mean(answer))}  # fmt: skip
+            summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs),
+                                     "max_kl": float(np.mean([top for _, top, _, _ in per_seed]))}  # fmt: skip
+    return summary
+
+
+def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: str, machine: str) -> str:
+    lines = [
+        "# Gold against KL: every method, Gao et al.'s fits",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}",
+        "",
+    ]
+    for task, methods in summary.items():
+        lines += [
+            f"## {task}",
+            "",
+            "Held-out gold at each KL budget (nats per completion): mean ± std over the seeds "
+            "that reached it, each from its own fitted curve; training seconds and samples per answer there.",
+            "",
+        ]
+        lines += ["| method | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
+        for method, row in methods.items():
+            cells = []
+            for budget in BUDGETS:
+                cell = row["budgets"].get(str(budget))
+                cells.append("not reached" if cell is None else
+                             f"{cell['gold']:.3f} ± {cell['gold_std']:.3f} ({cell['train_seconds']:.0f} s, "
+                             f"{cell['samples_per_answer']:.0f}/answer)")  # fmt: skip
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| method | form | alpha | beta | d* | R² | points | mean final KL |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method, row in methods.items():
+            f = row["fit"]
+            lines.append(f"| {method} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['d_star']:.2f} | "
+                         f"{f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
+        if "ppo" in methods and "best_of_n" in methods:
+            lines += ["", ppo_against_best_of_16(methods, results, task)]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def ppo_against_best_of_16(methods: dict[str, Any], results: list[dict[str, Any]], task: str) -> str:
+    """The KL at which PPO's fitted gold gain reaches best-of-16's measured one (mean over seeds), and the inference
+    samples that saves."""
+    sixteen = [p["gold_score"] - r["points"][0]["gold_score"] for r in results if r["task"] == task
+               and r["method"] == "best_of_n" for p in r["points"] if p.get("n") == 16]  # fmt: skip
+    if not sixteen:
+        return "Best-of-16 was not measured (a pool of fewer than 16 samples per prompt)."
+    ppo = methods["ppo"]["fit"]
+    target = float(np.mean(sixteen))
+    grid = np.linspace(0.01, max(methods["ppo"]["max_kl"], 0.01), 400)
+    reached = [kl for kl in grid if fitted_gain(ppo, float(kl), "rl") >= target]
+    if not reached:
+        return (f"PPO's fitted gain does not reach best-of-16's (+{target:.3f}) within its measured KL "
+                f"({methods['ppo']['max_kl']:.1f} nats).")  # fmt: skip
+    return (
+        f"PPO matches best-of-16's gain (+{target:.3f}) at KL {reached[0]:.2f} nats with one sample per answer: "
+        "16x fewer samples generated and scored at inference."
+    )
+
+
+def plot(results: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    from agents.train import pyplot
+
+    plt = pyplot()
+    tasks = list(summary)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for k, (method, row) in enumerate(summary[task].items()):
+            color = f"C{k % 10}"
+            for run in (r for r in results if r["task"] == task and r["method"] == method):
+                base = run["points"][0]["gold_score"]
+                ax.scatter([math.sqrt(max(p["kl"], 0)) for p in run["points"]],
+                           [p["gold_score"] - base for p in run["points"]], color=color, s=12, alpha=0.6)  # fmt: skip
+            d = np.linspace(0, math.sqrt(max(row["max_kl"], 1e-3)), 100)
+            ax.plot(d, [fitted_gain(row["fit"], float(x) ** 2, _form(method)) for x in d], color=color, label=method)
+        ax.set(title=task, xlabel="sqrt(KL to the base model)", ylabel="held-out gold gain over the base")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def quick_settings(tmp: Path) -> Settings:
+    """A tiny random LM, the gold reward, one point per method: the whole harness in a minute."""
+    from text_env.models import make_tiny_model
+    from text_env.tasks import get_task
+
+    # The tiny LM's 128-token BPE splits text about 2.6x finer than SmolLM2's: 3x the tasks' room for the prompt.
+    room = 3 * max(get_task(task).max_prompt_tokens for task in TASKS)
+    model = make_tiny_model(tmp / "tiny-lm", max_positions=room + 64)
+    train = dict(model=str(model), reward_model="gold", total_timesteps=32, n_envs=2, n_steps=8, batch_size=8,
+                 max_new_tokens=4, max_prompt_tokens=room, eval_prompts=2, bf16=False, n_epochs=1)  # fmt: skip
+    return Settings(points=1, pool=4, dpo_betas=(0.1,), dpo_pairs=8, generations=2, train=train)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--methods", default=",".join([*METHODS, *ABLATIONS]))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--points", type=int, default=5, help="evaluations along training (learners, TRL, DPO)")
+    parser.add_argument("--dpo-pairs", type=int, help="DPO on the first N train pairs (default: all)")
+    parser.add_argument("--work", default="frontier_work", help="one JSON per task, method and seed (resumable)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and one point per method (CI)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)  # a child: TASK METHOD SEED
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cell:
+        settings = Settings(**{**json.loads(args.settings), "dpo_betas": tuple(json.loads(args.settings)["dpo_betas"])})
+        _child(args.cell[0], args.cell[1], int(args.cell[2]), settings, Path(args.result))
+        return {}
+    command = " ".join(["python benchmarks/frontier.py", *(sys.argv[1:] if argv is None else argv)])
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - {*METHODS, *ABLATIONS})
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join([*METHODS, *ABLATIONS])}")
+    if args.points < 1 or args.seeds < 1:
+        parser.error("--points and --seeds must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = quick_settings(Path(tmp)) if args.quick else Settings(points=args.points, dpo_pairs=args.dpo_pairs)
+        work = Path(tmp) / "work" if args.quick else Path(args.work)
+        seeds = 1 if args.quick else args.seeds
+        cells = [m for m in methods if m != "dpo"] + (
+            [f"dpo_{b:g}" for b in settings.dpo_betas] if "dpo" in methods else []
+        )
+        results = [run_cell(task, method, seed, settings, work) for task in args.tasks.split(",") for method in cells
+                   for seed in range(seeds)]  # fmt: skip
+    from agents.train import cpu_kind
+
+    summary = summarize(results)
+    name = "frontier_quick" if args.quick else "frontier"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{cpu_kind()}"
+    (out / f"{name}.json").write_text(json.dumps({"command": command, "machine": machine, "summary": summary,
+                                                   "runs": results}, indent=1))  # fmt: skip
+    (out / f"{name}.md").write_text(markdown(summary, results, command, machine))
+    plot(results, summary, out / f"{name}.png")
+    print(markdown(summary, results, command, machine))
+    return {"summary": summary, "runs": results}
+
+
+if __name__ == "__main__":
+    main()
