@@ -12,7 +12,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
-__all__ = ["HeldOutEvaluation", "SkipFinishedBootstrap", "TextMetrics"]
+__all__ = ["HeldOutEvaluation", "ReferenceEMA", "SkipFinishedBootstrap", "TextMetrics"]
 
 
 class TextMetrics(BaseCallback):
@@ -172,6 +172,25 @@ class HeldOutEvaluation(BaseCallback):
         self.metrics.held_out.append(row)
         for key, value in summary.items():
             self.logger.record(f"eval/{key}", float(value))
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class ReferenceEMA(BaseCallback):
+    """After every update, move the policy's KL reference toward it (``CausalLMPolicy.follow_policy``, with the
+    policy's ``reference_ema``): when the next rollout starts, so the update has happened, and before its KL."""
+
+    def _on_training_start(self) -> None:
+        self._updated = False
+
+    def _on_rollout_start(self) -> None:
+        if self._updated:
+            self.model.policy.follow_policy()
+        self._updated = False
+
+    def _on_rollout_end(self) -> None:
+        self._updated = True  # the update follows
 
     def _on_step(self) -> bool:
         return True

@@ -137,6 +137,9 @@ def _lora_settings(lora: dict[str, Any] | bool | None) -> dict[str, Any] | None:
     return lora
 
 
+_EMA_PREFIX = "_reference."  # state_dict keys of the moving reference (reference_ema)
+
+
 def _token_ids(obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask ``(B, L)`` as integers (SB3's buffers store observations as floats), checked."""
     ids, mask = obs["input_ids"], obs["attention_mask"]  # type: ignore[index]
@@ -196,6 +199,11 @@ class _CausalLMMixin:
         (1.45x on a code-task minibatch, ``benchmarks/activation_checkpointing.py``), where long prompts would
         otherwise hold GBs of activations. ``None``: never. Not under TRPO, whose Fisher-vector products
         differentiate the pass twice.
+    :param reference_ema: 0: the KL reference is the starting model, frozen. τ > 0: the reference is a copy of
+        it that follows the policy as an exponential moving average of the weights, ``ref ← (1 − τ)·ref + τ·W``
+        after every update (:meth:`follow_policy`; with LoRA ``W`` is the merged ``W₀ + s·B·A``), one of what
+        made PPO win in Xu et al. (2024). The copy is saved with the policy (``state_dict``), so a resumed run
+        goes on from it.
     :param trust_remote_code: passed to ``from_pretrained``.
     """
 
@@ -213,10 +221,13 @@ class _CausalLMMixin:
         lora: dict[str, Any] | bool | None = None,
         train_layers: int | None = None,
         checkpoint_tokens: int | None = CHECKPOINT_TOKENS,
+        reference_ema: float = 0.0,
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> None:
         lora = _lora_settings(lora)
+        if not 0 <= reference_ema <= 1:
+            raise ValueError(f"reference_ema is a weight in [0, 1] (0: a fixed reference), got {reference_ema}")
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"an LM policy needs a Discrete action space (token ids), got {action_space}")
         if not isinstance(observation_space, spaces.Dict) or "input_ids" not in observation_space.spaces:
@@ -243,7 +254,7 @@ class _CausalLMMixin:
         self._check_tokenizer(env, trust_remote_code)
         self.bf16, self.temperature, self.top_k, self.top_p = bf16, temperature, top_k, top_p
         self.kv_cache, self.lora, self.trust_remote_code = kv_cache, lora, trust_remote_code
-        self.train_layers, self.checkpoint_tokens = train_layers, checkpoint_tokens
+        self.train_layers, self.checkpoint_tokens, self.reference_ema = train_layers, checkpoint_tokens, reference_ema
         self.double_backward = _differentiates_twice(algorithm)
         self._sampled: dict[bytes, np.ndarray] = {}  # observation -> bit-packed nucleus it was sampled under
         self._floor: list[float] = []  # -log kept mass of each rollout step (with top-k / top-p)
@@ -294,7 +305,10 @@ class _CausalLMMixin:
             except TypeError as err:
                 raise TypeError(f"lora takes peft.LoraConfig keyword arguments, e.g. {{'r': 16}}: {err}") from err
             self._reference_lm = None  # adapters disabled = the base model
-        else:
+        if self.reference_ema:  # a private copy that moves (the shared frozen one must never change)
+            reference = load_causal_lm(self.lm_name, trust_remote_code=self.trust_remote_code).requires_grad_(False)
+            self.__dict__["_reference_lm"] = reference.eval()
+        elif self.lora is None:
             # The pretrained weights, frozen and shared (e.g. with a head-only reward model's backbone); not a
             # submodule, so it is not trained, not saved with the policy, and not among TRPO's actor parameters.
             self.__dict__["_reference_lm"] = load_frozen_causal_lm(self.lm_name, self.trust_remote_code)
@@ -337,7 +351,8 @@ class _CausalLMMixin:
         data.update(
             model=self.lm_name, bf16=self.bf16, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             kv_cache=self.kv_cache, lora=self.lora, train_layers=self.train_layers,
-            checkpoint_tokens=self.checkpoint_tokens, trust_remote_code=self.trust_remote_code,
+            checkpoint_tokens=self.checkpoint_tokens, reference_ema=self.reference_ema,
+            trust_remote_code=self.trust_remote_code,
         )  # fmt: skip
         return data
 
@@ -356,8 +371,9 @@ class _CausalLMMixin:
 
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[None]:
-        # LoRA's base is the reference: the same network with its adapters switched off
-        with adapters_disabled(self.lm) if self.lora is not None else contextlib.nullcontext(), self._autocast():
+        # LoRA's base is the reference (without a copy of its own): the same network with its adapters switched off
+        shared = self.lora is not None and self._reference_lm is None
+        with adapters_disabled(self.lm) if shared else contextlib.nullcontext(), self._autocast():
             yield
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(device) moves the unregistered reference too
@@ -367,10 +383,44 @@ class _CausalLMMixin:
         self._reset_caches()  # their keys/values and weight copies stay where they were
         return result
 
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # what SB3's set_parameters / load use
-        result = super().load_state_dict(*args, **kwargs)  # type: ignore[misc]
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:  # SB3's set_parameters / load
+        state_dict = dict(state_dict)
+        moved = {k.removeprefix(_EMA_PREFIX): state_dict.pop(k) for k in list(state_dict) if k.startswith(_EMA_PREFIX)}
+        if moved and not self.reference_ema:
+            raise ValueError("these weights carry a moving KL reference (reference_ema > 0); this policy has none")
+        if moved:
+            self._reference_lm.load_state_dict(moved)
+        result = super().load_state_dict(state_dict, *args, **kwargs)  # type: ignore[misc]
         self._reset_caches()
         return result
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The policy's own tensors, and with ``reference_ema`` the moving reference's, under ``_reference.``."""
+        state = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        if self.reference_ema:
+            for name, tensor in self._reference_lm.state_dict().items():
+                state[_EMA_PREFIX + name] = tensor
+        return state
+
+    @torch.no_grad()
+    def follow_policy(self) -> None:
+        """One step of the moving reference toward the policy: ``ref ← (1 − τ)·ref + τ·W`` for every weight (LoRA
+        layers at their merged ``W₀ + s·B·A``), τ = ``reference_ema``; its caches then go, as they are stale."""
+        if not self.reference_ema:
+            raise ValueError("follow_policy needs reference_ema > 0: the reference is fixed")
+        tau = self.reference_ema
+        reference = dict(self._reference_lm.named_parameters())
+        if self.lora is not None:
+            for name, module in self.lm.named_modules():
+                if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                    key = name.removeprefix("base_model.model.") + ".weight"
+                    merged = module.base_layer.weight + module.get_delta_weight("default")
+                    reference[key].lerp_(merged.to(reference[key].dtype), tau)
+        else:
+            for name, param in super().named_parameters():  # type: ignore[misc]  # frozen ones too: all equal-or-not
+                if name.startswith("lm.") and param.requires_grad:
+                    reference[name.removeprefix("lm.")].lerp_(param.detach(), tau)
+        self._reset_caches()
 
     def _reset_caches(self) -> None:
         for cache in (self.__dict__.get("_actor_cache"), self.__dict__.get("_reference_cache")):

@@ -25,7 +25,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
-from agents.callbacks import HeldOutEvaluation, SkipFinishedBootstrap, TextMetrics
+from agents.callbacks import HeldOutEvaluation, ReferenceEMA, SkipFinishedBootstrap, TextMetrics
 from agents.constraints import QUANTITIES, Lagrangian, parse_constraints
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
@@ -172,6 +172,14 @@ class TrainConfig:
     max_new_tokens: int | None = field(default=None, metadata=_help("episode length (default: the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
+    ref_ema: float = field(
+        default=0.0,
+        metadata=_help(
+            "τ > 0: the KL reference follows the policy as an exponential moving average of its weights, ref <- "
+            "(1 - τ) ref + τ W after every update (0: the starting model, fixed); held-out KL is still measured "
+            "against the starting model"
+        ),
+    )
     eval_every: int = field(
         default=0,
         metadata=_help(
@@ -192,6 +200,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS + BASELINES:
             raise ValueError(f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGORITHMS + BASELINES)}")
+        if not 0 <= self.ref_ema <= 1:
+            raise ValueError(f"ref_ema is a weight in [0, 1] (0: a fixed reference), got {self.ref_ema}")
+        if self.ref_ema and self.algo not in ALGORITHMS:
+            raise ValueError(f"ref_ema moves an LM policy's reference; {self.algo} has no LM (use one of {ALGORITHMS})")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: evaluate before and after only), got {self.eval_every}")
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
@@ -290,7 +302,8 @@ def policy_kwargs(config: TrainConfig) -> dict[str, Any]:
         return {"features_extractor_class": BagOfTokens}
     if config.algo == "recurrent_ppo_lstm":
         return {"features_extractor_class": LastTokenEmbedding}
-    return {"model": config.model, "bf16": config.bf16, "lora": config.lora, "train_layers": config.train_layers}
+    kwargs = {"model": config.model, "bf16": config.bf16, "lora": config.lora, "train_layers": config.train_layers}
+    return {**kwargs, "reference_ema": config.ref_ema} if config.ref_ema else kwargs
 
 
 def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -404,14 +417,16 @@ class Run:
     def callbacks(self, *more: Any) -> CallbackList:
         """The KL leash, the text metrics and the bootstrap skip (plus ``more``), for ``algo.learn(callback=...)``;
         with ``eval_every``, the held-out evaluation along training."""
-        held_out = (
-            [HeldOutEvaluation(self.evaluate, self.metrics, self.config.eval_every)] if self.config.eval_every else []
-        )
-        return CallbackList([self.kl, self.metrics, SkipFinishedBootstrap(), *held_out, *more])
+        more = (*([ReferenceEMA()] if self.config.ref_ema else []), *more)
+        if self.config.eval_every:
+            more = (HeldOutEvaluation(self.evaluate, self.metrics, self.config.eval_every), *more)
+        return CallbackList([self.kl, self.metrics, SkipFinishedBootstrap(), *more])
 
     def evaluate(self) -> Evaluation:
-        """The policy on the held-out prompts, measured by :func:`agents.evaluate.evaluate`."""
-        return evaluate(self.algo.policy, self.eval_env, self.eval_prompts, seed=self.config.seed)
+        """The policy on the held-out prompts, measured by :func:`agents.evaluate.evaluate` (KL to the starting
+        model, the moving reference of ``ref_ema`` aside)."""
+        reference = self.config.model if self.config.ref_ema else None
+        return evaluate(self.algo.policy, self.eval_env, self.eval_prompts, seed=self.config.seed, reference=reference)
 
 
 def build_run(config: TrainConfig, verbose: int = 1) -> Run:

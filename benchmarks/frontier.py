@@ -50,6 +50,7 @@ METHODS = (*LEARNERS, *TRL_ONLINE, "dpo", "best_of_n")
 ABLATIONS = {  # PPO variants at the default budget (Xu et al. 2024: what made PPO win)
     "ppo_no_adv_norm": ["--advantage-normalization", "none"],
     "ppo_4x_batch": ["--n-envs", "64"],
+    "ppo_ref_ema": ["--ref-ema", "0.1"],  # the reference 10 % of the way to the policy after each update
 }
 BUDGETS = (2.0, 4.0, 8.0, 12.0)  # KL, nats per completion
 METRICS = ("gold_score", "reward_model_score", "kl", "distinct_2", "perplexity")

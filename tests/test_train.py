@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_PROMPTS
 
 from agents.evaluate import evaluate
@@ -232,3 +233,39 @@ def test_advantage_normalization_is_wired_to_the_buffer_or_the_algorithm(
         assert abs(float(run.algo.rollout_buffer.advantages.mean())) < 1e-5
     with pytest.raises(ValueError, match="advantage_normalization must be one of minibatch, rollout, none"):
         TrainConfig(advantage_normalization="episode")
+
+
+@pytest.mark.parametrize("lora_r", [4, 0])
+def test_reference_ema_follows_the_policy_and_is_saved(tiny_model: Path, tmp_path: Path, lora_r: int) -> None:
+    """--ref-ema τ: after each update the KL reference moves by τ toward the policy's weights (LoRA: the merged
+    W0 + s·B·A), by hand on one layer; held-out KL is still to the starting model; model.zip carries the moving
+    reference, so PPO.load gets it back."""
+    from stable_baselines3 import PPO
+
+    from text_env.models import load_causal_lm
+
+    config = TrainConfig(**tiny_config(tiny_model), total_timesteps=32, lora_r=lora_r, ref_ema=0.5,
+                         learning_rate=1e-2)  # fmt: skip
+    run = build_run(config, verbose=0)
+    policy = run.algo.policy
+    base = load_causal_lm(str(tiny_model)).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    run.algo.learn(config.total_timesteps, callback=run.callbacks())  # 2 rollouts: one EMA step, after update 1
+    reference = policy._reference_lm.state_dict()[key]
+    assert not torch.equal(reference, base[key])
+    before = reference.clone()
+    policy.follow_policy()  # by hand: ref <- ref + τ (W - ref)
+    if lora_r:
+        layer = policy.lm.base_model.model.model.layers[0].self_attn.q_proj
+        weight = layer.base_layer.weight + layer.get_delta_weight("default")
+    else:
+        weight = policy.lm.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(policy._reference_lm.state_dict()[key], before + 0.5 * (weight - before), atol=1e-6)
+    assert abs(run.evaluate().summary["kl"]) > 0  # to the starting model, not to the moving reference
+    run.algo.save(tmp_path / "model.zip")
+    loaded = PPO.load(tmp_path / "model.zip", env=run.env)
+    assert torch.equal(loaded.policy._reference_lm.state_dict()[key], policy._reference_lm.state_dict()[key])
+    with pytest.raises(ValueError, match="ref_ema is a weight in"):
+        TrainConfig(ref_ema=1.5)
+    with pytest.raises(ValueError, match="has no LM"):
+        TrainConfig(ref_ema=0.1, algo="ppo_bag_of_tokens")

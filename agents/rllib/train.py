@@ -150,6 +150,8 @@ def rllib_config(
             f"a CUDA GPU here, and torch {torch.__version__} sees none: leave it at 0 to train on the CPU, or give "
             "--num-learners N to place N GPU Learners on the cluster's GPU nodes"
         )
+    if config.ref_ema:
+        raise ValueError("--ref-ema runs on --engine sb3 only so far: the RLlib module's reference is fixed")
     if config.constraints and num_learners > 1:
         raise ValueError(
             f"--constraint with --num-learners {num_learners}: the multipliers step on one Learner's episodes so far; "
