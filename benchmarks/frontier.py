@@ -12,8 +12,10 @@ same task, model, reward model, held-out prompts and seeds, at several points of
 - ``dpo``: TRL's ``DPOTrainer``, offline on the train split of the pairs the task's reward model was fitted on, at
   each beta of ``--dpo-betas``, evaluated at evenly spaced steps;
 - ``best_of_n``: n = 1, 2, 4, ..., 64 from one pool of 64 base samples per held-out prompt. Gold, reward-model score
-  and perplexity are the expectation over the pool of the best of n drawn with replacement; the KL is measured the
-  same way (log n + (n - 1) log F(r), F the pool's reward CDF) beside the bound log n - (n - 1)/n it never exceeds.
+  and perplexity are the expectation over the pool of the best of n drawn with replacement; the KL is that of the
+  best-of-n distribution on the pool to a single draw from it (:func:`best_of_n`), beside the bound
+  log n - (n - 1)/n: it reaches the bound for distinct rewards and a large pool, and falls below it where samples
+  tie (repeated completions).
 
 Every point: held-out gold and reward-model score, KL to the base model on samples, distinct-2, perplexity, training
 seconds and tokens generated so far, and samples scored per answer (n for best-of-n, 1 for the rest). Each method
@@ -244,29 +246,40 @@ def best_of_n_points(task: str, seed: int, settings: Settings) -> list[dict]:
     m = settings.pool
     shape = len(prompts), m
     rm, gold = pool.reward_model_score.reshape(shape), pool.gold_score.reshape(shape)
-    ref_lp, n_tokens = pool.reference_log_prob.reshape(shape), pool.n_tokens.reshape(shape)
-    order = np.argsort(rm, axis=1, kind="stable")  # (P, M) ranks 1..M by reward-model score
-    ranked = {name: np.take_along_axis(x, order, 1) for name, x in (("rm", rm), ("gold", gold), ("lp", ref_lp),
-                                                                      ("tokens", n_tokens))}  # fmt: skip
+    columns = np.stack([gold, pool.reference_log_prob.reshape(shape), pool.n_tokens.reshape(shape), rm], -1)
     points = []
     n = 1
     while n <= m:
-        k = np.arange(1, m + 1)
-        weight = (k / m) ** n - ((k - 1) / m) ** n  # (M,) P(the best of n draws with replacement has rank k)
-        kl = float(weight @ (math.log(n) + (n - 1) * np.log(k / m)))  # the same for every prompt
+        expected, kls = [], []
+        for scores, values in zip(rm, columns, strict=True):
+            chance, mean, kl = best_of_n(scores, values, n)
+            expected.append(chance @ mean)
+            kls.append(kl)
+        gold_n, lp_n, tokens_n, rm_n = np.array(expected).T  # (prompts,) each
         first = rm[:, :n].argmax(1)  # a concrete best of n per prompt: the distinct-2 of real answers
         chosen = [pool.completions[i * m + j] for i, j in enumerate(first)]
         summary = {
-            "reward_model_score": float((ranked["rm"] @ weight).mean()),
-            "gold_score": float((ranked["gold"] @ weight).mean()), "kl": max(kl, 0.0),
-            "distinct_2": distinct_n(chosen, 2),
-            "perplexity": float(np.exp(-(ranked["lp"] @ weight).sum() / (ranked["tokens"] @ weight).sum())),
+            "reward_model_score": float(rm_n.mean()), "gold_score": float(gold_n.mean()), "kl": float(np.mean(kls)),
+            "distinct_2": distinct_n(chosen, 2), "perplexity": float(np.exp(-lp_n.sum() / tokens_n.sum())),
         }  # fmt: skip
-        per_prompt_tokens = float(n_tokens.mean()) * n
-        points.append(_point(summary, 0.0, per_prompt_tokens * len(prompts), per_answer=float(n), n=n,
+        points.append(_point(summary, 0.0, float(tokens_n.mean()) * n * len(prompts), per_answer=float(n), n=n,
                              kl_bound=math.log(n) - (n - 1) / n, sampling_seconds=seconds * n / m))  # fmt: skip
         n *= 2
     return points
+
+
+def best_of_n(scores: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Best of ``n`` draws (with replacement) from one prompt's pool: per group of equal reward-model ``scores``,
+    the chance the best falls in it (ties broken uniformly), the mean of ``values`` ``(M, C)`` in it, and the KL of
+    the best of n to a single draw, sum_g P_g log(P_g / p_g). With no ties this is log n - (n - 1)/n as the pool
+    grows; ties (repeated completions) bring it below."""
+    levels, group = np.unique(scores, return_inverse=True)  # (G,) ascending, (M,) each sample's group
+    share = np.bincount(group, minlength=len(levels)) / len(scores)  # (G,) p_g, a single draw
+    below = np.concatenate([[0.0], np.cumsum(share)])  # (G + 1,) F before and after each group
+    chance = below[1:] ** n - below[:-1] ** n  # (G,) P_g
+    mean = np.stack([values[group == g].mean(0) for g in range(len(levels))])  # (G, C)
+    kept = chance > 0
+    return chance, mean, float(chance[kept] @ np.log(chance[kept] / share[kept]))
 
 
 def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path) -> dict[str, Any]:

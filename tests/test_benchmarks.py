@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from text_env.tasks import list_tasks
@@ -295,3 +296,47 @@ def test_constrained_bookkeeping_times_the_multipliers_against_a_default_rollout
     result = load_benchmark("constrained").main(["--bookkeeping", "--out", str(tmp_path)])
     assert 0 < result["seconds_per_rollout"] < 1 and result["share_of_rollout"] == result["seconds_per_rollout"] / 50
     assert "50.0-50.0 s" in (tmp_path / "constrained_bookkeeping.md").read_text()
+
+
+def test_frontier_fits_gaos_forms() -> None:
+    """Both of Gao et al.'s forms are recovered from exact points: alpha, beta, the peak d* and R² = 1."""
+    frontier = load_benchmark("frontier")
+    kl = np.linspace(0.0, 16.0, 9)
+    d = np.sqrt(kl)
+    bon = frontier.fit_gao(kl, d * (0.5 - 0.1 * d), "bon")
+    assert bon["alpha"] == pytest.approx(0.5) and bon["beta"] == pytest.approx(0.1) and bon["r2"] == pytest.approx(1)
+    assert bon["d_star"] == pytest.approx(2.5)
+    rl = frontier.fit_gao(kl, d * (0.3 - 0.2 * np.log(np.where(d > 0, d, 1))), "rl")
+    assert rl["alpha"] == pytest.approx(0.3) and rl["beta"] == pytest.approx(0.2)
+    assert rl["d_star"] == pytest.approx(np.exp(0.3 / 0.2 - 1)) and frontier.fitted_gain(rl, 4.0, "rl") == (
+        pytest.approx(2 * (0.3 - 0.2 * np.log(2)))
+    )
+
+
+def test_best_of_n_on_a_pool_by_hand() -> None:
+    """Pool [1, 2, 2, 3] (a tie), best of 2: P(group) = F^2 steps: 1/16, 8/16, 7/16; KL = sum P log(P / p)."""
+    frontier = load_benchmark("frontier")
+    chance, mean, kl = frontier.best_of_n(np.array([1.0, 2, 2, 3]), np.array([[10.0], [20], [40], [30]]), 2)
+    assert chance == pytest.approx([1 / 16, 8 / 16, 7 / 16]) and mean[:, 0] == pytest.approx([10, 30, 30])
+    p = np.array([0.25, 0.5, 0.25])
+    assert kl == pytest.approx(float(chance @ np.log(chance / p))) and kl < np.log(2) - 1 / 2
+    assert frontier.best_of_n(np.arange(4.0), np.zeros((4, 1)), 1)[2] == pytest.approx(0)
+
+
+def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
+    """--quick: every method (DPO at its beta, the PPO ablations) gives points with every metric and its cost,
+    fitted; best-of-n's measured KL stays under its bound; the table, JSON and plot are written."""
+    frontier = load_benchmark("frontier")
+    frontier.main(["--quick", "--tasks", "positive-review", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "frontier_quick.json").read_text())
+    methods = {run["method"] for run in result["runs"]}
+    assert methods == {*frontier.METHODS, *frontier.ABLATIONS} - {"dpo"} | {"dpo_0.1"}
+    for run in result["runs"]:
+        assert len(run["points"]) >= 2, run["method"]  # before (or n = 1) and at least one more
+        for point in run["points"]:
+            assert all(np.isfinite(point[k]) for k in (*frontier.METRICS, "train_seconds", "tokens")), run["method"]
+    (bon,) = [run for run in result["runs"] if run["method"] == "best_of_n"]
+    assert [p["n"] for p in bon["points"]] == [1, 2, 4] and bon["points"][0]["kl"] == 0
+    assert all(p["kl"] <= p["kl_bound"] + 1e-9 and p["samples_per_answer"] == p["n"] for p in bon["points"])
+    assert set(result["summary"]["positive-review"]) == methods
+    assert "| ppo |" in (tmp_path / "frontier_quick.md").read_text() and (tmp_path / "frontier_quick.png").is_file()
