@@ -498,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--points", type=int, default=5, help="evaluations along training (learners, TRL, DPO)")
     parser.add_argument("--dpo-pairs", type=int, help="DPO on the first N train pairs (default: all)")
+    parser.add_argument("--dpo-betas", default="0.05,0.1,0.5", help="DPO's β, one run each")
     parser.add_argument("--work", default="frontier_work", help="one JSON per task, method and seed (resumable)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and one point per method (CI)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -517,7 +518,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.points < 1 or args.seeds < 1:
         parser.error("--points and --seeds must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        settings = quick_settings(Path(tmp)) if args.quick else Settings(points=args.points, dpo_pairs=args.dpo_pairs)
+        settings = (
+            quick_settings(Path(tmp))
+            if args.quick
+            else Settings(
+                points=args.points,
+                dpo_pairs=args.dpo_pairs,
+                dpo_betas=tuple(float(b) for b in args.dpo_betas.split(",")),
+            )
+        )
         work = Path(tmp) / "work" if args.quick else Path(args.work)
         seeds = 1 if args.quick else args.seeds
         cells = [m for m in methods if m != "dpo"] + (
