@@ -49,10 +49,10 @@ TASKS = ("positive-review", "concepts")  # both ship a learned reward model and 
 LEARNERS = {"ppo": "ppo", "a2c": "a2c", "nlpo": "maskable_ppo"}  # method -> textgen train --algo
 TRL_ONLINE = ("rloo", "grpo")
 METHODS = (*LEARNERS, *TRL_ONLINE, "dpo", "best_of_n")
-ABLATIONS = {  # PPO variants at the default budget (Xu et al. 2024: what made PPO win)
-    "ppo_no_adv_norm": ["--advantage-normalization", "none"],
-    "ppo_4x_batch": ["--n-envs", "64"],
-    "ppo_ref_ema": ["--ref-ema", "0.1"],  # the reference 10 % of the way to the policy after each update
+ABLATIONS: dict[str, dict[str, Any]] = {  # PPO variants at the default budget (Xu et al. 2024: what made PPO win)
+    "ppo_no_adv_norm": {"advantage_normalization": "none"},
+    "ppo_4x_batch": {"n_envs": 64},  # 4x the tokens per rollout, the same total: a quarter of the updates
+    "ppo_ref_ema": {"ref_ema": 0.1},  # the reference 10 % of the way to the policy after each update
 }
 BUDGETS = (2.0, 4.0, 8.0, 12.0)  # KL, nats per completion
 METRICS = ("gold_score", "reward_model_score", "kl", "distinct_2", "perplexity")
@@ -83,15 +83,16 @@ def _point(summary: dict[str, float], seconds: float, tokens: float, per_answer:
     return {**row, "train_seconds": seconds, "tokens": tokens, "samples_per_answer": per_answer, **more}
 
 
-def learner_points(method: str, task: str, seed: int, settings: Settings, out: Path, extra: list[str]) -> list[dict]:
+def learner_points(method: str, task: str, seed: int, settings: Settings, out: Path) -> list[dict]:
     """``textgen train`` with ``--eval-every``: before, every k-th update, after."""
-    config = settings.config(task, seed)
+    overrides = {**settings.train, **ABLATIONS.get(method, {})}
+    config = settings.config(task, seed, **ABLATIONS.get(method, {}))
     updates = max(1, config.total_timesteps // (config.n_envs * config.n_steps))
     every = max(1, updates // settings.points)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.train.items() if not isinstance(v, bool)]
-    flags += [f"--no-{k.replace('_', '-')}" for k, v in settings.train.items() if v is False]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if not isinstance(v, bool)]
+    flags += [f"--no-{k.replace('_', '-')}" for k, v in overrides.items() if v is False]
     command = ["train", "--task", task, "--seed", str(seed), "--algo", LEARNERS[method.split("_")[0]],
-               "--eval-every", str(every), "--out", str(out), *flags, *extra]  # fmt: skip
+               "--eval-every", str(every), "--out", str(out), *flags]  # fmt: skip
     subprocess.run([sys.executable, "-m", "agents.cli", *command], check=True)
     (report_file,) = out.glob("*/report.json")
     report = json.loads(report_file.read_text())
@@ -291,7 +292,7 @@ def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path) 
     started = time.perf_counter()
     if method.split("_")[0] in LEARNERS or method in ABLATIONS:
         runs = path.parent / f"runs_seed{seed}"
-        points = learner_points(method, task, seed, settings, runs, ABLATIONS.get(method, []))
+        points = learner_points(method, task, seed, settings, runs)
     else:
         command = [sys.executable, __file__, "--cell", task, method, str(seed), "--result", str(path),
                    "--settings", json.dumps(asdict(settings))]  # fmt: skip
