@@ -60,17 +60,28 @@ def summarize(reports: list[dict[str, Any]]) -> list[dict[str, float]]:
             "rm_after": a["reward_model_score"], "kl": a["kl"], "distinct_2": a["distinct_2"],
             "minutes": r["train_seconds"] / 60, "peak_rss_gb": r["peak_rss_gb"],
         })  # fmt: skip
+        late = [h["gold_score"] for h in r.get("held_out_history", []) if h["timesteps"] > 5 * _rollout(r)]
+        if late:  # --eval-every: did held-out gold ever fall below its start after iteration 5?
+            rows[-1]["heldout_min_after_5"] = min(late)
     return rows
+
+
+def _rollout(report: dict[str, Any]) -> int:
+    """Tokens per rollout (an RLlib iteration: the same n_envs x n_steps)."""
+    return int(report["config"]["n_envs"]) * int(report["config"]["n_steps"])
 
 
 def markdown(rows: list[dict[str, float]], command: str, machine: str) -> str:
     keys = ["gold_before", "gold_after", "gold_gain", "rm_before", "rm_after", "kl", "distinct_2", "minutes",
             "peak_rss_gb"]  # fmt: skip
+    if all("heldout_min_after_5" in row for row in rows):
+        keys.insert(3, "heldout_min_after_5")
     lines = [
         "# `textgen train` over seeds", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
         "Held-out: the task's first 80 evaluation prompts, before and after training. KL: nats per completion to "
         "the base model. minutes: training only (the evaluations before and after are not counted). Worst: the "
-        "lowest gold gain, the highest KL and peak RSS, the lowest distinct-2.", "",
+        "lowest gold gain, the highest KL and peak RSS, the lowest distinct-2. heldout_min_after_5 (runs with "
+        "--eval-every): the lowest held-out gold evaluated after iteration 5.", "",
         "| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
     ]  # fmt: skip
     lines += seed_rows(rows, keys, worst={"kl": max, "minutes": max, "peak_rss_gb": max})
@@ -93,10 +104,14 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     for r in reports:
         steps = [h["timesteps"] for h in r["history"]]
         seed = r["config"]["seed"]
-        axes[0].plot(steps, [h["gold_score"] for h in r["history"]], label=f"seed {seed}")
+        line = axes[0].plot(steps, [h["gold_score"] for h in r["history"]], label=f"seed {seed}")[0]
+        held_out = r.get("held_out_history", [])
+        if held_out:  # --eval-every: the held-out gold along training, dashed in the seed's colour
+            axes[0].plot([h["timesteps"] for h in held_out], [h["gold_score"] for h in held_out], "o--", ms=3,
+                         color=line.get_color(), label=f"seed {seed}, held-out")  # fmt: skip
         axes[1].plot(steps, [h["reward_model_score"] for h in r["history"]], label=f"seed {seed}")
     for ax, title in zip(axes, ("gold score", "reward-model score"), strict=True):
-        ax.set_title(f"{title} of the training episodes, per rollout", fontsize=9)
+        ax.set_title(f"{title} of the training episodes, per rollout (dashed: held-out)", fontsize=9)
         ax.set_xlabel("environment steps (tokens)")
         ax.legend(fontsize=8)
     fig.tight_layout()
