@@ -198,13 +198,13 @@ class Lagrangian:
     def end_episodes(self, episodes: Sequence[dict[str, float]]) -> list[float]:
         """Record the quantities of episodes that ended (for the next dual step) and return each one's charge at its
         last step: ``λ·s·(g - c)/u`` summed over the constraints (``-λ·s·c`` for ``kl``, whose per-token part is
-        :attr:`kl_price`). The units are measured on the first episodes that end; until then nothing is charged.
-        The RLlib Learner's connector calls it with the episodes the EnvRunners measured."""
+        :attr:`kl_price`). The units are measured on the first episodes that end. The RLlib Learner's connector
+        calls it with the episodes the EnvRunners measured."""
         self._ended.extend(episodes)
-        if self.units is None and episodes:
-            self.units = self._measure_units(list(episodes))
-        if self.units is None:
+        if not episodes:
             return []
+        if self.units is None:
+            self.units = self._measure_units(list(episodes))
         charges = []
         for values in episodes:
             charge = 0.0

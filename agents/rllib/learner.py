@@ -144,7 +144,7 @@ class KLRewardPenalty(ConnectorV2):
                 rows.append(int(end) - 1)  # its last token
         charges = self.constraints.end_episodes(finished)
         rewards = rewards.clone()
-        for index, charge in zip(rows, charges, strict=False):  # none before the units are measured
+        for index, charge in zip(rows, charges, strict=True):
             rewards[index] -= charge
         for key, value in (self.constraints.update() or {}).items():  # e.g. kl<=6/lambda
             if metrics is not None:
