@@ -136,9 +136,10 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A local Ray for the module's tests (EnvRunner processes; the Learner runs in this process). Its 4 CPUs are
-    slots, not cores: the module's live algorithm holds two EnvRunners while another test's run needs one more."""
-    started = connect_ray("local", num_cpus=4)
+    """A local Ray for the module's tests (EnvRunner processes; the Learner runs in this process). Its 6 CPUs are
+    slots, not cores: the module's live algorithm holds two EnvRunners while another test's run needs up to three
+    more (one EnvRunner and two Learners)."""
+    started = connect_ray("local", num_cpus=6)
     yield
     if started:
         ray.shutdown()
@@ -477,8 +478,23 @@ def test_constrained_composite_run_reports_and_resumes_its_multipliers(
         algo.stop()
     assert state == saved["constraints"] and beta == saved["beta"] == report["final_beta"] != config.beta
     assert callback.controller.beta == saved["beta"]
-    with pytest.raises(ValueError, match="one Learner"):
-        rllib_config(config, num_learners=2)
+
+
+def test_two_learners_step_on_their_shares_and_share_one_multiplier(
+    local_ray: None, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Data-parallel Learners (DDP, in lockstep on EpisodeMinibatches' common count) each take λ's step on their own
+    episodes; the driver gives them all the mean, so every Learner charges the same price."""
+    config = tiny_config(tiny_model, tmp_path, n_envs=4, constraints=["length<=2"], constraint_init=0.5)
+    algo = rllib_config(config, num_env_runners=1, num_learners=2).build_algo()
+    try:
+        for _ in range(2):
+            result = algo.train()
+        states = [ref.get() for ref in algo.learner_group.foreach_learner(lambda learner: learner.constraint_state())]
+    finally:
+        algo.stop()
+    assert len(states) == 2 and states[0]["lambdas"] == states[1]["lambdas"] and states[0]["lambdas"][0] > 0.5
+    assert result["rlhf"]["constraint/length<=2/lambda"] > 0
 
 
 def test_bad_input_says_what_to_do(tiny_model: Path, tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ Constraints (``learner_config_dict["constraints"]``, ``--constraint``) are charg
 ``KLPenalty`` charges them: each Learner owns an :class:`agents.constraints.Lagrangian`, whose λ adds to β per token
 for ``kl`` bounds and charges each finished episode at its last token for the others, from the whole-episode
 quantities the EnvRunner measured (:data:`QUANTITIES_KEY` in the episode's ``custom_data``: an episode's earlier
-chunks went to earlier iterations); then λ takes its dual step on this iteration's finished episodes.
+chunks went to earlier iterations); then λ takes its dual step on this iteration's finished episodes (with several
+Learners, the driver then gives them all the mean λ).
 
 Minibatches are SB3's too (:class:`EpisodeMinibatches`): whole episodes, reshuffled each epoch, the rows RLlib
 appends for GAE's bootstrap left out, so an iteration of 512 tokens takes 16 steps of about 128 as SB3's does.

@@ -152,11 +152,6 @@ def rllib_config(
         )
     if config.ref_ema:
         raise ValueError("--ref-ema runs on --engine sb3 only so far: the RLlib module's reference is fixed")
-    if config.constraints and num_learners > 1:
-        raise ValueError(
-            f"--constraint with --num-learners {num_learners}: the multipliers step on one Learner's episodes so far; "
-            "train with --num-learners 0 or 1 (the EnvRunners still scale out)"
-        )
     env_config = {
         "model": config.model, "task": config.task, "reward_model": config.reward_model,
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
@@ -278,9 +273,22 @@ class RLHFMetrics(RLlibCallback):
                     row[f"reward/{key.removeprefix(_COMPONENT_SUM)}"] = float(value) / episodes
             beta = self.controller.update(row["kl_per_episode"], int(episodes))
             _on_learners(algorithm, lambda learner, beta=beta: learner.set_kl_beta(beta))
+        if algorithm.config.learner_config_dict.get(CONSTRAINTS) and algorithm.config.num_learners > 1:
+            _share_multipliers(algorithm)
         learned = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})  # the multipliers' dual step, if any
         row.update({key: float(value) for key, value in learned.items() if key.startswith("constraint/")})
         result["rlhf"] = row
+
+
+def _share_multipliers(algorithm: Algorithm) -> None:
+    """Several Learners each took λ's dual step on their own share of the episodes: all go on from the mean of their
+    λ (and of their units, each measured on its first share), which is the step on the mean violation when the
+    shares are equal, so that every Learner charges the same prices."""
+    states = _on_learners(algorithm, lambda learner: learner.constraint_state())
+    merged = {**states[0], "lambdas": np.mean([s["lambdas"] for s in states], 0).tolist()}
+    units = [s["units"] for s in states if s["units"] is not None]
+    merged["units"] = np.mean(units, 0).tolist() if units else None
+    _on_learners(algorithm, lambda learner: learner.load_constraint_state(merged))
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None, timeout: float = 5.0) -> bool:
