@@ -488,8 +488,7 @@ def test_two_learners_step_on_their_shares_and_share_one_multiplier(
     config = tiny_config(tiny_model, tmp_path, n_envs=4, constraints=["length<=2"], constraint_init=0.5)
     algo = rllib_config(config, num_env_runners=1, num_learners=2).build_algo()
     try:
-        for _ in range(2):
-            result = algo.train()
+        result = algo.train()  # one iteration: each Learner's step, then the driver's mean
         states = [ref.get() for ref in algo.learner_group.foreach_learner(lambda learner: learner.constraint_state())]
     finally:
         algo.stop()
