@@ -417,7 +417,7 @@ class _CausalLMMixin:
                     merged = module.base_layer.weight + module.get_delta_weight("default")
                     reference[key].lerp_(merged.to(reference[key].dtype), tau)
         else:
-            for name, param in super().named_parameters():  # type: ignore[misc]  # frozen ones too: all equal-or-not
+            for name, param in super().named_parameters():  # type: ignore[misc]  # the trained ones: frozen stay equal
                 if name.startswith("lm.") and param.requires_grad:
                     reference[name.removeprefix("lm.")].lerp_(param.detach(), tau)
         self._reset_caches()

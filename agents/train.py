@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -412,7 +413,7 @@ def pyplot() -> Any:
 
 
 def plot_training(
-    history: list[dict[str, float]], path: Path, gold: Any = None, held_out: list[dict[str, float]] = ()
+    history: list[dict[str, float]], path: Path, gold: Any = None, held_out: Sequence[dict[str, float]] = ()
 ) -> None:
     """Reward-model and gold score per rollout (and the held-out gold of ``--eval-every``), as a PNG (none before
     the first rollout ends)."""

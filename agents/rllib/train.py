@@ -236,6 +236,7 @@ class RLHFMetrics(RLlibCallback):
         self, *, episode: Any, prev_episode_chunks: Any = None, metrics_logger: Any, **kwargs: Any
     ) -> None:
         info = episode.get_infos(-1)
+        components = info.get("reward_components", {})  # a composite reward's parts
         kls, refs, actions = [], [], []
         chunks = [*(prev_episode_chunks or []), episode]
         for chunk, following in zip(chunks, [*chunks[1:], None], strict=True):
@@ -250,11 +251,11 @@ class RLHFMetrics(RLlibCallback):
         kl = np.concatenate(kls)  # (T,) the whole episode's, earlier chunks included
         # what a constraint may bound, measured over the whole episode; the Learner charges it at the last token
         quantities = episode_quantities(kl, np.concatenate(refs), actions)
-        episode.custom_data[QUANTITIES_KEY] = {**quantities, **info.get("reward_components", {})}
+        episode.custom_data[QUANTITIES_KEY] = {**quantities, **components}
         values = (info["reward_model_score"], info["gold_score"], float(kl.sum()), kl.size, 1)
         for key, value in zip(_SUMS, values, strict=True):
             metrics_logger.log_value(key, value, reduce="sum")
-        for name, score in info.get("reward_components", {}).items():  # a composite reward's parts, each logged
+        for name, score in components.items():  # each logged
             metrics_logger.log_value(f"{_COMPONENT_SUM}{name}", float(score), reduce="sum")
 
     def on_train_result(self, *, algorithm: Algorithm, result: dict, **kwargs: Any) -> None:
