@@ -40,22 +40,22 @@ import numpy as np
 from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
 
-ARMS = ("unconstrained", "fixed", "constrained")
+ARMS = ("unconstrained", "adaptive", "fixed", "constrained")
 QUICK = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "8", "--batch-size", "8",
          "--max-new-tokens", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-prompt-tokens", "240",
          "--reward-scale-prompts", "2"]  # fmt: skip
 
 
-def case_settings(quick: bool, model: str) -> dict[str, dict[str, Any]]:
-    """Each case's task, objective options and bounds (dialogue's measured on its train split)."""
+def case_settings(name: str, quick: bool, model: str) -> dict[str, Any]:
+    """A case's task, objective options and bounds (dialogue's measured on its train split)."""
+    if name == "positive-review":
+        return {"task": name, "objective": [], "bounds": ["kl<=6", "distinct2>=0.85"], "target_kl": 6.0}
+    if name == "infeasible":
+        return {"task": "positive-review", "objective": [], "bounds": ["kl<=0.5"]}
     fluency, low, high = dialogue_bounds(model, quick)
     return {
-        "positive-review": {"task": "positive-review", "objective": [], "bounds": ["kl<=6", "distinct2>=0.85"]},
-        "dialogue": {
-            "task": "dialogue", "objective": ["--reward", "chrf - echo"],
-            "bounds": [f"ref_logprob>={fluency:.3f}", f"length>={low:g}", f"length<={high:g}"],
-        },
-        "infeasible": {"task": "positive-review", "objective": [], "bounds": ["kl<=0.5"]},
+        "task": "dialogue", "objective": ["--reward", "chrf - echo"],
+        "bounds": [f"ref_logprob>={fluency:.3f}", f"length>={low:g}", f"length<={high:g}"],
     }  # fmt: skip
 
 
@@ -78,11 +78,21 @@ def dialogue_bounds(model: str, quick: bool) -> tuple[float, float, float]:
     return fluency, max(1.0, float(np.floor(low))), min(float(cap), float(np.ceil(high)))
 
 
-def run(out: Path, options: list[str]) -> dict[str, Any]:
-    """``textgen train OPTIONS --out OUT`` in its own process, unless it finished before; its report."""
+def run(out: Path, options: list[str], kept: Path, train: bool = True) -> dict[str, Any] | None:
+    """``textgen train OPTIONS --out OUT`` in its own process, unless it finished before; its report (``None`` when
+    it has not run and ``train`` is off).
+
+    Each finished run's report is also kept at ``kept`` (beside the results, committed), so the benchmark resumes
+    on another machine where ``out`` is gone: at the default budget it takes more CPU-hours than one sitting."""
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    if not train and not list(out.glob("*/report.json")):
+        return None
     if not list(out.glob("*/report.json")):
         subprocess.run([sys.executable, "-m", "agents.cli", "train", *options, "--out", str(out)], check=True)
     (report,) = out.glob("*/report.json")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(report.read_text())
     return json.loads(report.read_text())
 
 
@@ -91,18 +101,28 @@ def broken_late(report: dict[str, Any]) -> float:
     return max(c["violated_share_second_half"] for c in report["constraints"].values())
 
 
-def tune_weight(case: dict[str, Any], weights: list[float], runs: Path, common: list[str]) -> float:
+def tune_weight(
+    case: dict[str, Any], weights: list[float], runs: Path, kept: Path, common: list[str], train: bool = True
+) -> float | None:
     """The fixed weight of seed 0 (training episodes only): the best last-rollout reward among the weights whose
-    bounds hold in at least half the second-half rollouts, else the least broken."""
+    bounds hold in at least half the second-half rollouts, else the least broken (``None`` while a weight's run is
+    missing and ``train`` is off). The winner's run is the fixed arm's seed 0 (:func:`run_path`)."""
     scored = []
     for w in weights:
         options = [*common, "--seed", "0", *case["objective"], *_bounds(case), "--constraint-lr", "0",
                    "--constraint-init", str(w)]  # fmt: skip
-        report = run(runs / "tuning" / f"w{w:g}", options)
+        report = run(runs / "tuning" / f"w{w:g}", options, kept / "tuning" / f"w{w:g}.json", train)
+        if report is None:
+            return None
         last = report["history"][-1]["reward_model_score"] if report["history"] else -np.inf
         broken = broken_late(report)
         scored.append((broken > 0.5, broken if broken > 0.5 else -last, w))
     return min(scored)[2]
+
+
+def run_path(arm: str, seed: int, weight: float | None) -> Path:
+    """Where one arm's seed lives under a case: the fixed arm's seed 0 is the tuning run of its weight."""
+    return Path("tuning", f"w{weight:g}") if (arm, seed) == ("fixed", 0) else Path(arm, f"seed{seed}")
 
 
 def _bounds(case: dict[str, Any]) -> list[str]:
@@ -116,35 +136,54 @@ def row(arm: str, seed: int, report: dict[str, Any]) -> dict[str, Any]:
         "arm": arm, "seed": seed, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
         "kl": after["kl"], "distinct_2": after["distinct_2"], "length": after["length"],
         "tokens_per_second": tokens / max(report["train_seconds"], 1e-9), "constraints": report.get("constraints"),
-        "history": report["history"],
+        "history": report["history"], "machine": report.get("machine", "?"), "bf16": report["config"]["bf16"],
     }  # fmt: skip
+
+
+def holds(spec: str, value: float) -> bool:
+    """Whether ``value`` keeps the bound ``spec`` within 5 % of the bound (the issue's tolerance)."""
+    bound = Constraint.read(spec)
+    return bound is not None and bound.violation(value) <= 0.05 * abs(bound.bound)
 
 
 def markdown(results: dict[str, Any], command: str, machine: str) -> str:
     title = "# Constrained RLHF against the unconstrained objective and fixed weights"
     lines = [title, "", f"Command: `{command}`", "",
-             f"Machine: {machine}. Held-out: each task's first eval prompts before and after; KL in nats per "
-             "completion to the base model; per bound: the training episodes' last-rollout mean, its multiplier λ "
-             "and the share of second-half rollouts that broke it.", ""]  # fmt: skip
+             f"Table written on: {machine}; each run's own machine and dtype are in its row (runs are kept and "
+             "reused across machines: bf16 is on by default only where the CPU runs it natively). Held-out: each "
+             "task's first eval prompts before and after; KL in nats per completion to the base model; per bound: "
+             "the training episodes' last-rollout mean (✓: within 5 % of the bound), its multiplier λ and the share "
+             "of second-half rollouts that broke it.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
         if case.get("fixed_weight") is not None:
             lines += [f"Fixed weight tuned on seed 0's training episodes: {case['fixed_weight']:g}.", ""]
         lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (last mean, λ, "
-                  "broken late) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in case["rows"]:
             bounds = "; ".join(
-                f"{b}: {c['final_mean']:.3f}, {c['final_lambda']:.3g}, {c['violated_share_second_half']:.0%}"
+                f"{b}: {c['final_mean']:.3f}{' ✓' if holds(b, c['final_mean']) else ' ✗'}, {c['final_lambda']:.3g}, "
+                f"{c['violated_share_second_half']:.0%}"
                 for b, c in (r["constraints"] or {}).items()
             )
+            where = f"{r['machine'].split(', torch')[0]}, {'bf16' if r['bf16'] else 'float32'}"
             lines.append(
                 f"| {r['arm']} | {r['seed']} | {r['gold_before']:.3f} → {r['gold_after']:.3f} | {r['kl']:.2f} | "
-                f"{r['distinct_2']:.3f} | {r['length']:.1f} | {r['tokens_per_second']:.1f} | {bounds or '–'} |"
+                f"{r['distinct_2']:.3f} | {r['length']:.1f} | {r['tokens_per_second']:.1f} | {bounds or '–'} | "
+                f"{where} |"
             )
+        lines += ["", "| arm | seeds | gold gain: mean, worst | gold after: mean | KL: mean | bounds held (±5 %) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for arm in ARMS:
-            gains = [r["gold_after"] - r["gold_before"] for r in case["rows"] if r["arm"] == arm]
-            if gains:
-                lines.append(f"| {arm} | **gain: mean, worst** | {np.mean(gains):+.3f}, {min(gains):+.3f} | | | | | |")
+            rows = [r for r in case["rows"] if r["arm"] == arm]
+            if rows:
+                gains = [r["gold_after"] - r["gold_before"] for r in rows]
+                held = sum(all(holds(b, c["final_mean"]) for b, c in (r["constraints"] or {}).items()) for r in rows)
+                lines.append(
+                    f"| {arm} | {len(rows)} | {np.mean(gains):+.3f}, {min(gains):+.3f} | "
+                    f"{np.mean([r['gold_after'] for r in rows]):.3f} | {np.mean([r['kl'] for r in rows]):.2f} | "
+                    f"{held} of {len(rows)} |"
+                )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -224,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--weights", default="0.1,0.3,1,3", help="fixed weights tried on seed 0")
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="train only these arms (the table shows all kept)")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the kept runs")
     parser.add_argument("--quick", action="store_true", help="a tiny model (or --model), one seed, seconds")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -235,33 +276,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return bookkeeping_report(Path(args.out), "python benchmarks/constrained.py " + " ".join(argv))
     if args.quick:
         args.seeds, args.weights = 1, "1"
+    out = Path(args.out)
+    stem = "constrained_quick" if args.quick else "constrained"
+    train, chosen = not args.table_only, args.arms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs or tmp)
         if args.quick and args.model == "default":
             from text_env.models import make_tiny_model
 
             args.model = str(make_tiny_model(runs / "tiny-lm"))
-        cases = case_settings(args.quick, args.model)
         results: dict[str, Any] = {}
         for name in args.cases.split(","):
-            case = cases[name]
+            case = case_settings(name, args.quick, args.model)
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
-            weight = tune_weight(case, [float(w) for w in args.weights.split(",")], runs / name, common)
+            kept = out / f"{stem}_runs" / name
+            weights = [float(w) for w in args.weights.split(",")]
+            weight = tune_weight(case, weights, runs / name, kept, common, train and "fixed" in chosen)
+            measured = [*case["objective"], *_bounds(case), "--constraint-lr", "0"]  # λ held at 0: bounds measured
             arms = {
-                # λ held at 0: the objective alone, its bounds only measured
-                "unconstrained": [*case["objective"], *_bounds(case), "--constraint-lr", "0"],
-                "fixed": [*case["objective"], *_bounds(case), "--constraint-lr", "0", "--constraint-init", str(weight)],
+                "unconstrained": measured,  # the objective alone
+                # β steered toward the KL bound (Ziegler et al.'s controller): the unconstrained way to a KL budget
+                **({"adaptive": [*measured, "--target-kl", str(case["target_kl"])]} if "target_kl" in case else {}),
+                **({"fixed": [*measured, "--constraint-init", str(weight)]} if weight is not None else {}),
                 "constrained": [*case["objective"], *_bounds(case)],
             }
-            rows = [
-                row(arm, seed, run(runs / name / arm / f"seed{seed}", [*common, "--seed", str(seed), *options]))
-                for arm, options in arms.items()
+            reports = [  # seed-major, so a stopped benchmark has every arm of its first seeds
+                (arm, seed, run(runs / name / at, [*common, "--seed", str(seed), *options], kept / f"{at}.json", go))
                 for seed in range(args.seeds)
+                for arm, options in arms.items()
+                for at, go in [(str(run_path(arm, seed, weight)), train and arm in chosen)]
             ]
+            rows = sorted(
+                (row(*r) for r in reports if r[2] is not None), key=lambda r: (ARMS.index(r["arm"]), r["seed"])
+            )
             results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "constrained_quick" if args.quick else "constrained"
     command = "python benchmarks/constrained.py " + " ".join(argv)
     (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
