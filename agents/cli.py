@@ -30,9 +30,10 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (
         helptext = f.metadata["help"] + ("" if default in (None, []) else f" (default: {default})")
         if f.type == "list[str]":  # repeatable: --constraint A --constraint B
             p.add_argument(flag, dest=f.name, action="append", metavar=f.name.upper().rstrip("S"), help=helptext)
-        elif f.type == "bool":  # --no-bf16 turns off what is on by default; --tensorboard turns on what is off
-            flag, helptext = (f"--no-{flag[2:]}", f"turn off: {f.metadata['help']}") if default else (flag, helptext)
-            p.add_argument(flag, dest=f.name, action="store_const", const=not default, help=helptext)
+        elif f.type == "bool":  # --bf16 / --no-bf16 both exist: a default may depend on the machine (bf16)
+            on_off = "on" if default else "off"
+            helptext = f.metadata["help"] + f" (default here: {on_off})"
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type).removesuffix(" | None")]
             p.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=helptext)

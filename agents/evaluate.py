@@ -23,6 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
 from agents.policies import CausalLMPolicy
+from text_env.models import DEFAULT_BF16
 from text_env.prompts import Example, as_example
 from text_env.tasks import get_task
 from text_env.vec_env import make_text_vec_env
@@ -178,7 +179,7 @@ def evaluate_base_model(
     split: str = "eval",
     seed: int = 0,
     n_envs: int = 16,
-    bf16: bool = True,
+    bf16: bool = DEFAULT_BF16,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> Evaluation:

@@ -32,7 +32,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from agents.cached_lm import CachedLM
-from text_env.models import load_frozen_causal_lm
+from text_env.models import DEFAULT_BF16, load_frozen_causal_lm
 
 __all__ = ["TopPMask", "top_p_mask"]
 
@@ -76,7 +76,7 @@ class TopPMask(VecEnvWrapper):
         model: str | os.PathLike[str] | None = None,
         top_p: float = 0.9,
         top_k: int = 0,
-        bf16: bool = True,
+        bf16: bool = DEFAULT_BF16,
         device: torch.device | str = "auto",
         trust_remote_code: bool = False,
     ) -> None:

@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from agents.cached_lm import CachedLM, adapters_disabled, grouped_forward, grouped_log_probs, token_log_probs
 from agents.masks import top_p_mask
 from text_env.models import (
+    DEFAULT_BF16,
     ModelLoadError,
     load_causal_lm,
     load_frozen_causal_lm,
@@ -213,7 +214,7 @@ class _CausalLMMixin:
         action_space: spaces.Space,
         lr_schedule: Schedule,
         model: str | os.PathLike[str] | None = None,
-        bf16: bool = True,
+        bf16: bool = DEFAULT_BF16,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,

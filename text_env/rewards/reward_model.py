@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from text_env.models import (
+    DEFAULT_BF16,
     DEFAULT_MODEL,
     ModelLoadError,
     bucketed_matmul_rows,
@@ -220,7 +221,7 @@ class RewardModel(nn.Module):
         self.register_buffer("agg_gain", torch.ones(()), persistent=False)  # the aggregated score's scale
         self.register_buffer("agg_bias", torch.zeros(()), persistent=False)
         self.set_aggregate(aggregate, lam)
-        self.bf16 = True
+        self.bf16 = DEFAULT_BF16
         if config.layers is not None and max(config.layers) > len(self._blocks()):
             raise ValueError(
                 f"layer={config.layer}, but the backbone {config.backbone!r} has {len(self._blocks())} blocks: "
