@@ -19,7 +19,8 @@ same task, model, reward model, held-out prompts and seeds, at several points of
 
 Every point: held-out gold and reward-model score, KL to the base model on samples, distinct-2, perplexity, training
 seconds and tokens generated so far, and samples scored per answer (n for best-of-n, 1 for the rest). Each method
-and seed is its own process and its own JSON under ``--work``, so a stopped benchmark resumes. Run::
+and seed is its own process and its own JSON under ``<out>/frontier_cells`` (committed), so a stopped benchmark resumes,
+on another machine too. Run::
 
     python benchmarks/frontier.py --work WORK          # positive-review and concepts, 3 seeds, every method
     python benchmarks/frontier.py --tasks positive-review --methods ppo,best_of_n --seeds 0 --work WORK
@@ -283,15 +284,17 @@ def best_of_n(scores: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarra
     return chance, mean, float(chance[kept] @ np.log(chance[kept] / share[kept]))
 
 
-def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path) -> dict[str, Any]:
-    """One method and seed (a DPO beta is its own method, ``dpo_0.1``): its points, once (finished ones are read)."""
-    path = work / task / method / f"seed{seed}.json"
+def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path, cells: Path) -> dict[str, Any]:
+    """One method and seed (a DPO beta is its own method, ``dpo_0.1``): its points, once. Its JSON goes to
+    ``cells`` (beside the results, committed: the whole benchmark takes more CPU-hours than one machine's sitting,
+    so finished cells are read back on the next), a learner's run directory to ``work``."""
+    path = cells / task / method / f"seed{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if method.split("_")[0] in LEARNERS or method in ABLATIONS:
-        runs = path.parent / f"runs_seed{seed}"
+        runs = work / task / method / f"runs_seed{seed}"
         points = learner_points(method, task, seed, settings, runs)
     else:
         command = [sys.executable, __file__, "--cell", task, method, str(seed), "--result", str(path),
@@ -304,9 +307,17 @@ def run_cell(task: str, method: str, seed: int, settings: Settings, work: Path) 
         "seed": seed,
         "points": points,
         "wall_seconds": time.perf_counter() - started,
+        **where_run(settings),
     }
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def where_run(settings: Settings) -> dict[str, Any]:
+    """Where a cell ran and in which dtype (cells of one table may come from different machines)."""
+    from agents.train import cpu_kind
+
+    return {"machine": cpu_kind(), "bf16": settings.config(TASKS[0], 0).bf16}
 
 
 def _child(task: str, method: str, seed: int, settings: Settings, path: Path) -> None:
@@ -319,8 +330,9 @@ def _child(task: str, method: str, seed: int, settings: Settings, path: Path) ->
         points = trl_points("dpo", task, seed, settings, beta=float(method.removeprefix("dpo_")))
     else:
         points = trl_points(method, task, seed, settings)
-    result = {"task": task, "method": method, "seed": seed, "points": points,
-              "wall_seconds": time.perf_counter() - started, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
+    seconds = time.perf_counter() - started
+    result = {"task": task, "method": method, "seed": seed, "points": points, "wall_seconds": seconds,
+              "peak_rss_gb": peak_rss_gb(), **where_run(settings)}  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -396,13 +408,20 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _machines(results: list[dict[str, Any]]) -> dict[str, int]:
+    """How many cells ran on each machine and dtype (bf16 is on by default only where the CPU runs it natively)."""
+    kinds = [f"{r.get('machine', '?')}, {'bf16' if r.get('bf16', True) else 'float32'}" for r in results]
+    return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
 def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: str, machine: str) -> str:
     lines = [
         "# Gold against KL: every method, Gao et al.'s fits",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine}",
+        f"Table written on: {machine}. Cells (a method and seed each, kept in frontier_cells/) ran on: "
+        + "; ".join(f"{where} ({n})" for where, n in _machines(results).items()),
         "",
     ]
     for task, methods in summary.items():
@@ -500,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--points", type=int, default=5, help="evaluations along training (learners, TRL, DPO)")
     parser.add_argument("--dpo-pairs", type=int, help="DPO on the first N train pairs (default: all)")
     parser.add_argument("--dpo-betas", default="0.05,0.1,0.5", help="DPO's β, one run each")
-    parser.add_argument("--work", default="frontier_work", help="one JSON per task, method and seed (resumable)")
+    parser.add_argument("--work", default="frontier_work", help="the learners' run directories")
     parser.add_argument("--quick", action="store_true", help="a tiny model and one point per method (CI)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)  # a child: TASK METHOD SEED
@@ -533,8 +552,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = [m for m in methods if m != "dpo"] + (
             [f"dpo_{b:g}" for b in settings.dpo_betas] if "dpo" in methods else []
         )
-        results = [run_cell(task, method, seed, settings, work) for task in args.tasks.split(",") for method in cells
-                   for seed in range(seeds)]  # fmt: skip
+        kept = work if args.quick else Path(args.out) / "frontier_cells"  # one JSON per task, method and seed
+        results = [run_cell(task, method, seed, settings, work, kept) for task in args.tasks.split(",")
+                   for method in cells for seed in range(seeds)]  # fmt: skip
     from agents.train import cpu_kind
 
     summary = summarize(results)

@@ -87,6 +87,18 @@ def run_rows(task: str, seed: int, runs: Path, quick: list[str] | None) -> dict[
     }  # fmt: skip
 
 
+def kept_rows(kept: Path, task: str, seed: int, runs: Path, quick: list[str] | None) -> dict[str, dict[str, Any]]:
+    """:func:`run_rows`, kept at ``kept`` (beside the results, committed) with the machine they ran on, and read
+    back from there: three seeds of every task take more CPU-hours than one machine's sitting. A task and seed is
+    one unit, because SFT + PPO starts from the SFT run's model, which stays on the machine that trained it."""
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    rows = {name: {**row, "machine": cpu_kind()} for name, row in run_rows(task, seed, runs, quick).items()}
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 def _drop_option(argv: list[str], option: str) -> list[str]:
     """``argv`` without ``option`` and its value."""
     out, skip = [], False
@@ -117,7 +129,9 @@ def _exported(report: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, machine: str) -> str:
     lines = [
-        "# Supervised + RL", "", f"Command: `{command}`", "", f"Machine: {machine}.", "",
+        "# Supervised + RL", "", f"Command: `{command}`", "",
+        f"Table written on: {machine}. Rows ran on: " + "; ".join(sorted({
+            s.get("machine", "?") for rows in results.values() for seeds in rows.values() for s in seeds})) + ".", "",
         "Held-out gold: each task's first eval prompts, sampled (mean over seeds, and the worst seed). Perplexity: of "
         "the held-out references under the row's model. KL: nats per completion to the row's own reference (PPO: the "
         "base model; SFT + PPO: the SFT model). minutes / peak RSS: the run that made the row (the worst seed's).", "",
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",") if not args.quick else ["dialogue"]
     seeds = 1 if args.quick else args.seeds
+    out, stem = Path(args.out), args.name or ("supervised_rl_quick" if args.quick else "supervised_rl")
     with tempfile.TemporaryDirectory() as tmp:
         quick = None
         if args.quick:
@@ -182,16 +197,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = {task: {name: [] for name in ROWS} for task in tasks}
         for task in tasks:
             for seed in range(seeds):
-                for name, row in run_rows(task, seed, runs, quick).items():
+                kept = out / f"{stem}_rows" / task / f"seed{seed}.json"
+                for name, row in kept_rows(kept, task, seed, runs, quick).items():
                     results[task][name].append({"seed": seed, **row})
-    name = args.name or ("supervised_rl_quick" if args.quick else "supervised_rl")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/supervised_rl.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = markdown(results, command.strip(), f"{cpu_kind()}")
-    (out / f"{name}.md").write_text(table + f"\n![held-out gold per row]({name}.png)\n")
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out / f"{name}.png")
+    (out / f"{stem}.md").write_text(table + f"\n![held-out gold per row]({stem}.png)\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / f"{stem}.png")
     print(table)
     return results
 

@@ -271,6 +271,9 @@ def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
     assert json.loads(both.read_text())["kl_reference"] == str(sft_run / "model")
     table = (tmp_path / "supervised_rl_quick.md").read_text()
     assert "| dialogue | SFT + PPO |" in table and (tmp_path / "supervised_rl_quick.png").stat().st_size > 5_000
+    # each task and seed is kept beside the results with its machine, and read back where the runs are gone
+    again = bench.main(["--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "gone")])
+    assert again == results and rows["PPO"][0]["machine"] and not (tmp_path / "gone" / "dialogue").exists()
 
 
 def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
@@ -346,4 +349,5 @@ def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     assert [p["n"] for p in bon["points"]] == [1, 2, 4] and bon["points"][0]["kl"] == 0
     assert all(p["kl"] <= p["kl_bound"] + 1e-9 and p["samples_per_answer"] == p["n"] for p in bon["points"])
     assert set(result["summary"]["positive-review"]) == methods
+    assert all(run["machine"] and run["bf16"] is False for run in result["runs"])  # where each cell ran, and how
     assert "| ppo |" in (tmp_path / "frontier_quick.md").read_text() and (tmp_path / "frontier_quick.png").is_file()
