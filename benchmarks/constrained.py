@@ -153,7 +153,10 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
              "reused across machines: bf16 is on by default only where the CPU runs it natively). Held-out: each "
              "task's first eval prompts before and after; KL in nats per completion to the base model; per bound: "
              "the training episodes' last-rollout mean (✓: within 5 % of the bound), its multiplier λ and the share "
-             "of second-half rollouts that broke it.", ""]  # fmt: skip
+             "of second-half rollouts that broke it. The distinct-2 column is held-out: unique word bigrams over all "
+             "completions together, the figure that falls when the policy narrows to a few stock phrases; the "
+             "`distinct2` bound reads each training episode alone (token bigrams within one completion), which "
+             "repeat far less: compare the bound's last mean with the column.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
         if case.get("fixed_weight") is not None:
