@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cases", default="positive-review,dialogue,infeasible")
-    parser.add_argument("--weights", default="0.1,0.3,1,3", help="fixed weights tried on seed 0")
+    parser.add_argument("--weights", default="0.01,0.03,0.1,0.3", help="fixed weights tried on seed 0")
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument("--arms", default=",".join(ARMS), help="train only these arms (the table shows all kept)")
