@@ -163,7 +163,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
             lines += [f"Fixed weight tuned on seed 0's training episodes: {case['fixed_weight']:g}.", ""]
         lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (last mean, λ, "
                   "broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in case["rows"]:
+        for r in [*case["rows"], *case.get("tuning", [])]:
             bounds = "; ".join(
                 f"{b}: {c['final_mean']:.3f}{' ✓' if holds(b, c['final_mean']) else ' ✗'}, {c['final_lambda']:.3g}, "
                 f"{c['violated_share_second_half']:.0%}"
@@ -312,7 +312,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = sorted(
                 (row(*r) for r in reports if r[2] is not None), key=lambda r: (ARMS.index(r["arm"]), r["seed"])
             )
-            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows}
+            tuning = [  # every weight tried so far, for the record (the choice reads training episodes only)
+                row(f"fixed w={w:g} (tuning)", 0, json.loads(f.read_text()))
+                for w in weights
+                for f in [kept / "tuning" / f"w{w:g}.json"]
+                if f.is_file()
+            ]
+            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows, "tuning": tuning}
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
     (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))
