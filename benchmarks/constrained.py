@@ -86,9 +86,9 @@ def run(out: Path, options: list[str], kept: Path, train: bool = True) -> dict[s
     on another machine where ``out`` is gone: at the default budget it takes more CPU-hours than one sitting."""
     if kept.is_file():
         return json.loads(kept.read_text())
-    if not train and not list(out.glob("*/report.json")):
-        return None
     if not list(out.glob("*/report.json")):
+        if not train:
+            return None
         subprocess.run([sys.executable, "-m", "agents.cli", "train", *options, "--out", str(out)], check=True)
     (report,) = out.glob("*/report.json")
     kept.parent.mkdir(parents=True, exist_ok=True)
@@ -103,21 +103,26 @@ def broken_late(report: dict[str, Any]) -> float:
 
 def tune_weight(
     case: dict[str, Any], weights: list[float], runs: Path, kept: Path, common: list[str], train: bool = True
-) -> float | None:
+) -> tuple[float | None, dict[float, dict[str, Any]]]:
     """The fixed weight of seed 0 (training episodes only): the best last-rollout reward among the weights whose
     bounds hold in at least half the second-half rollouts, else the least broken (``None`` while a weight's run is
-    missing and ``train`` is off). The winner's run is the fixed arm's seed 0 (:func:`run_path`)."""
-    scored = []
+    missing and ``train`` is off); and the report of every weight run so far. The winner's run is the fixed arm's
+    seed 0 (:func:`run_path`)."""
+    reports = {}
     for w in weights:
         options = [*common, "--seed", "0", *case["objective"], *_bounds(case), "--constraint-lr", "0",
                    "--constraint-init", str(w)]  # fmt: skip
         report = run(runs / "tuning" / f"w{w:g}", options, kept / "tuning" / f"w{w:g}.json", train)
-        if report is None:
-            return None
+        if report is not None:
+            reports[w] = report
+    if len(reports) < len(weights):
+        return None, reports
+    scored = []
+    for w, report in reports.items():
         last = report["history"][-1]["reward_model_score"] if report["history"] else -np.inf
         broken = broken_late(report)
         scored.append((broken > 0.5, broken if broken > 0.5 else -last, w))
-    return min(scored)[2]
+    return min(scored)[2], reports
 
 
 def run_path(arm: str, seed: int, weight: float | None) -> Path:
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
             kept = out / f"{stem}_runs" / name
             weights = [float(w) for w in args.weights.split(",")]
-            weight = tune_weight(case, weights, runs / name, kept, common, train and "fixed" in chosen)
+            weight, tried = tune_weight(case, weights, runs / name, kept, common, train and "fixed" in chosen)
             measured = [*case["objective"], *_bounds(case), "--constraint-lr", "0"]  # λ held at 0: bounds measured
             arms = {
                 "unconstrained": measured,  # the objective alone
@@ -312,12 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = sorted(
                 (row(*r) for r in reports if r[2] is not None), key=lambda r: (ARMS.index(r["arm"]), r["seed"])
             )
-            tuning = [  # every weight tried so far, for the record (the choice reads training episodes only)
-                row(f"fixed w={w:g} (tuning)", 0, json.loads(f.read_text()))
-                for w in weights
-                for f in [kept / "tuning" / f"w{w:g}.json"]
-                if f.is_file()
-            ]
+            # every weight tried so far, for the record (the choice reads training episodes only)
+            tuning = [row(f"fixed w={w:g} (tuning)", 0, report) for w, report in tried.items()]
             results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows, "tuning": tuning}
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
