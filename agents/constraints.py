@@ -5,9 +5,13 @@ bound with a multiplier λ ≥ 0 that acts as a dynamic weight: the reward of an
 
     r - β·KL - Σ_i λ_i · s_i · (g_i - c_i) / u_i
 
-for constraints ``g_i <= c_i`` (``s_i = +1``) or ``g_i >= c_i`` (``s_i = -1``), and after each rollout every λ takes a
+for constraints ``g_i <= c_i`` (``s_i = +1``) or ``g_i >= c_i`` (``s_i = -1``). Each rollout, every λ takes a
 projected dual-ascent step, ``λ_i ← max(0, λ_i + η · s_i · (mean g_i - c_i) / u_i)``, on the mean of the episodes that
-ended in it: λ grows while its bound is broken and shrinks to 0 once it holds with room to spare. ``u_i`` puts every
+ended in it, *before* those episodes are charged: λ grows while its bound is broken and shrinks to 0 once it holds
+with room to spare, and a rollout that breaks a bound pays for it in the update it feeds rather than one rollout later
+(measured: stepping after the charge, at η = 0.05, let positive-review's KL rise from 6.4 to 7.8 nats over the last
+rollout of a default run while λ was 0.019). The step on the current violation is the proportional term of Stooke et
+al.'s PID Lagrangian (2020), with the integral's gain: the sum of the steps. ``u_i`` puts every
 quantity on the reward's scale (rewards are normalised to the base model's spread): for ``kl`` it is one nat, so that λ
 adds to β per nat and enters each token's reward as the KL penalty does; for the others it is measured once, on the
 first episodes of training (the policy is still the model it starts from), and fixed: the larger of the quantity's
@@ -148,6 +152,7 @@ class Lagrangian:
         self.lr = lr
         self.lambdas = np.full(len(self.constraints), float(initial))
         self.units: np.ndarray | None = None  # u_i, measured on the first episodes that end
+        self._logged: dict[str, float] | None = None  # the last dual step's, until taken
         self.history: list[dict[str, float]] = []  # per rollout: each quantity's mean and λ, for reports and plots
         self._kl = np.array([c.name == "kl" for c in self.constraints], dtype=bool)
         self.start(0)
@@ -155,7 +160,6 @@ class Lagrangian:
     def start(self, n_envs: int) -> None:
         """Forget episodes in flight (a new or resumed run starts them again)."""
         self._episode: list[dict[str, list[Any]]] = [{"kl": [], "ref": [], "tokens": []} for _ in range(n_envs)]
-        self._ended: list[dict[str, float]] = []
 
     @property
     def kl_price(self) -> float:
@@ -190,21 +194,21 @@ class Lagrangian:
                         values.update(components[t].get(i, {}))
                     finished.append((t, i, values))
                     self._episode[i] = {"kl": [], "ref": [], "tokens": []}
+        charges = self.end_episodes([values for _, _, values in finished])  # steps λ first
         rewards -= (self.kl_price * kl).astype(rewards.dtype)
-        charges = self.end_episodes([values for _, _, values in finished])
         for (t, i, _), charge in zip(finished, charges, strict=True):
             rewards[t, i] -= charge
 
     def end_episodes(self, episodes: Sequence[dict[str, float]]) -> list[float]:
-        """Record the quantities of episodes that ended (for the next dual step) and return each one's charge at its
-        last step: ``λ·s·(g - c)/u`` summed over the constraints (``-λ·s·c`` for ``kl``, whose per-token part is
-        :attr:`kl_price`). The units are measured on the first episodes that end. The RLlib Learner's connector
-        calls it with the episodes the EnvRunners measured."""
-        self._ended.extend(episodes)
+        """The dual step on the mean of episodes that ended in a rollout, then each one's charge at its last step under
+        the stepped λ: ``λ·s·(g - c)/u`` summed over the constraints (``-λ·s·c`` for ``kl``, whose per-token part is
+        :attr:`kl_price`, to read after this call). The units are measured on the first episodes that end. The RLlib
+        Learner's connector calls it with the episodes the EnvRunners measured."""
         if not episodes:
             return []
         if self.units is None:
             self.units = self._measure_units(list(episodes))
+        self._step(episodes)
         charges = []
         for values in episodes:
             charge = 0.0
@@ -227,18 +231,20 @@ class Lagrangian:
             units[i] = max(spread, distance, 1e-6)
         return units
 
-    def update(self) -> dict[str, float] | None:
-        """The dual step on the episodes that ended since the last call; return what to log (``None``: none ended)."""
-        if not self._ended or self.units is None:
-            return None
+    def _step(self, episodes: Sequence[dict[str, float]]) -> None:
+        assert self.units is not None
         logged: dict[str, float] = {}
         for i, c in enumerate(self.constraints):
-            mean = float(np.mean([e[c.name] for e in self._ended]))
+            mean = float(np.mean([e[c.name] for e in episodes]))
             self.lambdas[i] = max(0.0, self.lambdas[i] + self.lr * c.violation(mean) / self.units[i])
             logged[f"{c}/mean"], logged[f"{c}/lambda"] = mean, float(self.lambdas[i])
             logged[f"{c}/violated"] = float(c.violation(mean) > 0)
         self.history.append(logged)
-        self._ended = []
+        self._logged = logged
+
+    def take_logged(self) -> dict[str, float] | None:
+        """What the last dual step logged (each mean and λ), once (``None``: no episode ended since the last call)."""
+        logged, self._logged = self._logged, None
         return logged
 
     def summary(self) -> dict[str, dict[str, float]]:

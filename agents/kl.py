@@ -149,8 +149,8 @@ class KLPenalty(BaseCallback):
         env pays it (:func:`agents.run.base_rewards`), called once when training starts unless the scale was
         restored from a checkpoint (:meth:`RewardScale.load_state`).
     :param constraints: Lagrange multipliers for bounds on per-episode quantities
-        (:class:`agents.constraints.Lagrangian`), charged in the same rewards after the penalty and updated after
-        each rollout.
+        (:class:`agents.constraints.Lagrangian`), stepped on each rollout's finished episodes and then charged in
+        the same rewards after the penalty.
     """
 
     def __init__(
@@ -306,7 +306,7 @@ class KLPenalty(BaseCallback):
             self.logger.record("rlhf/kl_per_episode", kl_episode)
             self.controller.update(kl_episode, len(self._completed))
         self._kl_sum, self._tokens, self._completed = 0.0, 0, []
-        logged = self.constraints.update() if self.constraints is not None else None
+        logged = self.constraints.take_logged() if self.constraints is not None else None
         for key, value in (logged or {}).items():  # e.g. constraint/kl<=6/lambda
             self.logger.record(f"constraint/{key}", value)
 

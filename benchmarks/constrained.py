@@ -232,8 +232,8 @@ def bookkeeping(specs: list[str], rollouts: int = 200, n_steps: int = 32, n_envs
         ref = -np.abs(rng.normal(size=(n_steps, n_envs)))
         actions = rng.integers(0, 49152, size=(n_steps, n_envs))
         tic = time.perf_counter()
-        lagrangian.charge(rewards, kl, ref, actions, dones)
-        lagrangian.update()
+        lagrangian.charge(rewards, kl, ref, actions, dones)  # the dual step, then the charges
+        lagrangian.take_logged()
         times.append(time.perf_counter() - tic)
     return {"seconds_per_rollout": float(np.median(times)), "rollouts": rollouts}
 

@@ -78,28 +78,34 @@ def test_charges_and_dual_step_match_a_hand_computation() -> None:
     unit = max(spread, 8 / 3 - 2)  # or the distance from the bound, if larger
     assert unit == spread
     assert lagrangian.units == pytest.approx([1.0, unit])
-    expected = -0.2 * kl  # λ_kl per token, beside β
-    expected[1, 0] -= 0.2 * -1.0 + 0.2 * (2 - 2) / unit  # at each end: -λ_kl·c and λ_len·(length - c)/u
-    expected[3, 0] -= 0.2 * -1.0 + 0.2 * (2 - 2) / unit
-    expected[3, 1] -= 0.2 * -1.0 + 0.2 * (4 - 2) / unit
+    # the dual step comes first, on the means over the three episodes: KL 4.4/3, length 8/3
+    lam_kl = 0.2 + 0.5 * (4.4 / 3 - 1)
+    lam_len = 0.2 + 0.5 * (8 / 3 - 2) / unit
+    assert lagrangian.lambdas == pytest.approx([lam_kl, lam_len])
+    expected = -lam_kl * kl  # the stepped λ_kl per token, beside β
+    expected[1, 0] -= lam_kl * -1.0 + lam_len * (2 - 2) / unit  # at each end: -λ_kl·c and λ_len·(length - c)/u
+    expected[3, 0] -= lam_kl * -1.0 + lam_len * (2 - 2) / unit
+    expected[3, 1] -= lam_kl * -1.0 + lam_len * (4 - 2) / unit
     assert rewards == pytest.approx(expected, abs=1e-6)
-    # an episode's charges sum to λ·(g - c)/u over its quantities: env 1's, -(0.2·(0.4 - 1) + 0.2·(4 - 2)/u)
-    assert rewards[:, 1].sum() == pytest.approx(-(0.2 * (0.4 - 1) + 0.2 * 2 / unit), abs=1e-6)
+    # an episode's charges sum to λ·(g - c)/u over its quantities: env 1's, -(λ_kl·(0.4 - 1) + λ_len·(4 - 2)/u)
+    assert rewards[:, 1].sum() == pytest.approx(-(lam_kl * (0.4 - 1) + lam_len * 2 / unit), abs=1e-6)
 
-    logged = lagrangian.update()  # means over the three episodes: KL 4.4/3, length 8/3
+    logged = lagrangian.take_logged()
     assert logged is not None
-    kl_lambda = 0.2 + 0.5 * (4.4 / 3 - 1)
-    length_lambda = 0.2 + 0.5 * (8 / 3 - 2) / unit
-    assert lagrangian.lambdas == pytest.approx([kl_lambda, length_lambda])
-    assert logged["kl<=1/mean"] == pytest.approx(4.4 / 3) and logged["length<=2/lambda"] == pytest.approx(length_lambda)
-    assert lagrangian.update() is None  # no episode ended since: no step
+    assert logged["kl<=1/mean"] == pytest.approx(4.4 / 3) and logged["length<=2/lambda"] == pytest.approx(lam_len)
+    assert lagrangian.take_logged() is None  # taken once
+    going_on = np.zeros((2, 2), np.float32)  # two more steps, no episode ends: no step, the per-token price only
+    lagrangian.charge(going_on, np.ones((2, 2), np.float32), -np.ones((2, 2)), np.zeros((2, 2)), going_on == 1)
+    assert lagrangian.take_logged() is None and lagrangian.lambdas == pytest.approx([lam_kl, lam_len])
+    assert going_on == pytest.approx(np.full((2, 2), -lam_kl))
 
     relaxed = Lagrangian(parse_constraints(["kl<=10"]), lr=1.0, initial=0.3)
     relaxed.start(1)
     ones = np.ones((2, 1), np.float32)
-    relaxed.charge(np.zeros_like(ones), ones, -ones, np.zeros((2, 1)), ones.astype(bool))
-    relaxed.update()
+    paid = np.zeros_like(ones)
+    relaxed.charge(paid, ones, -ones, np.zeros((2, 1)), ones.astype(bool))
     assert relaxed.lambdas == pytest.approx([0.0])  # 0.3 + (1 - 10) projected onto λ >= 0
+    assert paid == pytest.approx(np.zeros_like(ones))  # and the rollout that showed the room pays nothing
 
     shared = Lagrangian(parse_constraints(["length<=4"]))  # every first episode at the limit of 8: no spread
     shared.start(2)

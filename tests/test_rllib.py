@@ -414,8 +414,8 @@ def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_
 
 def test_constraints_are_charged_in_the_connector_as_sb3_charges_them() -> None:
     """The Learner's KLRewardPenalty with multipliers gives the rewards and the dual step that SB3's KLPenalty gives
-    on the same two episode chunks (one finished, one going on): λ_kl added to β per token, each finished episode
-    charged at its last token from the quantities its EnvRunner measured, then λ's step on the finished ones."""
+    on the same two episode chunks (one finished, one going on): λ's step on the finished ones, then λ_kl added to β
+    per token and each finished episode charged at its last token from the quantities its EnvRunner measured."""
     from types import SimpleNamespace
 
     from agents.constraints import Lagrangian, episode_quantities, parse_constraints
@@ -431,7 +431,7 @@ def test_constraints_are_charged_in_the_connector_as_sb3_charges_them() -> None:
     sb3.start(2)
     expected = (paid - beta * kl).astype(np.float32)
     sb3.charge(expected, kl, ref, actions, dones)
-    sb3_logged = sb3.update()
+    sb3_logged = sb3.take_logged()
 
     connector = KLRewardPenalty(beta=beta, constraints=Lagrangian(bounds, lr=0.5, initial=1.0))
     measured = episode_quantities(kl[:, 0], ref[:, 0], actions[:, 0].tolist())  # what env 0's EnvRunner sends

@@ -11,11 +11,11 @@ model's rewards, measured once by the driver before training (:class:`agents.kl.
 divides by the same number, as ``KLPenalty(scale_rewards=True)`` does in SB3.
 
 Constraints (``learner_config_dict["constraints"]``, ``--constraint``) are charged in the same connector, as SB3's
-``KLPenalty`` charges them: each Learner owns an :class:`agents.constraints.Lagrangian`, whose λ adds to β per token
-for ``kl`` bounds and charges each finished episode at its last token for the others, from the whole-episode
-quantities the EnvRunner measured (:data:`QUANTITIES_KEY` in the episode's ``custom_data``: an episode's earlier
-chunks went to earlier iterations); then λ takes its dual step on this iteration's finished episodes (with several
-Learners, the driver then gives them all the mean λ).
+``KLPenalty`` charges them: each Learner owns an :class:`agents.constraints.Lagrangian`, whose λ first takes its
+dual step on this iteration's finished episodes, from the whole-episode quantities the EnvRunner measured
+(:data:`QUANTITIES_KEY` in the episode's ``custom_data``: an episode's earlier chunks went to earlier iterations), and
+then adds to β per token for ``kl`` bounds and charges each finished episode at its last token for the others (with
+several Learners, the driver then gives them all the mean λ).
 
 Minibatches are SB3's too (:class:`EpisodeMinibatches`): whole episodes, reshuffled each epoch, the rows RLlib
 appends for GAE's bootstrap left out, so an iteration of 512 tokens takes 16 steps of about 128 as SB3's does.
@@ -114,10 +114,10 @@ class KLRewardPenalty(ConnectorV2):
             if real is not None:
                 kl = torch.where(torch.as_tensor(real, device=kl.device), kl, torch.zeros_like(kl))
             rewards = columns[Columns.REWARDS] / self.scale
+            if self.constraints is not None:  # the dual step first: the per-token price reads the stepped λ
+                rewards = self._charge(rewards, real, episodes, metrics, module_id)
             price = self.beta + (self.constraints.kl_price if self.constraints is not None else 0.0)
             columns[Columns.REWARDS] = rewards - (price * kl).to(rewards.dtype)
-            if self.constraints is not None:
-                columns[Columns.REWARDS] = self._charge(columns[Columns.REWARDS], real, episodes, metrics, module_id)
             if metrics is not None:
                 tokens = int(real.sum()) if real is not None else kl.numel()
                 metrics.log_value((module_id, "rlhf_kl_per_token"), float(kl.sum()) / max(1, tokens), window=1)
@@ -125,8 +125,8 @@ class KLRewardPenalty(ConnectorV2):
         return batch
 
     def _charge(self, rewards: torch.Tensor, real: Any, episodes: list[Any], metrics: Any, module_id: str) -> Any:
-        """Each finished episode's constraint charge at its last token, then the dual step. The batch holds the
-        episodes' rows in order, each chunk closed by its bootstrap row (``real`` False)."""
+        """The dual step on the finished episodes, then each one's constraint charge at its last token. The batch
+        holds the episodes' rows in order, each chunk closed by its bootstrap row (``real`` False)."""
         assert self.constraints is not None
         if real is None:
             raise KeyError(f"the constraints need the batch's {Columns.LOSS_MASK!r} to find where each episode ends")
@@ -147,7 +147,7 @@ class KLRewardPenalty(ConnectorV2):
         rewards = rewards.clone()
         for index, charge in zip(rows, charges, strict=True):
             rewards[index] -= charge
-        for key, value in (self.constraints.update() or {}).items():  # e.g. kl<=6/lambda
+        for key, value in (self.constraints.take_logged() or {}).items():  # e.g. kl<=6/lambda
             if metrics is not None:
                 metrics.log_value((module_id, f"constraint/{key}"), value, window=1)
         return rewards
