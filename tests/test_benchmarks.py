@@ -74,6 +74,20 @@ def test_resume_keeps_finished_runs(tmp_path: Path) -> None:
     assert second["runs"][0] == first["runs"][0]  # reused, not re-run
 
 
+def test_bf16_default_times_both_dtypes(tmp_path: Path) -> None:
+    """bf16_default.py --quick: every pass timed in both dtypes, the ratio their quotient, and the table says which
+    default this machine gets (whatever the CPU: the figures are measured, the default is native_bf16's)."""
+    from text_env.models import native_bf16
+
+    result = load_benchmark("bf16_default").main(["--quick", "--out", str(tmp_path)])
+    assert set(result["passes"]) == {"forward", "forward_backward", "matmul"}
+    for row in result["passes"].values():
+        assert row["float32_s"] > 0 and row["bf16_s"] > 0
+        assert row["bf16_over_float32"] == pytest.approx(row["bf16_s"] / row["float32_s"])
+    table = (tmp_path / "bf16_default_quick.md").read_text()
+    assert f"**{'on' if native_bf16() else 'off'}** by default" in table and "| forward + backward |" in table
+
+
 def test_rollout_and_update_measures_every_figure(tiny_model: Path, tmp_path: Path) -> None:
     bench = load_benchmark("rollout_and_update")
     out = tmp_path / "speed.json"

@@ -67,8 +67,9 @@ DEFAULT_MODEL = "default"
 def native_bf16() -> bool:
     """Whether bfloat16 matmuls run on this machine's own hardware: a CUDA GPU that supports them, or a CPU with
     oneDNN's bf16 kernels (AVX-512 cores, AVX512-BF16, AMX). An AVX2-only CPU has none: a bf16 matmul there falls
-    back to a generic kernel, measured 55x *slower* than float32 (6.6 vs 366 ms for 256x576 @ 576x1536, one thread,
-    AMD EPYC with AVX2), where AVX512-BF16/AMX machines run the default model's passes 6-10x faster in bf16."""
+    back to a generic kernel, measured 12x *slower* than float32 for the default model's forward + backward (43x for
+    one matmul; ``benchmarks/bf16_default.py``, one thread, AMD EPYC with AVX2), where AVX512-BF16/AMX machines run
+    the default model's passes 6-10x faster in bf16."""
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
     try:
