@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passes_ = measure(model, args.batch, args.tokens, args.repeats, shape)
     machine = cpu_kind()
     result = {
-        "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(), "native_bf16": native_bf16(),
-        "model": "tiny" if args.quick else args.model, "batch": args.batch, "tokens": args.tokens,
+        "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "native_bf16": native_bf16(), "model": "tiny" if args.quick else args.model, "batch": args.batch,
+        "tokens": args.tokens,
         "repeats": args.repeats, "matmul_shape": list(shape), "passes": passes_,
     }  # fmt: skip
     kind = "quick" if args.quick else re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
