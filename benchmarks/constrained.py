@@ -10,11 +10,11 @@ Cases, each ``textgen train`` with its defaults but what the case sets:
   must grow and hold the bound, without the policy collapsing.
 
 Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``fixed``
-(every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``, with ``w`` tuned once on
-seed 0 over ``--weights`` by the training episodes, never the held-out prompts: the best reward among the weights whose
-second half of training breaks no bound in more than half its rollouts, else the least broken); ``constrained`` (dual
-ascent, the defaults). Every run is a separate process whose directory is reused when it finished, so a stopped
-benchmark resumes. Run::
+(every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``); ``constrained`` (dual
+ascent from λ = 0 with step ``--constraint-lr η``). ``w`` and ``η`` are each tuned once on seed 0 (over ``--weights``
+and ``--constraint-lrs``) by the training episodes, never the held-out prompts: the best last-rollout reward among the
+values whose last rollout holds every bound within 5 %, else the value that breaks them least (:func:`tune`). Every
+run is a separate process whose directory is reused when it finished, so a stopped benchmark resumes. Run::
 
     python benchmarks/constrained.py --runs RUNS            # 3 cases x 3 arms x 3 seeds, plus the tuning runs
     python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
@@ -101,33 +101,57 @@ def broken_late(report: dict[str, Any]) -> float:
     return max(c["violated_share_second_half"] for c in report["constraints"].values())
 
 
-def tune_weight(
-    case: dict[str, Any], weights: list[float], runs: Path, kept: Path, common: list[str], train: bool = True
+def last_excess(report: dict[str, Any]) -> float:
+    """How far the last rollout's means break their bounds beyond the 5 % tolerance, in bound units (0: all held)."""
+    return max(
+        max(0.0, Constraint.read(b).violation(c["final_mean"]) / abs(Constraint.read(b).bound) - 0.05)  # type: ignore[union-attr]
+        for b, c in report["constraints"].items()
+    )
+
+
+TUNED = {"fixed": ("w", "--constraint-init"), "constrained": ("lr", "--constraint-lr")}
+"""The arms tuned on seed 0: the prefix of their tuning runs and the option each value sets."""
+
+
+def tune(
+    case: dict[str, Any],
+    arm: str,
+    values: list[float],
+    runs: Path,
+    kept: Path,
+    common: list[str],
+    train: bool = True,
 ) -> tuple[float | None, dict[float, dict[str, Any]]]:
-    """The fixed weight of seed 0 (training episodes only): the best last-rollout reward among the weights whose
-    bounds hold in at least half the second-half rollouts, else the least broken (``None`` while a weight's run is
-    missing and ``train`` is off); and the report of every weight run so far. The winner's run is the fixed arm's
-    seed 0 (:func:`run_path`)."""
+    """An arm's setting, chosen on seed 0's training episodes (never the held-out prompts): the fixed weight
+    (``--constraint-lr 0 --constraint-init w``) or the dual step (``--constraint-lr η``). The best last-rollout
+    reward among the values whose last rollout holds every bound within 5 %, else the value that breaks them least
+    (``None`` while a value's run is missing and ``train`` is off); and the report of every value run so far. The
+    winner's run is the arm's seed 0 (:func:`run_path`)."""
+    prefix, option = TUNED[arm]
     reports = {}
-    for w in weights:
-        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), "--constraint-lr", "0",
-                   "--constraint-init", str(w)]  # fmt: skip
-        report = run(runs / "tuning" / f"w{w:g}", options, kept / "tuning" / f"w{w:g}.json", train)
+    for value in values:
+        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), option, str(value)]
+        if arm == "fixed":
+            options += ["--constraint-lr", "0"]
+        at = Path("tuning", f"{prefix}{value:g}")
+        report = run(runs / at, options, kept / f"{at}.json", train)
         if report is not None:
-            reports[w] = report
-    if len(reports) < len(weights):
+            reports[value] = report
+    if len(reports) < len(values):
         return None, reports
     scored = []
-    for w, report in reports.items():
+    for value, report in reports.items():
         last = report["history"][-1]["reward_model_score"] if report["history"] else -np.inf
-        broken = broken_late(report)
-        scored.append((broken > 0.5, broken if broken > 0.5 else -last, w))
+        excess = last_excess(report)
+        scored.append((excess > 0, excess if excess > 0 else -last, value))
     return min(scored)[2], reports
 
 
-def run_path(arm: str, seed: int, weight: float | None) -> Path:
-    """Where one arm's seed lives under a case: the fixed arm's seed 0 is the tuning run of its weight."""
-    return Path("tuning", f"w{weight:g}") if (arm, seed) == ("fixed", 0) else Path(arm, f"seed{seed}")
+def run_path(arm: str, seed: int, setting: float | None) -> Path:
+    """Where one arm's seed lives under a case: a tuned arm's seed 0 is the tuning run of its chosen setting."""
+    if arm in TUNED and seed == 0:
+        return Path("tuning", f"{TUNED[arm][0]}{setting:g}")
+    return Path(arm, f"seed{seed}")
 
 
 def _bounds(case: dict[str, Any]) -> list[str]:
@@ -164,8 +188,10 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
              "repeat far less: compare the bound's last mean with the column.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
-        if case.get("fixed_weight") is not None:
-            lines += [f"Fixed weight tuned on seed 0's training episodes: {case['fixed_weight']:g}.", ""]
+        tuned = [f"{label} {case[key]:g}" for label, key in (("fixed weight", "fixed_weight"),
+                 ("dual step", "constraint_lr")) if case.get(key) is not None]  # fmt: skip
+        if tuned:
+            lines += [f"Tuned on seed 0's training episodes: {', '.join(tuned)}.", ""]
         lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (last mean, λ, "
                   "broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in [*case["rows"], *case.get("tuning", [])]:
@@ -269,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cases", default="positive-review,dialogue,infeasible")
     parser.add_argument("--weights", default="0.01,0.03,0.1,0.3", help="fixed weights tried on seed 0")
+    parser.add_argument("--constraint-lrs", default="0.05,0.2,0.5", help="dual step sizes tried on seed 0")
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument("--arms", default=",".join(ARMS), help="train only these arms (the table shows all kept)")
@@ -283,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bookkeeping:
         return bookkeeping_report(Path(args.out), "python benchmarks/constrained.py " + " ".join(argv))
     if args.quick:
-        args.seeds, args.weights = 1, "1"
+        args.seeds, args.weights, args.constraint_lrs = 1, "1", "0.5"
     out = Path(args.out)
     stem = "constrained_quick" if args.quick else "constrained"
     train, chosen = not args.table_only, args.arms.split(",")
@@ -298,28 +325,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             case = case_settings(name, args.quick, args.model)
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
             kept = out / f"{stem}_runs" / name
-            weights = [float(w) for w in args.weights.split(",")]
-            weight, tried = tune_weight(case, weights, runs / name, kept, common, train and "fixed" in chosen)
+            grids = {"fixed": args.weights, "constrained": args.constraint_lrs}
+            settings, tried = {}, {}
+            for arm, grid in grids.items():
+                go = train and arm in chosen
+                values = [float(v) for v in grid.split(",")]
+                settings[arm], tried[arm] = tune(case, arm, values, runs / name, kept, common, go)
             measured = [*case["objective"], *_bounds(case), "--constraint-lr", "0"]  # λ held at 0: bounds measured
+            weight, step = settings["fixed"], settings["constrained"]
             arms = {
                 "unconstrained": measured,  # the objective alone
                 # β steered toward the KL bound (Ziegler et al.'s controller): the unconstrained way to a KL budget
                 **({"adaptive": [*measured, "--target-kl", str(case["target_kl"])]} if "target_kl" in case else {}),
-                **({"fixed": [*measured, "--constraint-init", str(weight)]} if weight is not None else {}),
-                "constrained": [*case["objective"], *_bounds(case)],
             }
+            if weight is not None:
+                arms["fixed"] = [*measured, "--constraint-init", str(weight)]
+            if step is not None:
+                arms["constrained"] = [*case["objective"], *_bounds(case), "--constraint-lr", str(step)]
             reports = [  # seed-major, so a stopped benchmark has every arm of its first seeds
                 (arm, seed, run(runs / name / at, [*common, "--seed", str(seed), *options], kept / f"{at}.json", go))
                 for seed in range(args.seeds)
                 for arm, options in arms.items()
-                for at, go in [(str(run_path(arm, seed, weight)), train and arm in chosen)]
+                for at, go in [(str(run_path(arm, seed, settings.get(arm))), train and arm in chosen)]
             ]
             rows = sorted(
                 (row(*r) for r in reports if r[2] is not None), key=lambda r: (ARMS.index(r["arm"]), r["seed"])
             )
-            # every weight tried so far, for the record (the choice reads training episodes only)
-            tuning = [row(f"fixed w={w:g} (tuning)", 0, report) for w, report in tried.items()]
-            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "rows": rows, "tuning": tuning}
+            # every setting tried so far, for the record (the choice reads training episodes only)
+            tuning = [row(f"fixed w={w:g} (tuning)", 0, report) for w, report in tried["fixed"].items()]
+            tuning += [row(f"constrained lr={v:g} (tuning)", 0, report) for v, report in tried["constrained"].items()]
+            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "constraint_lr": step, "rows": rows,
+                             "tuning": tuning}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
     (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))

@@ -291,14 +291,15 @@ def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
 
 
 def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
-    """benchmarks/constrained.py --quick on dialogue: the bounds measured on the train split, a tuned fixed weight,
-    and the three arms, each bound reported per run (λ held at 0 unconstrained, at the weight when fixed)."""
+    """benchmarks/constrained.py --quick on dialogue: the bounds measured on the train split, a tuned fixed weight and
+    dual step, and the three arms, each bound reported per run (λ held at 0 unconstrained, at the weight when fixed)."""
     bench = load_benchmark("constrained")
     results = bench.main(["--quick", "--cases", "dialogue", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
     case = results["dialogue"]
     assert [b.split(">=")[0].split("<=")[0] for b in case["bounds"]] == ["ref_logprob", "length", "length"]
     arms = [arm for arm in bench.ARMS if arm != "adaptive"]  # dialogue has no KL budget to steer β toward
-    assert [r["arm"] for r in case["rows"]] == arms and case["fixed_weight"] == 1.0
+    assert [r["arm"] for r in case["rows"]] == arms and case["fixed_weight"] == 1.0 and case["constraint_lr"] == 0.5
+    assert [r["arm"] for r in case["tuning"]] == ["fixed w=1 (tuning)", "constrained lr=0.5 (tuning)"]
     lambdas = {r["arm"]: [c["final_lambda"] for c in r["constraints"].values()] for r in case["rows"]}
     assert lambdas["unconstrained"] == [0.0] * 3 and lambdas["fixed"] == [1.0] * 3
     assert all(set(r["constraints"]) == set(case["bounds"]) for r in case["rows"])
@@ -313,8 +314,8 @@ def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
 
 
 def test_constrained_bookkeeping_times_the_multipliers_against_a_default_rollout(tmp_path: Path) -> None:
-    """--bookkeeping times Lagrangian.charge + update on a default rollout's arrays and relates it to the default
-    runs' seconds per rollout (read from a textgen_train_seeds.json)."""
+    """--bookkeeping times Lagrangian.charge (the dual step and the charges) on a default rollout's arrays and
+    relates it to the default runs' seconds per rollout (read from a textgen_train_seeds.json)."""
     runs = [{"train_seconds": 100.0, "config": {"n_envs": 16, "n_steps": 32, "total_timesteps": 1024}}]
     (tmp_path / "textgen_train_seeds.json").write_text(json.dumps(runs))
     result = load_benchmark("constrained").main(["--bookkeeping", "--out", str(tmp_path)])
