@@ -48,7 +48,9 @@ class KLController:
 
     :param beta: initial KL coefficient.
     :param target: target KL per episode in nats (``None``: β stays fixed).
-    :param horizon: episodes over which β may change by a factor of e (the controller's time constant).
+    :param horizon: the controller's time constant: β moves by a factor ``1 + error·n/horizon`` after ``n`` episodes,
+        the error clipped to ±0.2, so by at most e^0.2 over ``horizon`` episodes (``textgen train`` derives it from
+        the run's length: :func:`agents.run.kl_horizon`).
     """
 
     def __init__(self, beta: float = DEFAULT_BETA, target: float | None = None, horizon: int = 10_000) -> None:

@@ -77,6 +77,27 @@ def logged(folder: Path, key: str) -> list[float]:
 # --- β ----------------------------------------------------------------------------------------------------------
 
 
+def test_target_kl_horizon_follows_the_runs_length(tiny_model: Path, tmp_path: Path) -> None:
+    """--target-kl's horizon is a twentieth of the run's episodes (a default run: 10240 tokens / 32 per episode / 20
+    = 16 episodes, one rollout), so β can move within a run; --kl-horizon sets it; build_run hands it to the
+    controller. At Ziegler et al.'s 10,000 a default run moved β by 0.5 %."""
+    from agents.run import TrainConfig, build_run, kl_horizon
+
+    assert kl_horizon(TrainConfig()) == 16  # positive-review: 32-token episodes
+    assert kl_horizon(TrainConfig(total_timesteps=20480, max_new_tokens=64)) == 16
+    assert kl_horizon(TrainConfig(kl_horizon=500)) == 500
+    with pytest.raises(ValueError, match="kl_horizon must be at least 1 episode"):
+        TrainConfig(kl_horizon=0)
+    config = TrainConfig(model=str(tiny_model), reward_model="gold", n_envs=2, n_steps=4, batch_size=8,
+                         max_new_tokens=8, max_prompt_tokens=128, eval_prompts=1, bf16=False, total_timesteps=640,
+                         target_kl=1.0, out=str(tmp_path))  # fmt: skip
+    controller = build_run(config, verbose=0).kl.controller
+    assert (controller.target, controller.horizon) == (1.0, 4)  # 640 / 8 / 20
+    for _ in range(20):  # 20 rollouts of 2 episodes at twice the target: β grows by (1 + 0.2·2/4)^20 = 6.7x
+        controller.update(2.0, 2)
+    assert controller.beta == pytest.approx(DEFAULT_BETA * 1.1**20)
+
+
 def test_fixed_controller_stays_fixed() -> None:
     controller = KLController(beta=0.1)
     for kl in (0.0, 0.5, 50.0, 1e6):

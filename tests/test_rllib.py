@@ -49,7 +49,7 @@ from agents.rllib import (  # noqa: E402
 )
 from agents.rllib.learner import REWARD_SCALE, EpisodeMinibatches, RealRowAdvantages  # noqa: E402
 from agents.rllib.module import SAMPLING_MASK  # noqa: E402
-from agents.run import TrainConfig, make_algorithm, make_env  # noqa: E402
+from agents.run import TrainConfig, kl_horizon, make_algorithm, make_env  # noqa: E402
 from text_env.models import load_frozen_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -405,7 +405,7 @@ def test_train_rllib_reports_before_after_and_adapts_beta(local_ray: None, tiny_
     assert all(len(t.kl) == len(t.tokens) > 0 and np.isfinite(t.value).all() for t in view.trained + view.base)
     assert report["tokens"] == 32 and report["tokens_per_second"] > 0 and len(report["history"]) == 2
     assert set(report["before"]) >= {"gold_score", "reward_model_score", "kl"} and report["after"]["kl"] != 0
-    controller = KLController(config.beta, config.target_kl)  # replay the driver's β updates
+    controller = KLController(config.beta, config.target_kl, kl_horizon(config))  # replay the driver's β updates
     for row in report["history"]:
         assert row["beta"] == pytest.approx(controller.beta)
         controller.update(row["kl_per_episode"], int(row["episodes"]))

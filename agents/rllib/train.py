@@ -44,7 +44,7 @@ from agents.kl import KLController, RewardScale
 from agents.policies import export_pretrained
 from agents.rllib.learner import CONSTRAINTS, KL_BETA, QUANTITIES_KEY, REWARD_SCALE, RLHFPPOLearner
 from agents.rllib.module import REF_LOGP, CausalLMRLModule
-from agents.run import TrainConfig, base_rewards, checked_task, make_env, run_task
+from agents.run import TrainConfig, base_rewards, checked_task, kl_horizon, make_env, run_task
 from agents.train import (
     before_after_table,
     constraints_table,
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 ENV_ID = "text_env:TextGen-v0"  # the module prefix makes every EnvRunner process import text_env (registration)
-KL_TARGET = "kl_target"  # learner_config_dict keys read by RLHFMetrics (KL_BETA: the initial β)
+KL_TARGET, KL_HORIZON = "kl_target", "kl_horizon"  # learner_config_dict keys read by RLHFMetrics (KL_BETA: β at first)
 GAE_LAMBDA = 0.95  # SB3 PPO's gae_lambda, which the SB3 path uses
 CLIP_RANGE = 0.2  # SB3 PPO's clip_range
 VF_COEF = 0.5  # SB3 PPO's vf_coef
@@ -188,6 +188,7 @@ def rllib_config(
             learner_config_dict={
                 KL_BETA: config.beta,
                 KL_TARGET: config.target_kl,
+                KL_HORIZON: kl_horizon(config),
                 REWARD_SCALE: 1.0,  # train_rllib sets the measured one when the run scales its rewards
                 CONSTRAINTS: constraints,
             },
@@ -230,7 +231,7 @@ class RLHFMetrics(RLlibCallback):
 
     def on_algorithm_init(self, *, algorithm: Algorithm, **kwargs: Any) -> None:
         settings = algorithm.config.learner_config_dict
-        self.controller = KLController(settings[KL_BETA], settings.get(KL_TARGET))
+        self.controller = KLController(settings[KL_BETA], settings.get(KL_TARGET), settings[KL_HORIZON])
 
     def on_episode_end(
         self, *, episode: Any, prev_episode_chunks: Any = None, metrics_logger: Any, **kwargs: Any
