@@ -390,7 +390,7 @@ def kl_horizon(config: TrainConfig, task: Task | None = None) -> int:
     """``--target-kl``'s horizon in episodes (:class:`agents.kl.KLController`): ``--kl-horizon``, else a twentieth of
     the episodes the run generates (each at most ``max_new_tokens``), so that β can move up to e^4 = 55x within any
     run. Ziegler et al.'s 10,000 suits runs of 10^5 episodes and more: in a default run (320 episodes) it moved β by
-    0.5 % (0.1 to 0.0995) while the KL ended at twice the target (benchmarks/results/constrained.md, adaptive arm)."""
+    0.5 % (0.1 to 0.0995), so ``--target-kl`` did nothing (benchmarks/results/constrained.md, adaptive arm)."""
     if config.kl_horizon is not None:
         return config.kl_horizon
     length = config.max_new_tokens or (task or run_task(config)).max_new_tokens
