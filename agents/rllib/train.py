@@ -152,11 +152,12 @@ def rllib_config(
         )
     if config.ref_ema:
         raise ValueError("--ref-ema runs on --engine sb3 only so far: the RLlib module's reference is fixed")
+    task = run_task(config)
     env_config = {
         "model": config.model, "task": config.task, "reward_model": config.reward_model,
         "reward_kwargs": config.reward_kwargs or None, "max_new_tokens": config.max_new_tokens,
         "max_prompt_tokens": config.max_prompt_tokens, "split": "train",
-        "prompts": run_task(config).examples("train") if config.prompts else None,  # plain records, not a model
+        "prompts": task.examples("train") if config.prompts else None,  # plain records, not a model
         ENVS_PER_RUNNER: math.ceil(config.n_envs / max(1, num_env_runners)), COMPOSITE: config.reward,
     }  # fmt: skip
     train_batch = max(1, config.n_envs * config.n_steps // max(1, num_learners))  # tokens per Learner per iteration
@@ -188,7 +189,7 @@ def rllib_config(
             learner_config_dict={
                 KL_BETA: config.beta,
                 KL_TARGET: config.target_kl,
-                KL_HORIZON: kl_horizon(config),
+                KL_HORIZON: kl_horizon(config, task),
                 REWARD_SCALE: 1.0,  # train_rllib sets the measured one when the run scales its rewards
                 CONSTRAINTS: constraints,
             },
