@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -22,6 +22,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from agents.cached_lm import reference_log_probs
+from agents.constraints import episode_quantities
 from agents.policies import CausalLMPolicy
 from text_env.models import DEFAULT_BF16
 from text_env.prompts import Example, as_example
@@ -51,6 +52,9 @@ class Evaluation:
     kl: np.ndarray  # per completion: sum over its tokens of log π - log π_ref
     reference_log_prob: np.ndarray  # per completion: sum over its tokens of log π_ref
     n_tokens: np.ndarray  # per completion: tokens generated (EOS included)
+    # per completion: what a constraint may bound (agents.constraints.episode_quantities and a composite reward's
+    # components), so that a run's bounds are also measured on its final policy
+    quantities: list[dict[str, float]] = field(default_factory=list)
 
     def select(self, index: Sequence[int]) -> Evaluation:
         """The rows at ``index`` (e.g. the best of several samples per prompt)."""
@@ -58,6 +62,7 @@ class Evaluation:
         return Evaluation(
             [self.prompts[i] for i in idx], [self.completions[i] for i in idx], self.reward_model_score[idx],
             self.gold_score[idx], self.kl[idx], self.reference_log_prob[idx], self.n_tokens[idx],
+            [self.quantities[i] for i in idx] if self.quantities else [],
         )  # fmt: skip
 
     @property
@@ -140,7 +145,7 @@ def evaluate(
     step = _Stepper(policy, env, deterministic)
     n = env.num_envs
     completions: list[str] = []
-    rm, gold, kl, ref_sum, n_tokens = [], [], [], [], []
+    rm, gold, kl, ref_sum, n_tokens, quantities = [], [], [], [], [], []
     for start in range(0, len(prompts), n):
         chunk = list(prompts[start : start + n])
         env.set_options([{"prompt": chunk[i % len(chunk)]} for i in range(n)])
@@ -148,28 +153,34 @@ def evaluate(
         step.reset()
         live = np.ones(n, dtype=bool)
         results: list[dict | None] = [None] * n
-        sums = np.zeros((3, n))  # log π, log π_ref, tokens
+        steps: list[list[np.ndarray]] = []  # per step: log π, log π_ref and the token of every env
+        lengths = np.zeros(n, dtype=np.int64)
         while live.any():
+            lengths += live
             obs_t = obs_as_tensor(obs, device)
             actions, log_pi = step(obs_t)  # type: ignore[arg-type]
             log_ref = reference_log_prob(obs_t, actions)  # type: ignore[arg-type]
-            sums += live * np.stack([log_pi.float().cpu().numpy(), log_ref.float().cpu().numpy(), np.ones(n)])
-            obs, _, dones, infos = env.step(actions.cpu().numpy())
+            steps.append([x.double().cpu().numpy() for x in (log_pi, log_ref)] + [actions.cpu().numpy()])
+            obs, _, dones, infos = env.step(steps[-1][2])
             for i in np.flatnonzero(dones & live):
                 results[i], live[i] = infos[i], False
         for i in range(len(chunk)):
             info = results[i]
             assert info is not None
+            log_pi_i, log_ref_i, tokens = (np.array([s[k][i] for s in steps[: lengths[i]]]) for k in range(3))
             completions.append(info["completion"])
             rm.append(info["reward_model_score"])
             gold.append(info["gold_score"])
-            kl.append(sums[0, i] - sums[1, i])
-            ref_sum.append(sums[1, i])
-            n_tokens.append(int(sums[2, i]))
+            kl.append(float(log_pi_i.sum() - log_ref_i.sum()))
+            ref_sum.append(float(log_ref_i.sum()))
+            n_tokens.append(len(tokens))
+            measured = episode_quantities(log_pi_i - log_ref_i, log_ref_i, tokens.tolist())
+            quantities.append({**measured, **info.get("reward_components", {})})
     texts = [as_example(p).prompt for p in prompts]
     return Evaluation(
-        texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens)
-    )
+        texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens),
+        quantities,
+    )  # fmt: skip
 
 
 def evaluate_base_model(

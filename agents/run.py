@@ -26,7 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.buffers import EpisodeRolloutBuffer, MaskableEpisodeRolloutBuffer
 from agents.callbacks import HeldOutEvaluation, ReferenceEMA, SkipFinishedBootstrap, TextMetrics
-from agents.constraints import QUANTITIES, Lagrangian, parse_constraints
+from agents.constraints import DUAL_STEP, MARGIN_SE, QUANTITIES, Lagrangian, parse_constraints
 from agents.evaluate import Evaluation, evaluate
 from agents.kl import DEFAULT_BETA, KLPenalty
 from text_env.core import resolve_reward
@@ -157,10 +157,17 @@ class TrainConfig:
         },
     )
     constraint_lr: float = field(
-        default=0.05,
+        default=DUAL_STEP,
         metadata=_help("the multipliers' dual step per rollout, per unit of violation (0: fixed at --constraint-init)"),
     )
     constraint_init: float = field(default=0.0, metadata=_help("every multiplier's starting value"))
+    constraint_margin_se: float = field(
+        default=MARGIN_SE,
+        metadata=_help(
+            "the dual step reads each rollout's mean this many standard errors toward breaking the bound, so that "
+            "λ rises while a bound is probably broken, not only when a rollout shows it (0: the plain mean)"
+        ),
+    )
     advantage_normalization: str = field(
         default="rollout",
         metadata=_help(
@@ -236,9 +243,10 @@ class TrainConfig:
         parse_constraints(self.constraints, self.max_new_tokens, self.reward_parts)  # one line before any model
         if self.kl_horizon is not None and self.kl_horizon < 1:
             raise ValueError(f"kl_horizon must be at least 1 episode, got {self.kl_horizon}")
-        if not self.constraint_lr >= 0 or not self.constraint_init >= 0:
+        if not self.constraint_lr >= 0 or not self.constraint_init >= 0 or not self.constraint_margin_se >= 0:
             raise ValueError(
-                f"constraint_lr and constraint_init must be >= 0; got {self.constraint_lr}, {self.constraint_init}"
+                "constraint_lr, constraint_init and constraint_margin_se must be >= 0; got "
+                f"{self.constraint_lr}, {self.constraint_init}, {self.constraint_margin_se}"
             )
         if self.reward_scale_prompts < 2:
             raise ValueError(f"reward_scale_prompts must be at least 2, got {self.reward_scale_prompts}")
@@ -465,7 +473,7 @@ def build_run(config: TrainConfig, verbose: int = 1) -> Run:
     constraints = None
     if config.constraints:
         bounds = parse_constraints(config.constraints, components=config.reward_parts)
-        constraints = Lagrangian(bounds, config.constraint_lr, config.constraint_init)
+        constraints = Lagrangian(bounds, config.constraint_lr, config.constraint_init, config.constraint_margin_se)
     kl = KLPenalty(
         config.beta, config.target_kl, kl_horizon(config, task), scale_rewards=config.scales_rewards,
         constraints=constraints, verbose=verbose,

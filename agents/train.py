@@ -223,10 +223,12 @@ def constraints_table(summary: dict[str, dict[str, float]] | None) -> str:
     if not summary:
         return ""
     rows = "\n".join(
-        f"| {name} | {c['final_mean']:.3f} | {c['final_lambda']:.3f} | {c['violated_share_second_half']:.0%} |"
+        f"| {name} | {c.get('held_out_mean', float('nan')):.3f} | {c['final_mean']:.3f} | {c['final_lambda']:.3f} | "
+        f"{c['violated_share_second_half']:.0%} |"
         for name, c in summary.items()
     )
-    return f"\n\n| constraint | last rollout's mean | λ | rollouts broken, 2nd half |\n|---|---|---|---|\n{rows}"
+    head = "| constraint | final policy, held-out mean | last rollout's mean | λ | rollouts broken, 2nd half |"
+    return f"\n\n{head}\n|---|---|---|---|---|\n{rows}"
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any], n_samples: int = 3) -> str:
@@ -288,10 +290,11 @@ def train(
     # extend the finished run; its weights and optimiser state are the run's model.zip, not a second copy.
     save_checkpoint(run, run_dir, run.algo.num_timesteps, state)
     (run_dir / CHECKPOINT / "model.zip").replace(run_dir / "model.zip")
-    after = evaluation_record(run.evaluate())
+    final = run.evaluate()
+    after = evaluation_record(final)
     reference = f"{config.model} (the SFT model of --init {config.init})" if config.init else config.model
     table = before_after_table(before, after) + f"\n\nKL and perplexity against the starting model: {reference}."
-    constraints = run.kl.constraints.summary() if run.kl.constraints is not None else None
+    constraints = run.kl.constraints.summary(final.quantities) if run.kl.constraints is not None else None
     table += constraints_table(constraints)
     report = {
         "config": asdict(config),
@@ -304,7 +307,7 @@ def train(
         "kl_reference": config.model,  # the starting model, an SFT run's with --init (InstructGPT's reference)
         "final_beta": run.kl.controller.beta,
         "final_reward_scale": None if run.kl.reward_scale is None else run.kl.reward_scale.scale,
-        "constraints": constraints,  # per bound: the training episodes' last mean, λ, how often broken late on
+        "constraints": constraints,  # per bound: the final policy's held-out mean, the last rollout's, λ, late breaks
         "peak_rss_gb": max(state["peak_rss_gb"], peak_rss_gb()),
         "machine": f"{cpu_kind()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "samples": paired_samples(before, after),

@@ -9,12 +9,16 @@ Cases, each ``textgen train`` with its defaults but what the case sets:
 - ``infeasible``: positive-review subject to ``kl<=0.5`` alone, which the objective pulls against: the multiplier
   must grow and hold the bound, without the policy collapsing.
 
-Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``fixed``
-(every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``); ``constrained`` (dual
-ascent from λ = 0 with step ``--constraint-lr η``). ``w`` and ``η`` are each tuned once on seed 0 (over ``--weights``
-and ``--constraint-lrs``) by the training episodes, never the held-out prompts: the best last-rollout reward among the
-values whose last rollout holds every bound within 5 %, else the value that breaks them least (:func:`tune`). Every
-run is a separate process whose directory is reused when it finished, so a stopped benchmark resumes. Run::
+Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``adaptive``
+(where the case bounds the KL: β steered toward it by ``--target-kl``); ``fixed`` (every bound's multiplier held at a
+weight ``w``: ``--constraint-lr 0 --constraint-init w``); ``constrained`` (dual ascent from λ = 0 with step
+``--constraint-lr η``, the defaults otherwise: each step reads the rollout's mean one standard error toward breaking
+the bound); ``plain-mean`` (the same on the plain mean, ``--constraint-margin-se 0``: what the margin buys). ``w`` and
+each ``η`` are tuned once on seed 0 (over ``--weights`` and ``--constraint-lrs``) by the training episodes, never the
+held-out prompts: the best last-rollout reward among the values whose last rollout holds every bound within 5 %, else
+the value that breaks them least (:func:`tune`). A bound holds at the end of training when the final policy's mean
+over the held-out completions is within 5 % of it (:func:`final_value`). Every run is a separate process whose
+directory is reused when it finished, so a stopped benchmark resumes. Run::
 
     python benchmarks/constrained.py --runs RUNS            # 3 cases x 3 arms x 3 seeds, plus the tuning runs
     python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
@@ -40,7 +44,7 @@ import numpy as np
 from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
 
-ARMS = ("unconstrained", "adaptive", "fixed", "constrained")
+ARMS = ("unconstrained", "adaptive", "fixed", "plain-mean", "constrained")
 QUICK = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "8", "--batch-size", "8",
          "--max-new-tokens", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-prompt-tokens", "240",
          "--reward-scale-prompts", "2"]  # fmt: skip
@@ -110,8 +114,13 @@ def last_excess(report: dict[str, Any]) -> float:
     return max(excess(b, c["final_mean"]) for b, c in report["constraints"].items())
 
 
-TUNED = {"fixed": ("w", "--constraint-init"), "constrained": ("lr", "--constraint-lr")}
-"""The arms tuned on seed 0: the prefix of their tuning runs and the option each value sets."""
+TUNED = {
+    "fixed": ("w", "--constraint-init", ["--constraint-lr", "0"]),
+    "plain-mean": ("z0-lr", "--constraint-lr", ["--constraint-margin-se", "0"]),
+    "constrained": ("lr", "--constraint-lr", []),
+}
+"""The arms tuned on seed 0: the prefix of their tuning runs, the option each value sets and the arm's other
+options."""
 
 
 def tune(
@@ -128,12 +137,10 @@ def tune(
     reward among the values whose last rollout holds every bound within 5 %, else the value that breaks them least
     (``None`` while a value's run is missing and ``train`` is off); and the report of every value run so far. The
     winner's run is the arm's seed 0 (:func:`run_path`)."""
-    prefix, option = TUNED[arm]
+    prefix, option, fixed = TUNED[arm]
     reports = {}
     for value in values:
-        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), option, str(value)]
-        if arm == "fixed":
-            options += ["--constraint-lr", "0"]
+        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), option, str(value), *fixed]
         at = Path("tuning", f"{prefix}{value:g}")
         report = run(runs / at, options, kept / f"{at}.json", train)
         if report is not None:
@@ -166,8 +173,22 @@ def row(arm: str, seed: int, report: dict[str, Any]) -> dict[str, Any]:
         "arm": arm, "seed": seed, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
         "kl": after["kl"], "distinct_2": after["distinct_2"], "length": after["length"],
         "tokens_per_second": tokens / max(report["train_seconds"], 1e-9), "constraints": report.get("constraints"),
+        "final": {b: final_value(report, b) for b in report.get("constraints") or {}},
         "history": report["history"], "machine": report.get("machine", "?"), "bf16": report["config"]["bf16"],
     }  # fmt: skip
+
+
+def final_value(report: dict[str, Any], spec: str) -> tuple[float, str]:
+    """A bound's quantity at the end of training and where it was read: the final policy's mean over the held-out
+    completions (``held out``); for a run kept before reports measured it there, the held-out summary's KL or length
+    (the same per-completion means), else the last rollout's mean (``last rollout``)."""
+    measured = report["constraints"][spec]
+    if np.isfinite(measured.get("held_out_mean", np.nan)):
+        return measured["held_out_mean"], "held out"
+    name = Constraint.read(spec).name  # type: ignore[union-attr]
+    if name in ("kl", "length"):
+        return report["after"][name], "held out"
+    return measured["final_mean"], "last rollout"
 
 
 def holds(spec: str, value: float) -> bool:
@@ -181,22 +202,24 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
              f"Table written on: {machine}; each run's own machine and dtype are in its row (runs are kept and "
              "reused across machines: bf16 is on by default only where the CPU runs it natively). Held-out: each "
              "task's first eval prompts before and after; KL in nats per completion to the base model; per bound: "
-             "the training episodes' last-rollout mean (✓: within 5 % of the bound), its multiplier λ and the share "
-             "of second-half rollouts that broke it. The distinct-2 column is held-out: unique word bigrams over all "
-             "completions together, the figure that falls when the policy narrows to a few stock phrases; the "
+             "the final policy's mean over the held-out completions (✓: within 5 % of the bound; † where a run kept "
+             "from before held-out bounds were measured has only its last rollout's), the last training rollout's "
+             "mean, its multiplier λ and the share of second-half rollouts that broke it. The distinct-2 column is "
+             "held-out: unique word bigrams over all completions together, the figure that falls when the policy "
+             "narrows to a few stock phrases; the "
              "`distinct2` bound reads each training episode alone (token bigrams within one completion), which "
              "repeat far less: compare the bound's last mean with the column.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
-        tuned = [f"{label} {case[key]:g}" for label, key in (("fixed weight", "fixed_weight"),
-                 ("dual step", "constraint_lr")) if case.get(key) is not None]  # fmt: skip
+        labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step"}
+        tuned = [f"{labels[arm]} {value:g}" for arm, value in case["tuned"].items() if value is not None]
         if tuned:
             lines += [f"Tuned on seed 0's training episodes: {', '.join(tuned)}.", ""]
-        lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (last mean, λ, "
-                  "broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (final, last "
+                  "rollout, λ, broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in [*case["rows"], *case.get("tuning", [])]:
             bounds = "; ".join(
-                f"{b}: {c['final_mean']:.3f}{' ✓' if holds(b, c['final_mean']) else ' ✗'}, {c['final_lambda']:.3g}, "
+                f"{b}: {_final(r, b)}, {c['final_mean']:.3f}, {c['final_lambda']:.3g}, "
                 f"{c['violated_share_second_half']:.0%}"
                 for b, c in (r["constraints"] or {}).items()
             )
@@ -206,13 +229,14 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
                 f"{r['distinct_2']:.3f} | {r['length']:.1f} | {r['tokens_per_second']:.1f} | {bounds or '–'} | "
                 f"{where} |"
             )
-        lines += ["", "| arm | seeds | gold gain: mean, worst | gold after: mean | KL: mean | bounds held (±5 %) |",
+        lines += ["", "| arm | seeds | gold gain: mean, worst | gold after: mean | KL: mean | bounds held at the end "
+                  "(±5 %) |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for arm in ARMS:
             rows = [r for r in case["rows"] if r["arm"] == arm]
             if rows:
                 gains = [r["gold_after"] - r["gold_before"] for r in rows]
-                held = sum(all(holds(b, c["final_mean"]) for b, c in (r["constraints"] or {}).items()) for r in rows)
+                held = sum(all(holds(b, value) for b, (value, _) in r["final"].items()) for r in rows)
                 lines.append(
                     f"| {arm} | {len(rows)} | {np.mean(gains):+.3f}, {min(gains):+.3f} | "
                     f"{np.mean([r['gold_after'] for r in rows]):.3f} | {np.mean([r['kl'] for r in rows]):.2f} | "
@@ -220,6 +244,11 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
                 )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _final(r: dict[str, Any], spec: str) -> str:
+    value, where = r["final"][spec]
+    return f"{value:.3f}{'' if where == 'held out' else '†'}{' ✓' if holds(spec, value) else ' ✗'}"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -248,7 +277,7 @@ def bookkeeping(specs: list[str], rollouts: int = 200, n_steps: int = 32, n_envs
     from agents.constraints import Lagrangian, parse_constraints
 
     rng = np.random.default_rng(0)
-    lagrangian = Lagrangian(parse_constraints(specs), lr=0.05)
+    lagrangian = Lagrangian(parse_constraints(specs))
     lagrangian.start(n_envs)
     dones = np.zeros((n_steps, n_envs), dtype=bool)
     dones[-1] = True
@@ -325,23 +354,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             case = case_settings(name, args.quick, args.model)
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
             kept = out / f"{stem}_runs" / name
-            grids = {"fixed": args.weights, "constrained": args.constraint_lrs}
+            grids = {"fixed": args.weights, "plain-mean": args.constraint_lrs, "constrained": args.constraint_lrs}
             settings, tried = {}, {}
             for arm, grid in grids.items():
                 go = train and arm in chosen
                 values = [float(v) for v in grid.split(",")]
                 settings[arm], tried[arm] = tune(case, arm, values, runs / name, kept, common, go)
             measured = [*case["objective"], *_bounds(case), "--constraint-lr", "0"]  # λ held at 0: bounds measured
-            weight, step = settings["fixed"], settings["constrained"]
             arms = {
                 "unconstrained": measured,  # the objective alone
                 # β steered toward the KL bound (Ziegler et al.'s controller): the unconstrained way to a KL budget
                 **({"adaptive": [*measured, "--target-kl", str(case["target_kl"])]} if "target_kl" in case else {}),
             }
-            if weight is not None:
-                arms["fixed"] = [*measured, "--constraint-init", str(weight)]
-            if step is not None:
-                arms["constrained"] = [*case["objective"], *_bounds(case), "--constraint-lr", str(step)]
+            for arm, value in settings.items():
+                _, option, extra = TUNED[arm]
+                if value is not None:
+                    arms[arm] = [*case["objective"], *_bounds(case), option, str(value), *extra]
             reports = [  # seed-major, so a stopped benchmark has every arm of its first seeds
                 (arm, seed, run(runs / name / at, [*common, "--seed", str(seed), *options], kept / f"{at}.json", go))
                 for seed in range(args.seeds)
@@ -352,10 +380,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 (row(*r) for r in reports if r[2] is not None), key=lambda r: (ARMS.index(r["arm"]), r["seed"])
             )
             # every setting tried so far, for the record (the choice reads training episodes only)
-            tuning = [row(f"fixed w={w:g} (tuning)", 0, report) for w, report in tried["fixed"].items()]
-            tuning += [row(f"constrained lr={v:g} (tuning)", 0, report) for v, report in tried["constrained"].items()]
-            results[name] = {"bounds": case["bounds"], "fixed_weight": weight, "constraint_lr": step, "rows": rows,
-                             "tuning": tuning}  # fmt: skip
+            tuning = [
+                row(f"{arm} {'w' if arm == 'fixed' else 'lr'}={v:g} (tuning)", 0, report)
+                for arm, reports_of in tried.items()
+                for v, report in reports_of.items()
+            ]
+            results[name] = {"bounds": case["bounds"], "tuned": settings, "rows": rows, "tuning": tuning}
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
     (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))

@@ -292,17 +292,21 @@ def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
 
 def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
     """benchmarks/constrained.py --quick on dialogue: the bounds measured on the train split, a tuned fixed weight and
-    dual step, and the three arms, each bound reported per run (λ held at 0 unconstrained, at the weight when fixed)."""
+    dual steps, and the four arms, each bound reported per run (λ held at 0 unconstrained, at the weight when fixed)."""
     bench = load_benchmark("constrained")
     results = bench.main(["--quick", "--cases", "dialogue", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
     case = results["dialogue"]
     assert [b.split(">=")[0].split("<=")[0] for b in case["bounds"]] == ["ref_logprob", "length", "length"]
     arms = [arm for arm in bench.ARMS if arm != "adaptive"]  # dialogue has no KL budget to steer β toward
-    assert [r["arm"] for r in case["rows"]] == arms and case["fixed_weight"] == 1.0 and case["constraint_lr"] == 0.5
-    assert [r["arm"] for r in case["tuning"]] == ["fixed w=1 (tuning)", "constrained lr=0.5 (tuning)"]
+    assert [r["arm"] for r in case["rows"]] == arms
+    assert case["tuned"] == {"fixed": 1.0, "plain-mean": 0.5, "constrained": 0.5}
+    tuning = ["fixed w=1 (tuning)", "plain-mean lr=0.5 (tuning)", "constrained lr=0.5 (tuning)"]
+    assert [r["arm"] for r in case["tuning"]] == tuning
     lambdas = {r["arm"]: [c["final_lambda"] for c in r["constraints"].values()] for r in case["rows"]}
     assert lambdas["unconstrained"] == [0.0] * 3 and lambdas["fixed"] == [1.0] * 3
     assert all(set(r["constraints"]) == set(case["bounds"]) for r in case["rows"])
+    # the end of training is judged on the final policy's held-out completions
+    assert all(where == "held out" for r in case["rows"] for _, where in r["final"].values())
     table = (tmp_path / "constrained_quick.md").read_text()
     assert "## dialogue" in table and "| constrained | 0 |" in table and (tmp_path / "constrained_quick.png").is_file()
     # every finished run's report is kept beside the results: the table comes back on a machine without the runs

@@ -78,9 +78,11 @@ def test_charges_and_dual_step_match_a_hand_computation() -> None:
     unit = max(spread, 8 / 3 - 2)  # or the distance from the bound, if larger
     assert unit == spread
     assert lagrangian.units == pytest.approx([1.0, unit])
-    # the dual step comes first, on the means over the three episodes: KL 4.4/3, length 8/3
-    lam_kl = 0.2 + 0.5 * (4.4 / 3 - 1)
-    lam_len = 0.2 + 0.5 * (8 / 3 - 2) / unit
+    # the dual step comes first, on the means over the three episodes (KL 4.4/3, length 8/3) moved one standard error
+    # of the mean toward breaking the bound (the default margin_se of 1): sample std / √3
+    se_kl, se_len = np.std([1.0, 3.0, 0.4], ddof=1) / np.sqrt(3), np.std(lengths, ddof=1) / np.sqrt(3)
+    lam_kl = 0.2 + 0.5 * (4.4 / 3 - 1 + se_kl)
+    lam_len = 0.2 + 0.5 * (8 / 3 - 2 + se_len) / unit
     assert lagrangian.lambdas == pytest.approx([lam_kl, lam_len])
     expected = -lam_kl * kl  # the stepped λ_kl per token, beside β
     expected[1, 0] -= lam_kl * -1.0 + lam_len * (2 - 2) / unit  # at each end: -λ_kl·c and λ_len·(length - c)/u
@@ -104,8 +106,14 @@ def test_charges_and_dual_step_match_a_hand_computation() -> None:
     ones = np.ones((2, 1), np.float32)
     paid = np.zeros_like(ones)
     relaxed.charge(paid, ones, -ones, np.zeros((2, 1)), ones.astype(bool))
-    assert relaxed.lambdas == pytest.approx([0.0])  # 0.3 + (1 - 10) projected onto λ >= 0
+    assert relaxed.lambdas == pytest.approx([0.0])  # 0.3 + (1 - 10) projected onto λ >= 0 (one episode: no error)
     assert paid == pytest.approx(np.zeros_like(ones))  # and the rollout that showed the room pays nothing
+
+    plain = Lagrangian(parse_constraints(["kl<=1"]), lr=0.5, margin_se=0.0)  # the plain mean
+    plain.start(2)
+    plain.charge(np.zeros((1, 2), np.float32), np.array([[1.0, 2.0]], np.float32), -np.ones((1, 2)),
+                 np.zeros((1, 2)), np.ones((1, 2), bool))  # fmt: skip
+    assert plain.lambdas == pytest.approx([0.5 * (1.5 - 1)])
 
     shared = Lagrangian(parse_constraints(["length<=4"]))  # every first episode at the limit of 8: no spread
     shared.start(2)
@@ -150,6 +158,8 @@ def test_multipliers_survive_save_and_resume_exactly(tiny_model: Path, tmp_path:
     saved = json.loads((run_dir / "checkpoint" / "state.json").read_text())["constraints"]
     assert [c["final_lambda"] for c in report["constraints"].values()] == saved["lambdas"]
     assert "| length<=4 |" in (run_dir / "report.md").read_text() and (run_dir / "training.png").is_file()
+    for bound, key in (("length<=4", "length"), ("kl<=2", "kl")):  # the final policy, on the held-out completions
+        assert report["constraints"][bound]["held_out_mean"] == pytest.approx(report["after"][key])
     resumed = build_run(replace(config, total_timesteps=512), verbose=0)
     restore_checkpoint(resumed, run_dir)
     assert resumed.kl.constraints is not None

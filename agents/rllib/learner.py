@@ -59,7 +59,8 @@ REWARD_SCALE = "reward_scale"
 ``TrainConfig.scales_rewards``, measured by :func:`agents.run.base_rewards`)."""
 CONSTRAINTS = "constraints"
 """``learner_config_dict`` key of the constraints: ``{"specs": ["kl<=6", ...], "lr": η, "init": λ0,
-"components": [names a bound may use]}`` (``TrainConfig``'s ``constraints``, ``constraint_lr``, ``constraint_init``)."""
+"margin_se": z, "components": [names a bound may use]}`` (``TrainConfig``'s ``constraints``, ``constraint_lr``,
+``constraint_init``, ``constraint_margin_se``)."""
 QUANTITIES_KEY = "textgen_quantities"
 """``custom_data`` key of a finished episode: its whole-episode quantities
 (:func:`agents.constraints.episode_quantities` and a composite reward's components), set by the EnvRunner's
@@ -239,7 +240,7 @@ class RLHFPPOLearner(PPOTorchLearner):
         if settings.get(CONSTRAINTS):
             spec = settings[CONSTRAINTS]
             bounds = parse_constraints(spec["specs"], components=spec.get("components", ()))
-            constraints = Lagrangian(bounds, float(spec.get("lr", 0.05)), float(spec.get("init", 0.0)))
+            constraints = Lagrangian(bounds, float(spec["lr"]), float(spec["init"]), float(spec["margin_se"]))
         penalty = KLRewardPenalty(
             beta=float(settings[KL_BETA]), scale=float(settings.get(REWARD_SCALE, 1.0)), constraints=constraints
         )

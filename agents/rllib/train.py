@@ -165,7 +165,7 @@ def rllib_config(
     if config.constraints:  # the Learner's KLRewardPenalty owns the multipliers (agents.constraints.Lagrangian)
         constraints = {
             "specs": list(config.constraints), "lr": config.constraint_lr, "init": config.constraint_init,
-            "components": list(config.reward_parts),
+            "margin_se": config.constraint_margin_se, "components": list(config.reward_parts),
         }  # fmt: skip
     model_config = {
         "model": config.model,
@@ -541,12 +541,13 @@ def train_rllib(
     }
 
     trained = load_rllib_module(checkpoint)
-    after = evaluation_record(evaluate(trained.policy, eval_env, prompts, seed=config.seed))
+    final = evaluate(trained.policy, eval_env, prompts, seed=config.seed)
+    after = evaluation_record(final)
     constraints = None
     if state.get("constraints"):  # the Learner's multipliers, summarised as textgen train's report does
         lagrangian = Lagrangian(parse_constraints(config.constraints, components=config.reward_parts))
         lagrangian.load_state(state["constraints"])
-        constraints = lagrangian.summary()
+        constraints = lagrangian.summary(final.quantities)
     table = before_after_table(before, after) + constraints_table(constraints)
     report = {
         "config": asdict(config), **engine, "before": before["summary"], "after": after["summary"],
