@@ -137,7 +137,8 @@ def tune(
     """An arm's setting, chosen on seed 0's training episodes (never the held-out prompts): the fixed weight
     (``--constraint-lr 0 --constraint-init w``) or the dual step (``--constraint-lr η``). The best last-rollout
     reward among the values whose last rollout holds every bound within 5 %, else the value that breaks them least
-    (``None`` while a value's run is missing and ``train`` is off); and the report of every value run so far. The
+    (with ``train`` off, among the values run so far, which the table lists; ``None``: none); and the report of every
+    value run so far. The
     winner's run is the arm's seed 0 (:func:`run_path`)."""
     prefix, option, fixed = TUNED[arm]
     reports = {}
@@ -147,7 +148,7 @@ def tune(
         report = run(runs / at, options, kept / f"{at}.json", train)
         if report is not None:
             reports[value] = report
-    if len(reports) < len(values):
+    if not reports:
         return None, reports
     scored = []
     for value, report in reports.items():
@@ -214,7 +215,11 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
         labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step"}
-        tuned = [f"{labels[arm]} {value:g}" for arm, value in case["tuned"].items() if value is not None]
+        tuned = [
+            f"{labels[arm]} {value:g} (of {', '.join(f'{v:g}' for v in case['tried'][arm])})"
+            for arm, value in case["tuned"].items()
+            if value is not None
+        ]
         if tuned:
             lines += [f"Tuned on seed 0's training episodes: {', '.join(tuned)}.", ""]
         lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (final, last "
@@ -390,7 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for arm, reports_of in tried.items()
                 for v, report in reports_of.items()
             ]
-            results[name] = {"bounds": case["bounds"], "tuned": settings, "rows": rows, "tuning": tuning}
+            results[name] = {
+                "bounds": case["bounds"], "tuned": settings, "tried": {arm: sorted(r) for arm, r in tried.items()},
+                "rows": rows, "tuning": tuning,
+            }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
     (out / f"{stem}.md").write_text(markdown(results, command.strip(), cpu_kind()))
