@@ -313,8 +313,9 @@ def bookkeeping_report(out: Path, command: str) -> dict[str, Any]:
     share = measured["seconds_per_rollout"] / min(per_rollout)
     text = (
         f"# What the Lagrange multipliers cost per rollout\n\nCommand: `{command.strip()}`\n\nMachine: {cpu_kind()}."
-        f"\n\n`Lagrangian.charge` + `update` for `{' '.join(specs)}` on a default rollout's arrays (32 steps x 16 "
-        f"envs), median of {measured['rollouts']}: **{measured['seconds_per_rollout'] * 1e3:.2f} ms**. A default run's "
+        f"\n\n`Lagrangian.charge` (the dual step, then the charges) for `{' '.join(specs)}` on a default rollout's "
+        f"arrays (32 steps x 16 envs), median of {measured['rollouts']}: "
+        f"**{measured['seconds_per_rollout'] * 1e3:.2f} ms**. A default run's "
         f"rollout + update took {min(per_rollout):.1f}-{max(per_rollout):.1f} s ([textgen_train_seeds.md]"
         f"(textgen_train_seeds.md), one per seed), so the constraints cost at most **{100 * share:.3f} %** of it "
         "(target: within 5 %): they read the per-token KL and reference log-probs that the KL penalty computes "
