@@ -138,12 +138,11 @@ def tune(
     (``--constraint-lr 0 --constraint-init w``) or the dual step (``--constraint-lr η``). The best last-rollout
     reward among the values whose last rollout holds every bound within 5 %, else the value that breaks them least
     (with ``train`` off, among the values run so far, which the table lists; ``None``: none); and the report of every
-    value run so far. The
-    winner's run is the arm's seed 0 (:func:`run_path`)."""
-    prefix, option, fixed = TUNED[arm]
+    value run so far. The winner's run is the arm's seed 0 (:func:`run_path`)."""
+    prefix = TUNED[arm][0]
     reports = {}
     for value in values:
-        options = [*common, "--seed", "0", *case["objective"], *_bounds(case), option, str(value), *fixed]
+        options = [*common, "--seed", "0", *tuned_options(case, arm, value)]
         at = Path("tuning", f"{prefix}{value:g}")
         report = run(runs / at, options, kept / f"{at}.json", train)
         if report is not None:
@@ -156,6 +155,12 @@ def tune(
         excess = last_excess(report)
         scored.append((excess > 0, excess if excess > 0 else -last, value))
     return min(scored)[2], reports
+
+
+def tuned_options(case: dict[str, Any], arm: str, value: float) -> list[str]:
+    """A tuned arm's training options at one setting (its tuning runs and its seeds alike)."""
+    _, option, extra = TUNED[arm]
+    return [*case["objective"], *_bounds(case), option, str(value), *extra]
 
 
 def run_path(arm: str, seed: int, setting: float | None) -> Path:
@@ -377,10 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # β steered toward the KL bound (Ziegler et al.'s controller): the unconstrained way to a KL budget
                 **({"adaptive": [*measured, "--target-kl", str(case["target_kl"])]} if "target_kl" in case else {}),
             }
-            for arm, value in settings.items():
-                _, option, extra = TUNED[arm]
-                if value is not None:
-                    arms[arm] = [*case["objective"], *_bounds(case), option, str(value), *extra]
+            arms.update({arm: tuned_options(case, arm, value) for arm, value in settings.items() if value is not None})
             reports = [  # seed-major, so a stopped benchmark has every arm of its first seeds
                 (arm, seed, run(runs / name / at, [*common, "--seed", str(seed), *options], kept / f"{at}.json", go))
                 for seed in range(args.seeds)
