@@ -317,6 +317,9 @@ def test_constrained_quick_runs_every_arm(tmp_path: Path) -> None:
     assert [(r["arm"], r["gold_after"]) for r in again["dialogue"]["rows"]] == [
         (r["arm"], r["gold_after"]) for r in case["rows"]
     ] and not (tmp_path / "gone" / "dialogue").exists()
+    # the dialogue bounds were measured once and kept: every later run trains against the same strings
+    kept = json.loads((tmp_path / "constrained_quick_runs" / "dialogue" / "bounds.json").read_text())
+    assert again["dialogue"]["bounds"] == case["bounds"] == kept["bounds"]
 
 
 def test_constrained_bookkeeping_times_the_multipliers_against_a_default_rollout(tmp_path: Path) -> None:
