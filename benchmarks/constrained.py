@@ -10,11 +10,14 @@ Cases, each ``textgen train`` with its defaults but what the case sets:
   must grow and hold the bound, without the policy collapsing.
 
 Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``adaptive``
-(where the case bounds the KL: β steered toward it by ``--target-kl``); ``fixed`` (every bound's multiplier held at a
+(where the case bounds the KL: β steered toward it by ``--target-kl``, what a user with a budget types);
+``adaptive-tuned`` (the same controller aimed at the target, tuned on seed 0 over ``--target-kls``, whose KL lands
+within the budget: Ziegler et al.'s controller overshoots its target in a short run, and the issue compares gold at the
+same final KL); ``fixed`` (every bound's multiplier held at a
 weight ``w``: ``--constraint-lr 0 --constraint-init w``); ``constrained`` (dual ascent from λ = 0 with step
 ``--constraint-lr η``, the defaults otherwise: each step reads the rollout's mean one standard error toward breaking
 the bound); ``plain-mean`` (the same on the plain mean, ``--constraint-margin-se 0``: what the margin buys; trained
-only when ``--arms`` names it). ``w`` and each ``η`` are tuned once on seed 0 (over ``--weights`` and
+only when ``--arms`` names it). ``w``, each ``η`` and the target are tuned once on seed 0 (over ``--weights`` and
 ``--constraint-lrs``) by the training episodes, never the held-out prompts: the best last-rollout reward among the
 values whose last rollout holds every bound within 5 %, else the value that breaks them least (:func:`tune`). A bound
 holds at the end of training when the final policy's mean over the held-out completions is within 5 % of it
@@ -46,7 +49,7 @@ import numpy as np
 from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
 
-ARMS = ("unconstrained", "adaptive", "fixed", "plain-mean", "constrained")
+ARMS = ("unconstrained", "adaptive", "adaptive-tuned", "fixed", "plain-mean", "constrained")
 QUICK = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "8", "--batch-size", "8",
          "--max-new-tokens", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-prompt-tokens", "240",
          "--reward-scale-prompts", "2"]  # fmt: skip
@@ -125,12 +128,13 @@ def last_excess(report: dict[str, Any]) -> float:
 
 
 TUNED = {
+    "adaptive-tuned": ("target", "--target-kl", ["--constraint-lr", "0"]),
     "fixed": ("w", "--constraint-init", ["--constraint-lr", "0"]),
     "plain-mean": ("z0-lr", "--constraint-lr", ["--constraint-margin-se", "0"]),
     "constrained": ("lr", "--constraint-lr", []),
 }
-"""The arms tuned on seed 0: the prefix of their tuning runs, the option each value sets and the arm's other
-options."""
+"""The arms tuned on seed 0: the prefix of their tuning runs (and the setting's name in the table), the option each
+value sets and the arm's other options."""
 
 
 def tune(
@@ -227,7 +231,8 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
              "repeat far less: compare the bound's last mean with the column.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
-        labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step"}
+        labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step",
+                  "adaptive-tuned": "adaptive β's target KL"}  # fmt: skip
         tuned = [
             f"{labels[arm]} {value:g} (of {', '.join(f'{v:g}' for v in case['tried'][arm])})"
             for arm, value in case["tuned"].items()
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cases", default="positive-review,dialogue,infeasible")
     parser.add_argument("--weights", default="0.01,0.03,0.1,0.3", help="fixed weights tried on seed 0")
     parser.add_argument("--constraint-lrs", default="0.05,0.2,0.5", help="dual step sizes tried on seed 0")
+    parser.add_argument("--target-kls", default="1,2,3", help="adaptive β's targets tried on seed 0 (KL budgets)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument(
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bookkeeping:
         return bookkeeping_report(Path(args.out), "python benchmarks/constrained.py " + " ".join(argv))
     if args.quick:
-        args.seeds, args.weights, args.constraint_lrs = 1, "1", "0.5"
+        args.seeds, args.weights, args.constraint_lrs, args.target_kls = 1, "1", "0.5", "1"
     out = Path(args.out)
     stem = "constrained_quick" if args.quick else "constrained"
     train, chosen = not args.table_only, args.arms.split(",")
@@ -379,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             case = case_settings(name, args.quick, args.model, kept)
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
             grids = {"fixed": args.weights, "plain-mean": args.constraint_lrs, "constrained": args.constraint_lrs}
+            if "target_kl" in case:
+                grids["adaptive-tuned"] = args.target_kls
             settings, tried = {}, {}
             for arm, grid in grids.items():
                 go = train and arm in chosen
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             # every setting tried so far, for the record (the choice reads training episodes only)
             tuning = [
-                row(f"{arm} {'w' if arm == 'fixed' else 'lr'}={v:g} (tuning)", 0, report)
+                row(f"{arm} {TUNED[arm][0].removeprefix('z0-')}={v:g} (tuning)", 0, report)
                 for arm, reports_of in tried.items()
                 for v, report in reports_of.items()
             ]
