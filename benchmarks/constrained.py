@@ -344,6 +344,70 @@ def bookkeeping_report(out: Path, command: str) -> dict[str, Any]:
     return {**measured, "share_of_rollout": share}
 
 
+def throughput(config_options: dict[str, Any], specs: list[str], pairs: int) -> dict[str, Any]:
+    """Seconds per rollout + update with and without the multipliers, side by side in one process: one run of
+    ``textgen train``'s defaults (with ``config_options``) whose :class:`~agents.kl.KLPenalty` holds the
+    :class:`~agents.constraints.Lagrangian` of ``specs`` in every other rollout and none in the rest, ordered
+    on, off, off, on per pair so that a drift of the machine's speed (other work on its cores) falls on both. Each
+    rollout + update is one ``learn`` call of one rollout's tokens; one rollout before the timed ones measures the
+    reward scale and the bounds' units. positive-review's episodes all run to their 32 tokens, so each rollout does
+    the same work whichever the policy has become."""
+    from agents.run import TrainConfig, build_run
+
+    config = TrainConfig(**config_options, constraints=specs, constraint_lr=0.2)
+    run = build_run(config, verbose=0)
+    lagrangian, tokens = run.kl.constraints, config.n_envs * config.n_steps
+
+    def once(constrained: bool) -> float:
+        run.kl.constraints = lagrangian if constrained else None
+        tic = time.perf_counter()
+        run.algo.learn(tokens, callback=run.callbacks(), reset_num_timesteps=False)
+        return time.perf_counter() - tic
+
+    once(True)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(pairs):
+        for constrained in (True, False, False, True):
+            seconds[constrained].append(once(constrained))
+    on, off = np.array(seconds[True]), np.array(seconds[False])
+    ratios = (on[0::2] + on[1::2]) / (off[0::2] + off[1::2])  # each pair's on / off
+    return {
+        "constrained_seconds": on.tolist(), "unconstrained_seconds": off.tolist(), "pair_ratios": ratios.tolist(),
+        "ratio": float(on.sum() / off.sum()), "lambdas": [float(x) for x in lagrangian.lambdas],  # type: ignore[union-attr]
+        "tokens_per_rollout": tokens, "machine": cpu_kind(), "bf16": config.bf16,
+    }  # fmt: skip
+
+
+def throughput_report(out: Path, command: str, pairs: int, quick: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``constrained_throughput.md`` / ``.json``: :func:`throughput` on positive-review with its benchmark bounds."""
+    import torch
+
+    specs = ["kl<=6", "distinct2>=0.85"]
+    measured = throughput({"task": "positive-review", **(quick or {})}, specs, pairs)
+    threads = torch.get_num_threads()
+    on, off = np.mean(measured["constrained_seconds"]), np.mean(measured["unconstrained_seconds"])
+    text = (
+        f"# Throughput with and without the Lagrange multipliers\n\nCommand: `{command.strip()}`\n\nMachine: "
+        f"{measured['machine']}, {'bf16' if measured['bf16'] else 'float32'}, "
+        f"{threads} thread(s).\n\nOne `textgen train` run (positive-review, "
+        f"{'--quick: a tiny model and budget' if quick else 'its defaults'}), every other rollout + update with "
+        f"`{' '.join(specs)}` (dual step 0.2) and the rest without, "
+        f"ordered on, off, off, on per pair ({pairs} pairs, {measured['tokens_per_rollout']} tokens per rollout):\n\n"
+        f"| | seconds per rollout + update (mean) | each |\n|---|---|---|\n"
+        f"| with the multipliers | {on:.2f} | {', '.join(f'{x:.1f}' for x in measured['constrained_seconds'])} |\n"
+        f"| without | {off:.2f} | {', '.join(f'{x:.1f}' for x in measured['unconstrained_seconds'])} |\n\n"
+        f"Ratio with / without: **{measured['ratio']:.3f}** (per pair: "
+        f"{', '.join(f'{x:.3f}' for x in measured['pair_ratios'])}; target: within 5 %). λ at the end: "
+        f"{', '.join(f'{x:.3g}' for x in measured['lambdas'])}.\n"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "constrained_throughput_quick" if quick else "constrained_throughput"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(measured, indent=1) + "\n")
+    print(text)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,9 +429,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--bookkeeping", action="store_true",
         help="only time the multipliers' own work per default rollout (no model; seconds)",
     )  # fmt: skip
+    parser.add_argument(
+        "--throughput", type=int, metavar="PAIRS", default=0,
+        help="only time rollout + update with and without the multipliers, side by side in one run (PAIRS x 4)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.bookkeeping:
         return bookkeeping_report(Path(args.out), "python benchmarks/constrained.py " + " ".join(argv))
+    if args.throughput:
+        command = "python benchmarks/constrained.py " + " ".join(argv)
+        if not args.quick:
+            return throughput_report(Path(args.out), command, args.throughput)
+        from text_env.models import make_tiny_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            quick = {"model": str(make_tiny_model(Path(tmp) / "tiny-lm")), "reward_model": "gold", "n_envs": 2,
+                     "n_steps": 8, "batch_size": 8, "max_new_tokens": 8, "n_epochs": 1, "bf16": False,
+                     "max_prompt_tokens": 240, "reward_scale_prompts": 2}  # fmt: skip
+            return throughput_report(Path(args.out), command, args.throughput, quick)
     if args.quick:
         args.seeds, args.weights, args.constraint_lrs, args.target_kls = 1, "1", "0.5", "1"
     out = Path(args.out)

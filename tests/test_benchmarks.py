@@ -332,6 +332,16 @@ def test_constrained_bookkeeping_times_the_multipliers_against_a_default_rollout
     assert "50.0-50.0 s" in (tmp_path / "constrained_bookkeeping.md").read_text()
 
 
+def test_constrained_throughput_times_rollouts_with_and_without_the_multipliers(tmp_path: Path) -> None:
+    """--throughput --quick: one tiny run, every other rollout + update with the multipliers (on, off, off, on per
+    pair), each timed; the ratio is the sums' and each pair's is reported."""
+    result = load_benchmark("constrained").main(["--throughput", "2", "--quick", "--out", str(tmp_path)])
+    on, off = result["constrained_seconds"], result["unconstrained_seconds"]
+    assert len(on) == len(off) == 4 and min(on + off) > 0 and len(result["pair_ratios"]) == 2
+    assert result["ratio"] == pytest.approx(sum(on) / sum(off)) and len(result["lambdas"]) == 2
+    assert "Ratio with / without" in (tmp_path / "constrained_throughput_quick.md").read_text()
+
+
 def test_frontier_fits_gaos_forms() -> None:
     """Both of Gao et al.'s forms are recovered from exact points: alpha, beta, the peak d* and R² = 1."""
     frontier = load_benchmark("frontier")
