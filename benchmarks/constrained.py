@@ -398,7 +398,8 @@ def throughput_report(out: Path, command: str, pairs: int, quick: dict[str, Any]
         f"| without | {off:.2f} | {', '.join(f'{x:.1f}' for x in measured['unconstrained_seconds'])} |\n\n"
         f"Ratio with / without: **{measured['ratio']:.3f}** (per pair: "
         f"{', '.join(f'{x:.3f}' for x in measured['pair_ratios'])}; target: within 5 %). λ at the end: "
-        f"{', '.join(f'{x:.3g}' for x in measured['lambdas'])}.\n"
+        f"{', '.join(f'{x:.3g}' for x in measured['lambdas'])}. The spread between pairs is the machine's (other "
+        "work on its cores); the order puts it on both sides.\n"
     )
     out.mkdir(parents=True, exist_ok=True)
     stem = "constrained_throughput_quick" if quick else "constrained_throughput"
