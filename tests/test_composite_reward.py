@@ -69,8 +69,12 @@ def test_the_dialogue_task_names_its_own_parts() -> None:
     assert set(task.components) == {"chrf", "echo"}
     echo = EchoPenalty()
     got = echo.score(["How are you?"] * 3, ["How are you?", "I am fine, thanks.", " "], references=[["I am fine."]] * 3)
-    assert got.tolist() == [-1.0, 0.0, -1.0]  # an echo, a reply, an empty reply
+    assert got.tolist() == [1.0, 0.0, 1.0]  # an echo, a reply, an empty reply: counts, to subtract
     plain = task.components["chrf"]()
+    prompts, replies, refs = ["How are you?"] * 3, ["How are you?", "I am fine, thanks.", " "], [["I am fine."]] * 3
+    gold = task.gold.score(prompts, replies, references=refs)
+    chrf = plain.score(prompts, replies, references=refs)
+    assert gold.tolist() == pytest.approx((chrf - got).tolist())  # chrf - echo is the gold
     assert plain.score(["How are you?"], ["How are you?"], references=[["I am fine."]])[0] >= 0  # no penalty in it
 
 

@@ -129,13 +129,15 @@ class ChrF(_ReferenceScorer):
 
 
 class EchoPenalty(ChrF):
-    """-1 for a reply that :class:`ChrF` counts as an echo of the prompt, -1 for an empty one, else 0: the
-    penalties of the dialogue gold as a component of their own (``--reward "chrf + 0.5*echo"``)."""
+    """1 for a reply that :class:`ChrF` counts as an echo of the prompt or an empty one, else 0: the penalties of the
+    dialogue gold as a component of their own, a count to subtract, so that a reward reads as it is meant
+    (``--reward "chrf - echo"`` is the gold; ``--constraint "echo<=0.05"`` allows one reply in twenty to echo). It
+    was -1 once, and ``chrf - echo`` then paid +1 for every echo: a measured run's reward rose while its gold fell."""
 
     name = "echo penalty"
 
     def score_one(self, prompt: str, completion: str, references: list[str]) -> float:
         reply = completion.strip()
         if not reply:
-            return -1.0
-        return -1.0 if self.echoes(prompt, reply, self._chrf.sentence_score(reply, references).score / 100) else 0.0
+            return 1.0
+        return 1.0 if self.echoes(prompt, reply, self._chrf.sentence_score(reply, references).score / 100) else 0.0

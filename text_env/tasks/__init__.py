@@ -39,7 +39,7 @@ class Task:
     :param reward_model: directory of the task's default learned reward model (``None``: the gold scorer).
     :param description: what is asked and where the data comes from, one line (``textgen tasks`` lists it).
     :param components: the task's own named scorers (name -> a function that builds one), which a composite reward
-        (``--reward "gold - 0.5*echo"``, :mod:`text_env.rewards.composite`) may weigh beside ``rm``, ``gold`` and
+        (``--reward "chrf - 0.5*echo"``, :mod:`text_env.rewards.composite`) may weigh beside ``rm``, ``gold`` and
         ``words``.
     """
 
