@@ -13,16 +13,15 @@ Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, t
 (where the case bounds the KL: β steered toward it by ``--target-kl``, what a user with a budget types);
 ``adaptive-tuned`` (the same controller aimed at the target, tuned on seed 0 over ``--target-kls``, whose KL lands
 within the budget: Ziegler et al.'s controller overshoots its target in a short run, and the issue compares gold at the
-same final KL); ``fixed`` (every bound's multiplier held at a
-weight ``w``: ``--constraint-lr 0 --constraint-init w``); ``constrained`` (dual ascent from λ = 0 with step
-``--constraint-lr η``, the defaults otherwise: each step reads the rollout's mean one standard error toward breaking
-the bound); ``plain-mean`` (the same on the plain mean, ``--constraint-margin-se 0``: what the margin buys; trained
-only when ``--arms`` names it). ``w``, each ``η`` and the target are tuned once on seed 0 (over ``--weights`` and
-``--constraint-lrs``) by the training episodes, never the held-out prompts: the best last-rollout reward among the
-values whose last rollout holds every bound within 5 %, else the value that breaks them least (:func:`tune`). A bound
-holds at the end of training when the final policy's mean over the held-out completions is within 5 % of it
-(:func:`final_value`). Every run is a separate process whose directory is reused when it finished, so a stopped
-benchmark resumes. Run::
+same final KL); ``fixed`` (every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``);
+``constrained`` (dual ascent from λ = 0 with step ``--constraint-lr η``, the defaults otherwise: each step reads the
+rollout's mean one standard error toward breaking the bound); ``plain-mean`` (the same on the plain mean,
+``--constraint-margin-se 0``: what the margin buys; trained only when ``--arms`` names it). ``w``, each ``η`` and the
+target are tuned once on seed 0 (over ``--weights``, ``--constraint-lrs`` and ``--target-kls``) by the training
+episodes, never the held-out prompts: the best last-rollout reward among the values whose last rollout holds every bound
+within 5 %, else the value that breaks them least (:func:`tune`). A bound holds at the end of training when the final
+policy's mean over the held-out completions is within 5 % of it (:func:`final_value`). Every run is a separate process
+whose directory is reused when it finished, so a stopped benchmark resumes. Run::
 
     python benchmarks/constrained.py --runs RUNS            # 3 cases x 4 arms x 3 seeds, plus the tuning runs
     python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
@@ -354,7 +353,7 @@ def throughput(config_options: dict[str, Any], specs: list[str], pairs: int) -> 
     the same work whichever the policy has become."""
     from agents.run import TrainConfig, build_run
 
-    config = TrainConfig(**config_options, constraints=specs, constraint_lr=0.2)
+    config = TrainConfig(**config_options, constraints=specs)  # the default dual step
     run = build_run(config, verbose=0)
     lagrangian, tokens = run.kl.constraints, config.n_envs * config.n_steps
 
@@ -374,7 +373,7 @@ def throughput(config_options: dict[str, Any], specs: list[str], pairs: int) -> 
     return {
         "constrained_seconds": on.tolist(), "unconstrained_seconds": off.tolist(), "pair_ratios": ratios.tolist(),
         "ratio": float(on.sum() / off.sum()), "lambdas": [float(x) for x in lagrangian.lambdas],  # type: ignore[union-attr]
-        "tokens_per_rollout": tokens, "machine": cpu_kind(), "bf16": config.bf16,
+        "tokens_per_rollout": tokens, "machine": cpu_kind(), "bf16": config.bf16, "dual_step": config.constraint_lr,
     }  # fmt: skip
 
 
@@ -391,7 +390,7 @@ def throughput_report(out: Path, command: str, pairs: int, quick: dict[str, Any]
         f"{measured['machine']}, {'bf16' if measured['bf16'] else 'float32'}, "
         f"{threads} thread(s).\n\nOne `textgen train` run (positive-review, "
         f"{'--quick: a tiny model and budget' if quick else 'its defaults'}), every other rollout + update with "
-        f"`{' '.join(specs)}` (dual step 0.2) and the rest without, "
+        f"`{' '.join(specs)}` (dual step {measured['dual_step']:g}) and the rest without, "
         f"ordered on, off, off, on per pair ({pairs} pairs, {measured['tokens_per_rollout']} tokens per rollout):\n\n"
         f"| | seconds per rollout + update (mean) | each |\n|---|---|---|\n"
         f"| with the multipliers | {on:.2f} | {', '.join(f'{x:.1f}' for x in measured['constrained_seconds'])} |\n"
