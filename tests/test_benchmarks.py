@@ -385,3 +385,27 @@ def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     assert set(result["summary"]["positive-review"]) == methods
     assert all(run["machine"] and run["bf16"] is False for run in result["runs"])  # where each cell ran, and how
     assert "| ppo |" in (tmp_path / "frontier_quick.md").read_text() and (tmp_path / "frontier_quick.png").is_file()
+
+
+def test_dialogue_gold_separates_length_from_content(tmp_path: Path) -> None:
+    """dialogue_gold.py on a hand-made `textgen evaluate` report: a reference-long reply equal to a reference scores 1
+    at every beta, its cut at k tokens scores less than the whole, and a report of another task is refused."""
+    from text_env.tasks import get_task
+
+    bench = load_benchmark("dialogue_gold")
+    examples = get_task("dialogue").examples("eval")[:3]
+    samples = [{"prompt": e.prompt, "default": e.references[0], "other": "no"} for e in examples]
+    report = {"settings": {"models": ["default", "other"], "task": "dialogue", "data": "dialogue eval split",
+                           "seed": 0}, "samples": samples}  # fmt: skip
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    result = bench.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    exact, other = result["models"]
+    assert exact["chrf_beta2"] == exact["chrf_beta1"] == exact["chrf_beta0.5"] == pytest.approx(1.0)
+    assert other["chrf_beta2"] < 0.5 and other["length"] == 1
+    cuts = result["cut_first_model"]
+    assert cuts["4"] < cuts["32"] == pytest.approx(1.0) and result["references_leave_one_out"]["prompts"] > 0
+    assert "| other |" in (tmp_path / "out" / "dialogue_gold.md").read_text()
+    report["settings"]["task"] = "code"
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="dialogue task"):
+        bench.main([str(tmp_path), "--out", str(tmp_path / "out")])
