@@ -5,7 +5,8 @@ training rolls out with, :func:`agents.evaluate.evaluate`), is scored by the sam
 when the prompts carry references, by BLEU, chrF and ROUGE-1/2/L (sacrebleu, rouge-score); code by pass@1. Each mean
 gets a 95 % bootstrap interval over prompts, and each model's difference from the first a paired bootstrap interval
 (the same resampled prompts for both). ``samples=K`` draws K completions per prompt and reports best-of-K (the
-completion the reward model scores highest) and mean-of-K.
+completion the reward model scores highest) and mean-of-K; the report's ``per_sample`` keeps every sample's
+completion and metrics, from which the spread of a score within and between prompts can be read.
 
 A model is a run directory (``textgen train``, ``textgen rlhf``, ``--engine rllib``, ``textgen sft``), a directory
 saved with ``save_pretrained`` (``textgen export``), ``default`` or a hub id. A run is evaluated with its own
@@ -219,6 +220,7 @@ class Comparison:
     settings: dict[str, Any]
     examples: list[Example] = field(default_factory=list)  # the prompts, in order
     completions: dict[str, list[str]] = field(default_factory=dict)  # model -> its (first) completion of each prompt
+    per_sample: dict[str, dict[str, Any]] = field(default_factory=dict)  # with K > 1 samples: model -> arrays [N][K]
 
     def markdown(self) -> str:
         head = "| model | " + " | ".join(_LABELS.get(m, m) for m in self.metrics) + " |"
@@ -247,7 +249,8 @@ class Comparison:
     def record(self) -> dict[str, Any]:
         samples = [{"prompt": e.prompt, **{m: c[i] for m, c in self.completions.items()}}
                    for i, e in enumerate(self.examples)]  # fmt: skip
-        return {"settings": self.settings, "metrics": self.metrics, "rows": self.rows, "samples": samples}
+        record = {"settings": self.settings, "metrics": self.metrics, "rows": self.rows, "samples": samples}
+        return record | ({"per_sample": self.per_sample} if self.per_sample else {})
 
 
 _LABELS = {
@@ -416,7 +419,12 @@ def _table(
             baselines[aggregation] = stats
         rows.append(row)
     completions = {name: [texts[0] for texts in s.completions] for name, s in per_model}
-    return Comparison(rows, metrics, settings, list(examples), completions)
+    per_sample = {  # every sample, so that the spread within and between prompts can be read (K = 1: the rows)
+        name: {"completions": s.completions, **{k: v.tolist() for k, v in s.columns.items()}}
+        for name, s in per_model
+        if samples > 1
+    }
+    return Comparison(rows, metrics, settings, list(examples), completions, per_sample)
 
 
 def save_comparison(comparison: Comparison, out: str | os.PathLike[str]) -> Path:

@@ -9,12 +9,17 @@ against a gold that may pay for length as such. This script separates length fro
 - every model's mean chrF at beta 2 (the gold), 1 and 0.5 (recall weighed 4x, 1x, 1/4 precision) and its length;
 - the first model's replies cut to their first k tokens: what a length bound costs a reply that keeps its content;
 - the references scored against the other references of the same prompt (prompts with at least two): what a reply
-  of a reference's own length and style scores.
+  of a reference's own length and style scores;
+- with ``--spread`` (an evaluate of K >= 2 samples per prompt, e.g. of train prompts): how much of chrF's variance
+  over the first model's samples lies between prompts rather than within one. A run meets each prompt about once, so
+  that share is noise in the advantages unless the value head learns each prompt's expected score.
 
 Run::
 
-    textgen evaluate default runs/sft-dialogue-<time> --task dialogue --out runs/eval
-    python benchmarks/dialogue_gold.py runs/eval/evaluate-dialogue-<time>
+    textgen evaluate default runs/sft-dialogue-<time> --task dialogue --n-prompts 325 --out runs/eval
+    textgen evaluate default --task dialogue --prompts train.jsonl --reference-column references --samples 4 \
+        --out runs/spread
+    python benchmarks/dialogue_gold.py runs/eval/evaluate-dialogue-<time> --spread runs/spread/evaluate-dialogue-<time>
 
 Writes ``<out>/dialogue_gold.md`` and ``.json``.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +86,23 @@ def measure(report: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def table(result: dict[str, Any], source: str) -> str:
+def spread(report: dict[str, Any]) -> dict[str, Any]:
+    """The first model's chrF over K samples per prompt: its variance, the mean variance within a prompt, and the
+    share between prompts (1 - within / total)."""
+    model = report["settings"]["models"][0]
+    if report["settings"]["samples"] < 2 or "chrf" not in report.get("per_sample", {}).get(model, {}):
+        raise SystemExit("--spread needs a textgen evaluate report of 2 or more --samples on prompts with references")
+    chrf = np.array(report["per_sample"][model]["chrf"]) / 100  # (N, K)
+    total, within = float(chrf.var(ddof=1)), float(chrf.var(axis=1, ddof=1).mean())
+    return {"model": model, "data": report["settings"]["data"], "prompts": chrf.shape[0], "samples": chrf.shape[1],
+            "variance": total, "within_prompt": within, "between_share": 1 - within / total}  # fmt: skip
+
+
+def table(result: dict[str, Any], command: str) -> str:
     betas = " | ".join(f"chrF β={b:g}" for b in BETAS)
     lines = [
         "# Dialogue's gold against reply length", "",
-        f"`python benchmarks/dialogue_gold.py {source}` on a `textgen evaluate` of {result['n_prompts']} held-out "
+        f"`{command}` on a `textgen evaluate` of {result['n_prompts']} held-out "
         f"prompts: `{result['evaluation']}`.", "",
         f"| model | {betas} | length (tokens) |", "|---|" + "---|" * (len(BETAS) + 1),
     ]  # fmt: skip
@@ -99,22 +117,34 @@ def table(result: dict[str, Any], source: str) -> str:
         f"Each reference against the other references of its prompt ({loo['prompts']} held-out prompts with two or "
         "more): " + ", ".join(f"chrF β={b:g} {loo[f'chrf_beta{b:g}']:.3f}" for b in BETAS) + ".",
     ]  # fmt: skip
+    if "spread" in result:
+        sp = result["spread"]
+        lines += [
+            "", f"chrF of {sp['model']}, {sp['samples']} samples of each of {sp['prompts']} prompts ({sp['data']}): "
+            f"variance {sp['variance']:.5f}, of which {sp['within_prompt']:.5f} within a prompt: "
+            f"**{sp['between_share']:.0%} lies between prompts**.",
+        ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("evaluation", type=Path, help="a textgen evaluate run directory (or its report.json)")
+    parser.add_argument("--spread", type=Path, help="a textgen evaluate of 2+ samples per prompt (or its report.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    path = args.evaluation / "report.json" if args.evaluation.is_dir() else args.evaluation
-    if not path.is_file():
-        parser.error(f"{path} is not a textgen evaluate report (report.json)")
-    result = measure(json.loads(path.read_text()))
+    reports = []
+    for given in (args.evaluation, args.spread):
+        path = given / "report.json" if given is not None and given.is_dir() else given
+        if path is not None and not path.is_file():
+            parser.error(f"{path} is not a textgen evaluate report (report.json)")
+        reports.append(json.loads(path.read_text()) if path is not None else None)
+    result = measure(reports[0]) | ({"spread": spread(reports[1])} if reports[1] is not None else {})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dialogue_gold.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "dialogue_gold.md").write_text(table(result, str(args.evaluation)))
-    print(table(result, str(args.evaluation)))
+    command = " ".join(["python benchmarks/dialogue_gold.py", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "dialogue_gold.md").write_text(table(result, command))
+    print(table(result, command))
     return result
 
 

@@ -412,6 +412,14 @@ def test_dialogue_gold_separates_length_from_content(tmp_path: Path) -> None:
     cuts = result["cut_first_model"]
     assert cuts["4"] < cuts["32"] == pytest.approx(1.0) and result["references_leave_one_out"]["prompts"] > 0
     assert "| other |" in (tmp_path / "out" / "dialogue_gold.md").read_text()
+    # --spread: chrF 0.1 / 0.3 on one prompt, 0.5 / 0.7 on the other: variance 0.0667, within 0.02, 70 % between
+    spread = {"settings": {"models": ["default"], "samples": 2, "data": "mine.jsonl"},
+              "per_sample": {"default": {"chrf": [[10, 30], [50, 70]]}}}  # fmt: skip
+    (tmp_path / "spread.json").write_text(json.dumps(spread))
+    result = bench.main([str(tmp_path), "--spread", str(tmp_path / "spread.json"), "--out", str(tmp_path / "out")])
+    assert result["spread"]["between_share"] == pytest.approx(0.7)
+    assert result["spread"]["within_prompt"] == pytest.approx(0.02)
+    assert "70% lies between prompts" in (tmp_path / "out" / "dialogue_gold.md").read_text()
     report["settings"]["task"] = "code"
     (tmp_path / "report.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="dialogue task"):

@@ -136,6 +136,9 @@ def test_own_prompts_with_references_and_several_samples(tiny_model: Path, tmp_p
     assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(best)
     assert best["reward_model_score"][0] >= mean["reward_model_score"][0]  # the best of three by the reward model
     assert comparison.settings["data"] == str(data) and comparison.settings["n_prompts"] == len(TINY_PROMPTS)
+    every = comparison.record()["per_sample"][str(tiny_model)]  # every sample kept: [prompt][sample]
+    assert np.array(every["chrf"]).shape == (len(TINY_PROMPTS), 3) and len(every["completions"][0]) == 3
+    assert np.mean(every["reward_model_score"]) == pytest.approx(mean["reward_model_score"][0])
 
 
 @pytest.mark.parametrize(
