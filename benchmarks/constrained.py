@@ -415,7 +415,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cases", default="positive-review,dialogue,infeasible")
     parser.add_argument("--weights", default="0.01,0.03,0.1,0.3", help="fixed weights tried on seed 0")
     parser.add_argument("--constraint-lrs", default="0.05,0.2,0.5", help="dual step sizes tried on seed 0")
-    parser.add_argument("--target-kls", default="1,2,3", help="adaptive β's targets tried on seed 0 (KL budgets)")
+    parser.add_argument(  # measured on seed 0: target 1 ended at 6.3 nats held-out, target 2 at 13.0
+        "--target-kls",
+        default="0.5,1,2",
+        help="adaptive β's targets tried on seed 0 (far below the budget: it overshoots)",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument(
