@@ -131,6 +131,14 @@ class TrainConfig:
     )
     total_timesteps: int = field(default=10240, metadata=_help("environment steps (= generated tokens) to train on"))
     n_envs: int = field(default=16, metadata=_help("episodes generated in parallel (the rollout batch)"))
+    prompt_group: int = field(
+        default=1,
+        metadata=_help(
+            "envs that answer the same training prompts (it divides n_envs): each episode's reward less the mean of "
+            "its group's other answers to that prompt, RLOO's baseline, for a score that depends mostly on the "
+            "prompt (1: every env its own prompts, no baseline)"
+        ),
+    )
     n_steps: int = field(default=32, metadata=_help("steps per env per rollout (a rollout is n_steps * n_envs)"))
     batch_size: int = field(default=128, metadata=_help("minibatch in tokens; whole episodes stay together"))
     n_epochs: int = field(default=4, metadata=_help("PPO epochs per rollout"))
@@ -229,6 +237,8 @@ class TrainConfig:
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prompt_group < 1 or self.n_envs % self.prompt_group:
+            raise ValueError(f"prompt_group must divide n_envs={self.n_envs} (1: no groups), got {self.prompt_group}")
         if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
             raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
         if self.init is not None:
@@ -426,6 +436,7 @@ def make_env(
     task = task if task is not None else run_task(config)
     env: VecEnv = make_text_vec_env(
         config.n_envs, seed=config.seed if seed is None else seed, split=split, model=config.model, task=task,
+        prompt_group=config.prompt_group if split == "train" else 1,  # held-out prompts are each answered once
         reward_model=reward if reward is not None else run_reward(config, task),
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
     )  # fmt: skip

@@ -323,6 +323,47 @@ PENALTY_CASES = [  # (algorithm, policy, buffer, LoRA): every on-policy algorith
 ]
 
 
+def test_prompt_groups_subtract_the_mean_of_the_other_answers(
+    tiny_env_kwargs: dict, tiny_model: Path, tmp_path: Path
+) -> None:
+    """With prompt_group=2 the k-th episodes of envs 0-1 (and of 2-3) answer one prompt, and each reaches the
+    advantages less the mean reward of its group's other k-th answers finished by the rollout's end (RLOO's baseline,
+    by hand here); an answer whose peer is still running keeps its reward; the env's rewards are left alone."""
+    venv = make_env(tiny_env_kwargs, 4, reward_model=SpreadReward(), prompt_group=2)
+    model = PPO(CausalLMPolicy, venv, n_steps=16, batch_size=64, n_epochs=1, seed=0, gamma=0.0,
+                policy_kwargs=lm_kwargs(tiny_model), rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    compute = type(model.rollout_buffer).compute_returns_and_advantage
+    seen: list[np.ndarray] = []
+
+    def spy(buffer: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(buffer.rewards.copy())
+        compute(buffer, *args, **kwargs)
+
+    penalty = KLPenalty(beta=0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model.rollout_buffer), "compute_returns_and_advantage", spy)
+        before, after = run_one_rollout(model, penalty, tmp_path)
+    env_rewards = np.stack([s["rewards"] for s in before.steps])  # (n_steps, n_envs)
+    answers: dict[tuple[int, int], dict[int, tuple[int, float]]] = {}  # (group, k) -> env -> (step, reward)
+    finished = [0] * 4
+    for t, step in enumerate(before.steps):
+        for i in np.flatnonzero(step["dones"]):
+            answers.setdefault((i // 2, finished[i]), {})[i] = (t, env_rewards[t, i])
+            finished[i] += 1
+    expected, baselines = env_rewards.copy(), []
+    for members in answers.values():
+        for i, (t, _) in members.items():
+            peers = [r for j, (_, r) in members.items() if j != i]
+            if peers:
+                baselines.append(np.mean(peers))
+                expected[t, i] -= baselines[-1]
+    assert len(baselines) >= 4 and len(baselines) < sum(finished)  # some answers had a peer, some not yet
+    np.testing.assert_allclose(seen[0], expected, atol=1e-6)
+    np.testing.assert_allclose(np.stack([s["rewards"] for s in after.steps]), env_rewards)  # untouched per step
+    assert logged(tmp_path, "rlhf/prompt_baseline_share") == [pytest.approx(len(baselines) / sum(finished))]
+    assert penalty.prompt_baseline is not None and penalty.prompt_baseline.group == 2
+
+
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, via peft
 @pytest.mark.parametrize("beta", [0.5, 0.0])
 @pytest.mark.parametrize("envs_per_pass", [None, 3], ids=["one-pass", "passes-of-3"])  # 4 envs: 3 + a partial 1

@@ -501,6 +501,8 @@ def test_bad_input_says_what_to_do(tiny_model: Path, tmp_path: Path) -> None:
         rllib_config(tiny_config(tiny_model, tmp_path, algo="a2c"))
     with pytest.raises(ValueError, match=">= 0"):
         rllib_config(tiny_config(tiny_model, tmp_path), num_gpus_per_learner=-1)
+    with pytest.raises(ValueError, match="--prompt-group runs on --engine sb3 only"):
+        rllib_config(tiny_config(tiny_model, tmp_path, prompt_group=2))
     with pytest.MonkeyPatch.context() as patch:  # the same answer on a machine with a GPU
         patch.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(ValueError, match=r"needs a CUDA GPU here.*leave it at 0"):

@@ -100,7 +100,8 @@ def test_held_out_evaluation_along_training_changes_nothing_else(tiny_model: Pat
      ({"n_envs": 0}, "n_envs must be at least 1"), ({"beta": -1.0}, "beta and ent_coef must be >= 0"),
      ({"ent_coef": -0.01}, "ent_coef must be >= 0"),
      ({"reward_scaling": "std"}, "reward_scaling must be one of auto, base-std, none"),
-     ({"algo": "trpo", "lora_r": 0, "train_layers": 2, "ent_coef": 0.01}, "TRPO has no entropy bonus")],
+     ({"algo": "trpo", "lora_r": 0, "train_layers": 2, "ent_coef": 0.01}, "TRPO has no entropy bonus"),
+     ({"prompt_group": 3}, r"prompt_group must divide n_envs=16 \(1: no groups\), got 3")],
 )  # fmt: skip
 def test_bad_settings_are_refused_when_made(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -233,6 +234,16 @@ def test_advantage_normalization_is_wired_to_the_buffer_or_the_algorithm(
         assert abs(float(run.algo.rollout_buffer.advantages.mean())) < 1e-5
     with pytest.raises(ValueError, match="advantage_normalization must be one of minibatch, rollout, none"):
         TrainConfig(advantage_normalization="episode")
+
+
+def test_prompt_group_reaches_the_training_env_and_its_baseline(tiny_model: Path, tmp_path: Path) -> None:
+    """--prompt-group 2: the training env answers prompts in pairs and the KL penalty subtracts their baseline (its
+    arithmetic: test_kl); the held-out env answers each prompt once."""
+    config = TrainConfig(**{**tiny_config(tiny_model), "n_envs": 4}, total_timesteps=64, prompt_group=2)
+    run = build_run(config, verbose=0)
+    assert run.env.get_attr("prompt_group") == [2] * 4 and run.eval_env.get_attr("prompt_group") == [1] * 4
+    run.algo.learn(config.total_timesteps, callback=run.callbacks())
+    assert run.kl.prompt_baseline is not None and run.kl.prompt_baseline.group == 2
 
 
 @pytest.mark.parametrize("lora_r", [4, 0])

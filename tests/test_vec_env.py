@@ -346,3 +346,25 @@ def test_vec_env_rows_score_their_own_records(tiny_env_kwargs: dict) -> None:
         _, rewards, dones, infos = venv.step(np.array([5, 5]))
     assert rewards.tolist() == [3.0, 8.0]  # len("abc"), len("abcdefg") + 1: both rows in one call, in order
     assert [info["references"] for info in infos] == [("abc",), ("abcdefg",)]
+
+
+@pytest.mark.parametrize("seed", [3, None])
+def test_prompt_groups_answer_the_same_prompts(tiny_env_kwargs: dict, seed: int | None) -> None:
+    """prompt_group=2: envs 0-1 and 2-3 draw the same prompt streams, seeded (seed + i // 2) or not, however their
+    episodes interleave; the groups' streams differ; a group that does not divide n_envs is refused."""
+    venv = make_text_vec_env(4, seed=seed, prompt_group=2, **tiny_env_kwargs)
+    assert venv.get_attr("prompt_group") == [2] * 4
+    venv.reset()
+    streams: list[list[str]] = [[info["prompt"]] for info in venv.reset_infos]
+    eos, other = venv.tokenizer.eos_token_id, (venv.tokenizer.eos_token_id + 1) % venv.action_space.n
+    for t in range(12):  # env 1 and env 3 end an episode every step, envs 0 and 2 every other step
+        actions = np.array([eos if t % 2 else other, eos, eos if t % 2 else other, eos])
+        _, _, dones, _ = venv.step(actions)
+        for i in np.flatnonzero(dones):
+            streams[i].append(venv.reset_infos[i]["prompt"])
+    assert streams[0] == streams[1][: len(streams[0])] and streams[2] == streams[3][: len(streams[2])]
+    assert streams[1] != streams[3]
+    if seed is not None:
+        assert venv.seed(seed) == [seed, seed, seed + 1, seed + 1]
+    with pytest.raises(ValueError, match="prompt_group must divide n_envs=4"):
+        make_text_vec_env(4, prompt_group=3, **tiny_env_kwargs)

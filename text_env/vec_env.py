@@ -26,15 +26,24 @@ class TextGenVecEnv(VecEnv):
 
     :param n_envs: number of parallel episodes.
     :param render_mode: ``"human"`` prints the texts on ``render()``; otherwise ``render()`` returns them.
+    :param prompt_group: envs ``i`` with the same ``i // prompt_group`` draw their prompts from one seed, so that the
+        k-th episodes of a group answer the same prompt: several samples of a prompt, from which a learner can take a
+        per-prompt baseline (RLOO's, GRPO's). 1: every env draws its own.
     :param env_kwargs: the keyword arguments of :class:`~text_env.env.TextGenEnv` (``model``, ``task``, ...).
     """
 
-    def __init__(self, n_envs: int = 1, render_mode: str | None = None, **env_kwargs: Any) -> None:
+    def __init__(
+        self, n_envs: int = 1, render_mode: str | None = None, prompt_group: int = 1, **env_kwargs: Any
+    ) -> None:
+        if prompt_group < 1 or n_envs % prompt_group:
+            raise ValueError(f"prompt_group must divide n_envs={n_envs} (1: no groups), got {prompt_group}")
+        self.prompt_group = prompt_group
         self.core = TextGenCore(n_envs, **env_kwargs)
         # Set before VecEnv.__init__, which reads it through get_attr (else it warns and drops the render mode).
         self.render_mode = render_mode
         super().__init__(n_envs, self.core.observation_space, self.core.action_space)
-        self._rngs = [seeding.np_random(None)[0] for _ in range(n_envs)]
+        group_seeds = [seeding.np_random(None)[1] for _ in range(n_envs // prompt_group)]
+        self._rngs = [seeding.np_random(group_seeds[i // prompt_group])[0] for i in range(n_envs)]
         self._actions = np.zeros(n_envs, dtype=np.int64)
         self._started = time.time()
 
@@ -44,6 +53,12 @@ class TextGenVecEnv(VecEnv):
 
     def _obs(self) -> VecEnvObs:
         return {"input_ids": self.core.input_ids.copy(), "attention_mask": self.core.attention_mask.copy()}
+
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
+        """Env ``i`` draws its prompts from ``seed + i // prompt_group`` (SB3's ``seed + i`` without groups)."""
+        seeds = super().seed(seed)
+        self._seeds = [seeds[0] + i // self.prompt_group for i in range(self.num_envs)]  # type: ignore[operator]
+        return self._seeds
 
     def reset(self) -> VecEnvObs:
         for i in range(self.num_envs):
@@ -126,7 +141,10 @@ class TextGenVecEnv(VecEnv):
 
     # Attribute access on the (virtual) sub-envs: they all share one core, so every index sees the same value.
     def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        value = self.render_mode if attr_name == "render_mode" else getattr(self.core, attr_name)  # may raise
+        if attr_name in ("render_mode", "prompt_group"):  # the vector env's own
+            value = getattr(self, attr_name)
+        else:
+            value = getattr(self.core, attr_name)  # may raise
         return [value for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
@@ -140,14 +158,18 @@ class TextGenVecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]
 
 
-def make_text_vec_env(n_envs: int = 1, seed: int | None = None, **env_kwargs: Any) -> TextGenVecEnv:
+def make_text_vec_env(
+    n_envs: int = 1, seed: int | None = None, prompt_group: int = 1, **env_kwargs: Any
+) -> TextGenVecEnv:
     """Like SB3's ``make_vec_env("TextGen-v0", n_envs, seed)``, but batched: one :class:`TextGenVecEnv`.
 
     :param n_envs: number of parallel episodes (the batch size of rollouts).
-    :param seed: env ``i`` draws its prompts from seed ``seed + i``, as in ``make_vec_env``.
+    :param seed: env ``i`` draws its prompts from seed ``seed + i``, as in ``make_vec_env`` (``seed + i //
+        prompt_group`` with groups).
+    :param prompt_group: envs that answer the same prompts (:class:`TextGenVecEnv`).
     :param env_kwargs: the keyword arguments of :class:`~text_env.env.TextGenEnv`.
     """
-    venv = TextGenVecEnv(n_envs, **env_kwargs)
+    venv = TextGenVecEnv(n_envs, prompt_group=prompt_group, **env_kwargs)
     if seed is not None:
         venv.seed(seed)
     return venv

@@ -150,6 +150,8 @@ def rllib_config(
             f"a CUDA GPU here, and torch {torch.__version__} sees none: leave it at 0 to train on the CPU, or give "
             "--num-learners N to place N GPU Learners on the cluster's GPU nodes"
         )
+    if config.prompt_group > 1:
+        raise ValueError("--prompt-group runs on --engine sb3 only so far: RLlib's EnvRunners draw their own prompts")
     if config.ref_ema:
         raise ValueError("--ref-ema runs on --engine sb3 only so far: the RLlib module's reference is fixed")
     task = run_task(config)
