@@ -36,7 +36,7 @@ from text_env.prompts import Example, load_examples
 from text_env.rewards import Scorer
 from text_env.rewards.composite import reward_terms
 from text_env.tasks import Task, get_task
-from text_env.vec_env import make_text_vec_env
+from text_env.vec_env import check_prompt_group, make_text_vec_env
 
 __all__ = [
     "ADVANTAGE_NORMALIZATIONS",
@@ -237,8 +237,7 @@ class TrainConfig:
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.prompt_group < 1 or self.n_envs % self.prompt_group:
-            raise ValueError(f"prompt_group must divide n_envs={self.n_envs} (1: no groups), got {self.prompt_group}")
+        check_prompt_group(self.n_envs, self.prompt_group)
         if min(self.lora_r, self.checkpoint_every, self.beta, self.ent_coef) < 0 or self.learning_rate <= 0:
             raise ValueError("lora_r, checkpoint_every, beta and ent_coef must be >= 0, and learning_rate > 0")
         if self.init is not None:

@@ -18,7 +18,13 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, Vec
 
 from text_env.core import TextGenCore, check_options
 
-__all__ = ["TextGenVecEnv", "make_text_vec_env"]
+__all__ = ["TextGenVecEnv", "check_prompt_group", "make_text_vec_env"]
+
+
+def check_prompt_group(n_envs: int, prompt_group: int) -> None:
+    """Raise unless ``prompt_group`` divides ``n_envs`` (a run's config checks it before any model loads)."""
+    if prompt_group < 1 or n_envs % prompt_group:
+        raise ValueError(f"prompt_group must divide n_envs={n_envs} (1: no groups), got {prompt_group}")
 
 
 class TextGenVecEnv(VecEnv):
@@ -35,8 +41,7 @@ class TextGenVecEnv(VecEnv):
     def __init__(
         self, n_envs: int = 1, render_mode: str | None = None, prompt_group: int = 1, **env_kwargs: Any
     ) -> None:
-        if prompt_group < 1 or n_envs % prompt_group:
-            raise ValueError(f"prompt_group must divide n_envs={n_envs} (1: no groups), got {prompt_group}")
+        check_prompt_group(n_envs, prompt_group)
         self.prompt_group = prompt_group
         self.core = TextGenCore(n_envs, **env_kwargs)
         # Set before VecEnv.__init__, which reads it through get_attr (else it warns and drops the render mode).
