@@ -11,17 +11,18 @@ Cases, each ``textgen train`` with its defaults but what the case sets:
 
 Arms of each case: ``unconstrained`` (the objective alone: every λ held at 0, the bounds only measured); ``adaptive``
 (where the case bounds the KL: β steered toward it by ``--target-kl``, what a user with a budget types);
-``adaptive-tuned`` (the same controller aimed at the target, tuned on seed 0 over ``--target-kls``, whose KL lands
-within the budget: Ziegler et al.'s controller overshoots its target in a short run, and the issue compares gold at the
-same final KL); ``fixed`` (every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``);
+``adaptive-sweep`` (the same controller aimed at lower targets, ``--target-kls``, on each seed in ascending order until
+its held-out KL reaches the constrained arm's on that seed: Ziegler et al.'s controller overshoots its target in a short
+run, so no single target lands on the budget, and the issue compares gold at the same final KL, which :func:`gold_at_kl`
+interpolates); ``fixed`` (every bound's multiplier held at a weight ``w``: ``--constraint-lr 0 --constraint-init w``);
 ``constrained`` (dual ascent from λ = 0 with step ``--constraint-lr η``, the defaults otherwise: each step reads the
 rollout's mean one standard error toward breaking the bound); ``plain-mean`` (the same on the plain mean,
-``--constraint-margin-se 0``: what the margin buys; trained only when ``--arms`` names it). ``w``, each ``η`` and the
-target are tuned once on seed 0 (over ``--weights``, ``--constraint-lrs`` and ``--target-kls``) by the training
-episodes, never the held-out prompts: the best last-rollout reward among the values whose last rollout holds every bound
-within 5 %, else the value that breaks them least (:func:`tune`). A bound holds at the end of training when the final
-policy's mean over the held-out completions is within 5 % of it (:func:`final_value`). Every run is a separate process
-whose directory is reused when it finished, so a stopped benchmark resumes. Run::
+``--constraint-margin-se 0``: what the margin buys; trained only when ``--arms`` names it). ``w`` and each ``η`` are
+tuned once on seed 0 (over ``--weights`` and ``--constraint-lrs``) by the training episodes, never the held-out prompts:
+the best last-rollout reward among the values whose last rollout holds every bound within 5 %, else the value that
+breaks them least (:func:`tune`). A bound holds at the end of training when the final policy's mean over the held-out
+completions is within 5 % of it (:func:`final_value`). Every run is a separate process whose directory is reused when it
+finished, so a stopped benchmark resumes. Run::
 
     python benchmarks/constrained.py --runs RUNS            # 3 cases x 4 arms x 3 seeds, plus the tuning runs
     python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
@@ -35,6 +36,7 @@ broke it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -48,7 +50,8 @@ import numpy as np
 from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
 
-ARMS = ("unconstrained", "adaptive", "adaptive-tuned", "fixed", "plain-mean", "constrained")
+ARMS = ("unconstrained", "adaptive", "fixed", "plain-mean", "constrained")
+SWEEP = "adaptive-sweep"  # not a row of its own: adaptive β at the constrained arm's KL (:func:`equal_kl`)
 QUICK = ["--reward-model", "gold", "--total-timesteps", "64", "--n-envs", "2", "--n-steps", "8", "--batch-size", "8",
          "--max-new-tokens", "8", "--n-epochs", "1", "--eval-prompts", "2", "--no-bf16", "--max-prompt-tokens", "240",
          "--reward-scale-prompts", "2"]  # fmt: skip
@@ -127,7 +130,6 @@ def last_excess(report: dict[str, Any]) -> float:
 
 
 TUNED = {
-    "adaptive-tuned": ("target", "--target-kl", ["--constraint-lr", "0"]),
     "fixed": ("w", "--constraint-init", ["--constraint-lr", "0"]),
     "plain-mean": ("z0-lr", "--constraint-lr", ["--constraint-margin-se", "0"]),
     "constrained": ("lr", "--constraint-lr", []),
@@ -181,6 +183,11 @@ def run_path(arm: str, seed: int, setting: float | None) -> Path:
     return Path(arm, f"seed{seed}")
 
 
+def measured_options(case: dict[str, Any]) -> list[str]:
+    """The objective with every λ held at 0: the bounds measured, never enforced (the unconstrained arms)."""
+    return [*case["objective"], *_bounds(case), "--constraint-lr", "0"]
+
+
 def _bounds(case: dict[str, Any]) -> list[str]:
     return [arg for bound in case["bounds"] for arg in ("--constraint", bound)]
 
@@ -215,6 +222,81 @@ def holds(spec: str, value: float) -> bool:
     return excess(spec, value) == 0
 
 
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> tuple[float, float, float] | None:
+    """Gold at ``kl`` from one controller's (KL, gold) points, linear in √KL (Gao et al.'s axis, along which gold
+    rises near-linearly at small KL) between the two nearest points that bracket it; with those two KLs. ``None``
+    when no point reaches ``kl``."""
+    points = sorted(points)
+    for (k0, g0), (k1, g1) in itertools.pairwise(points):
+        if k0 <= kl <= k1:
+            d0, d1, d = np.sqrt([k0, k1, kl])
+            return g0 + (g1 - g0) * ((d - d0) / (d1 - d0) if d1 > d0 else 0.0), k0, k1
+    return None
+
+
+def sweep_path(seed: int, target: float) -> Path:
+    """Where adaptive β's run at ``target`` lives under a case: seed 0's are the runs that once tuned the target."""
+    return Path("tuning" if seed == 0 else Path(SWEEP, f"seed{seed}"), f"target{target:g}")
+
+
+def equal_kl(
+    case: dict[str, Any],
+    rows: list[dict[str, Any]],
+    targets: list[float],
+    run_at: Any,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The issue's comparison under a KL budget: per seed of the constrained arm, adaptive β's held-out gold at that
+    run's final KL, and the rows of the adaptive runs it read.
+
+    Adaptive β (λ held at 0, the bounds measured) runs on the seed at ``targets`` in ascending order until one
+    lands at or past the constrained run's KL; ``run_at(path, options)`` runs one (or reads it back; ``None``: not
+    run). Its points are the base model (KL 0, the seed's gold before), those runs and the ``adaptive`` arm's run
+    at the budget; :func:`gold_at_kl` interpolates between the two that bracket the constrained KL."""
+    measured = measured_options(case)
+    compared, sweep = [], []
+    for r in (r for r in rows if r["arm"] == "constrained"):
+        seed = r["seed"]
+        points = [(0.0, r["gold_before"], "base")]
+        points += [(a["kl"], a["gold_after"], f"target {case['target_kl']:g}") for a in rows
+                   if a["arm"] == "adaptive" and a["seed"] == seed]  # fmt: skip
+        for target in sorted(targets):
+            report = run_at(sweep_path(seed, target), ["--seed", str(seed), *measured, "--target-kl", str(target)])
+            if report is None:
+                break
+            sweep.append(row(f"adaptive target={target:g}", seed, report))
+            points.append((sweep[-1]["kl"], sweep[-1]["gold_after"], f"target {target:g}"))
+            if sweep[-1]["kl"] >= r["kl"]:
+                break
+        at = gold_at_kl([(k, g) for k, g, _ in points], r["kl"])
+        compared.append({
+            "seed": seed, "kl": r["kl"], "gold": r["gold_after"], "points": points,
+            "adaptive_gold": None if at is None else at[0], "bracket": None if at is None else at[1:],
+        })  # fmt: skip
+    return compared, sweep
+
+
+def equal_kl_markdown(compared: list[dict[str, Any]]) -> list[str]:
+    if not compared:
+        return []
+    lines = ["Under the KL budget, at the same final KL: adaptive β (`--target-kl T`, λ held at 0) on each seed at "
+             "ascending targets until its held-out KL reaches the constrained run's; its gold interpolated linearly "
+             "in √KL between the two points that bracket that KL (the base model at KL 0 and the `adaptive` arm's "
+             "run are points too).", "",
+             "| seed | constrained: KL, gold | adaptive β's points (KL, gold) | adaptive β at that KL | difference |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for c in compared:
+        points = "; ".join(f"{name}: {k:.2f}, {g:.3f}" for k, g, name in sorted(c["points"]))
+        at = "not reached" if c["adaptive_gold"] is None else f"{c['adaptive_gold']:.3f}"
+        diff = "–" if c["adaptive_gold"] is None else f"{c['gold'] - c['adaptive_gold']:+.3f}"
+        lines.append(f"| {c['seed']} | {c['kl']:.2f}, {c['gold']:.3f} | {points} | {at} | {diff} |")
+    done = [c for c in compared if c["adaptive_gold"] is not None]
+    if done:
+        mean = np.mean([c["gold"] for c in done]), np.mean([c["adaptive_gold"] for c in done])
+        lines.append(f"| mean of {len(done)} | {np.mean([c['kl'] for c in done]):.2f}, {mean[0]:.3f} | | "
+                     f"{mean[1]:.3f} | {mean[0] - mean[1]:+.3f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def markdown(results: dict[str, Any], command: str, machine: str) -> str:
     title = "# Constrained RLHF against the unconstrained objective and fixed weights"
     lines = [title, "", f"Command: `{command}`", "",
@@ -230,8 +312,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
              "repeat far less: compare the bound's last mean with the column.", ""]  # fmt: skip
     for name, case in results.items():
         lines += [f"## {name}: {', '.join(case['bounds'])}", ""]
-        labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step",
-                  "adaptive-tuned": "adaptive β's target KL"}  # fmt: skip
+        labels = {"fixed": "fixed weight", "plain-mean": "dual step on the plain mean", "constrained": "dual step"}
         tuned = [
             f"{labels[arm]} {value:g} (of {', '.join(f'{v:g}' for v in case['tried'][arm])})"
             for arm, value in case["tuned"].items()
@@ -241,7 +322,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
             lines += [f"Tuned on seed 0's training episodes: {', '.join(tuned)}.", ""]
         lines += ["| arm | seed | gold before → after | KL | distinct-2 | length | tokens/s | bounds (final, last "
                   "rollout, λ, broken late) | machine |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in [*case["rows"], *case.get("tuning", [])]:
+        for r in [*case["rows"], *case.get("tuning", []), *case.get("sweep", [])]:
             bounds = "; ".join(
                 f"{b}: {_final(r, b)}, {c['final_mean']:.3f}, {c['final_lambda']:.3g}, "
                 f"{c['violated_share_second_half']:.0%}"
@@ -266,7 +347,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
                     f"{np.mean([r['gold_after'] for r in rows]):.3f} | {np.mean([r['kl'] for r in rows]):.2f} | "
                     f"{held} of {len(rows)} |"
                 )
-        lines.append("")
+        lines += ["", *equal_kl_markdown(case.get("equal_kl") or [])]
     return "\n".join(lines) + "\n"
 
 
@@ -418,12 +499,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(  # measured on seed 0: target 1 ended at 6.3 nats held-out, target 2 at 13.0
         "--target-kls",
         default="0.5,1,2",
-        help="adaptive β's targets tried on seed 0 (far below the budget: it overshoots)",
+        help="adaptive β's targets, run on each seed in ascending order up to the constrained arm's KL (far below "
+        "the budget: it overshoots)",
     )
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", default=None, help="keep the runs here and reuse finished ones (default: temporary)")
     parser.add_argument(
-        "--arms", default=",".join(a for a in ARMS if a != "plain-mean"),
+        "--arms", default=",".join([*(a for a in ARMS if a != "plain-mean"), SWEEP]),
         help="train only these arms (the table shows all kept; plain-mean, an ablation, only when named)",
     )  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the kept runs")
@@ -468,14 +550,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             case = case_settings(name, args.quick, args.model, kept)
             common = ["--task", case["task"], "--model", args.model, *(QUICK if args.quick else [])]
             grids = {"fixed": args.weights, "plain-mean": args.constraint_lrs, "constrained": args.constraint_lrs}
-            if "target_kl" in case:
-                grids["adaptive-tuned"] = args.target_kls
             settings, tried = {}, {}
             for arm, grid in grids.items():
                 go = train and arm in chosen
                 values = [float(v) for v in grid.split(",")]
                 settings[arm], tried[arm] = tune(case, arm, values, runs / name, kept, common, go)
-            measured = [*case["objective"], *_bounds(case), "--constraint-lr", "0"]  # λ held at 0: bounds measured
+            measured = measured_options(case)
             arms = {
                 "unconstrained": measured,  # the objective alone
                 # β steered toward the KL bound (Ziegler et al.'s controller): the unconstrained way to a KL budget
@@ -497,9 +577,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for arm, reports_of in tried.items()
                 for v, report in reports_of.items()
             ]
+            compared, sweep = [], []
+            if "target_kl" in case:
+                go = train and SWEEP in chosen
+                compared, sweep = equal_kl(
+                    case, rows, [float(v) for v in args.target_kls.split(",")],
+                    lambda at, options, go=go, where=runs / name, common=common, kept=kept: run(
+                        where / at, [*common, *options], kept / f"{at}.json", go
+                    ),
+                )  # fmt: skip
             results[name] = {
                 "bounds": case["bounds"], "tuned": settings, "tried": {arm: sorted(r) for arm, r in tried.items()},
-                "rows": rows, "tuning": tuning,
+                "rows": rows, "tuning": tuning, "sweep": sweep, "equal_kl": compared,
             }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/constrained.py " + " ".join(argv)
