@@ -135,8 +135,8 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, 
         "Held-out gold: each task's first eval prompts, sampled (mean over seeds, and the worst seed). Perplexity: of "
         "the held-out references under the row's model. KL: nats per completion to the row's own reference (PPO: the "
         "base model; SFT + PPO: the SFT model). minutes / peak RSS: the run that made the row (the worst seed's).", "",
-        "| task | row | gold (mean) | gold (worst) | perplexity | KL | distinct-2 | minutes | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | row | seeds | gold (mean) | gold (worst) | perplexity | KL | distinct-2 | minutes | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for task, rows in results.items():
         for name in ROWS:
@@ -151,9 +151,37 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, 
                 return f"{max(values):.2f}" if values else "–"
 
             worst = min(s["gold"] for s in seeds)
-            lines.append(f"| {task} | {name} | {mean('gold')} | {worst:.3f} | {mean('perplexity')} | {mean('kl')} | "
-                         f"{mean('distinct_2')} | {top('minutes')} | {top('peak_rss_gb')} |")  # fmt: skip
+            lines.append(f"| {task} | {name} | {len(seeds)} | {mean('gold')} | {worst:.3f} | "
+                         f"{mean('perplexity')} | {mean('kl')} | {mean('distinct_2')} | {top('minutes')} | "
+                         f"{top('peak_rss_gb')} |")  # fmt: skip
+    lines += ["", "The issue's targets, per task (✓ met, ✗ not, on the seeds run so far):", ""]
+    lines += [f"- {task}: " + "; ".join(targets(task, rows)) for task, rows in results.items()]
     return "\n".join(lines) + "\n"
+
+
+def targets(task: str, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each of the issue's targets that applies to ``task``, judged on its seeds: SFT + PPO above SFT on every seed;
+    dialogue at least 1.2x base on every seed, the other tasks 1.5x base on the mean; the references' perplexity
+    after SFT + PPO at most 10 % above SFT's (every seed); every run's peak RSS at most 4 GB."""
+    base, sft, both = (rows[name] for name in ("base", "SFT", "SFT + PPO"))
+
+    def mark(ok: bool) -> str:
+        return "✓" if ok else "✗"
+
+    gold = [(b["gold"], s["gold"], t["gold"]) for b, s, t in zip(base, sft, both, strict=True)]
+    out = [f"SFT + PPO above SFT on every seed {mark(all(t > s for _, s, t in gold))} "
+           f"({', '.join(f'{t:.3f} vs {s:.3f}' for _, s, t in gold)})"]  # fmt: skip
+    if task == "dialogue":
+        ratios = [t / b for b, _, t in gold]
+        out.append(f"≥ 1.2x base on every seed {mark(min(ratios) >= 1.2)} ({', '.join(f'{r:.2f}x' for r in ratios)})")
+    else:
+        ratio = np.mean([t for *_, t in gold]) / np.mean([b for b, *_ in gold])
+        out.append(f"≥ 1.5x base on the mean {mark(ratio >= 1.5)} ({ratio:.2f}x)")
+    rises = [t["perplexity"] / s["perplexity"] - 1 for s, t in zip(sft, both, strict=True)]
+    out.append(f"perplexity ≤ 10 % above SFT's {mark(max(rises) <= 0.10)} ({', '.join(f'{r:+.1%}' for r in rises)})")
+    peak = max((s["peak_rss_gb"] or 0.0) for seeds in rows.values() for s in seeds)
+    out.append(f"peak RSS ≤ 4 GB {mark(peak <= 4.0)} ({peak:.2f} GB)")
+    return out
 
 
 def plot(results: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
