@@ -177,9 +177,12 @@ def tuned_options(case: dict[str, Any], arm: str, value: float) -> list[str]:
 
 
 def run_path(arm: str, seed: int, setting: float | None) -> Path:
-    """Where one arm's seed lives under a case: a tuned arm's seed 0 is the tuning run of its chosen setting."""
-    if arm in TUNED and seed == 0:
-        return Path("tuning", f"{TUNED[arm][0]}{setting:g}")
+    """Where one arm's seed lives under a case: a tuned arm's seed 0 is the tuning run of its chosen setting, and its
+    other seeds sit under that setting, so a setting chosen anew (a value added to the grid) never reads back seeds
+    trained at another."""
+    if arm in TUNED:
+        at = f"{TUNED[arm][0]}{setting:g}"
+        return Path("tuning", at) if seed == 0 else Path(arm, at, f"seed{seed}")
     return Path(arm, f"seed{seed}")
 
 

@@ -454,3 +454,8 @@ def test_constrained_compares_adaptive_beta_at_the_constrained_runs_kl() -> None
     assert compared["adaptive_gold"] == pytest.approx(0.45) and compared["bracket"] == (1.0, 9.0)
     assert "| mean of 1 | 4.00, 0.500 | | 0.450 | +0.050 |" in bench.equal_kl_markdown([compared])
     assert bench.sweep_path(0, 0.5) == Path("tuning/target0.5")  # seed 0's are the runs that tuned the target once
+    # a tuned arm's seeds sit under their setting: one chosen anew never reads back seeds trained at another
+    assert bench.run_path("constrained", 1, 0.2) == Path("constrained/lr0.2/seed1")
+    assert bench.run_path("constrained", 0, 0.5) == Path("tuning/lr0.5") and bench.run_path(
+        "adaptive", 2, None
+    ) == Path("adaptive/seed2")
