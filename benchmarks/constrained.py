@@ -246,15 +246,19 @@ def equal_kl(
     case: dict[str, Any],
     rows: list[dict[str, Any]],
     targets: list[float],
-    run_at: Any,
+    runs: Path,
+    kept: Path,
+    common: list[str],
+    train: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The issue's comparison under a KL budget: per seed of the constrained arm, adaptive β's held-out gold at that
     run's final KL, and the rows of the adaptive runs it read.
 
-    Adaptive β (λ held at 0, the bounds measured) runs on the seed at ``targets`` in ascending order until one
-    lands at or past the constrained run's KL; ``run_at(path, options)`` runs one (or reads it back; ``None``: not
-    run). Its points are the base model (KL 0, the seed's gold before), those runs and the ``adaptive`` arm's run
-    at the budget; :func:`gold_at_kl` interpolates between the two that bracket the constrained KL."""
+    Adaptive β (λ held at 0, the bounds measured) runs on the seed at ``targets`` in ascending order until one lands
+    at or past the constrained run's KL, each run as :func:`tune` runs its values (read back when it finished; with
+    ``train`` off, skipped when it has not). Its points are the base model (KL 0, the seed's gold before), those
+    runs and the ``adaptive`` arm's run at the budget; :func:`gold_at_kl` interpolates between the two that bracket
+    the constrained KL."""
     measured = measured_options(case)
     compared, sweep = [], []
     for r in (r for r in rows if r["arm"] == "constrained"):
@@ -263,17 +267,20 @@ def equal_kl(
         points += [(a["kl"], a["gold_after"], f"target {case['target_kl']:g}") for a in rows
                    if a["arm"] == "adaptive" and a["seed"] == seed]  # fmt: skip
         for target in sorted(targets):
-            report = run_at(sweep_path(seed, target), ["--seed", str(seed), *measured, "--target-kl", str(target)])
+            at = sweep_path(seed, target)
+            options = [*common, "--seed", str(seed), *measured, "--target-kl", str(target)]
+            report = run(runs / at, options, kept / f"{at}.json", train)
             if report is None:
                 break
             sweep.append(row(f"adaptive target={target:g}", seed, report))
             points.append((sweep[-1]["kl"], sweep[-1]["gold_after"], f"target {target:g}"))
             if sweep[-1]["kl"] >= r["kl"]:
                 break
-        at = gold_at_kl([(k, g) for k, g, _ in points], r["kl"])
+        interpolated = gold_at_kl([(k, g) for k, g, _ in points], r["kl"])
         compared.append({
             "seed": seed, "kl": r["kl"], "gold": r["gold_after"], "points": points,
-            "adaptive_gold": None if at is None else at[0], "bracket": None if at is None else at[1:],
+            "adaptive_gold": None if interpolated is None else interpolated[0],
+            "bracket": None if interpolated is None else interpolated[1:],
         })  # fmt: skip
     return compared, sweep
 
@@ -582,13 +589,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
             compared, sweep = [], []
             if "target_kl" in case:
+                targets = [float(v) for v in args.target_kls.split(",")]
                 go = train and SWEEP in chosen
-                compared, sweep = equal_kl(
-                    case, rows, [float(v) for v in args.target_kls.split(",")],
-                    lambda at, options, go=go, where=runs / name, common=common, kept=kept: run(
-                        where / at, [*common, *options], kept / f"{at}.json", go
-                    ),
-                )  # fmt: skip
+                compared, sweep = equal_kl(case, rows, targets, runs / name, kept, common, go)
             results[name] = {
                 "bounds": case["bounds"], "tuned": settings, "tried": {arm: sorted(r) for arm, r in tried.items()},
                 "rows": rows, "tuning": tuning, "sweep": sweep, "equal_kl": compared,

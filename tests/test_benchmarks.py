@@ -426,7 +426,7 @@ def test_dialogue_gold_separates_length_from_content(tmp_path: Path) -> None:
         bench.main([str(tmp_path), "--out", str(tmp_path / "out")])
 
 
-def test_constrained_compares_adaptive_beta_at_the_constrained_runs_kl() -> None:
+def test_constrained_compares_adaptive_beta_at_the_constrained_runs_kl(monkeypatch: pytest.MonkeyPatch) -> None:
     """Adaptive β runs at ascending targets until its KL reaches the constrained run's, and its gold there is
     interpolated linearly in √KL between the bracketing points (hand computation: √4 lies halfway from √1 to √9,
     so gold 0.3 + (0.6 - 0.3) / 2 = 0.45; linear in KL it would be 0.3 + 0.3 * 3 / 8 = 0.4125)."""
@@ -436,18 +436,19 @@ def test_constrained_compares_adaptive_beta_at_the_constrained_runs_kl() -> None
     reports = {0.5: (1.0, 0.3), 1.0: (9.0, 0.6), 2.0: (16.0, 0.9)}  # target -> (held-out KL, gold)
     ran = []
 
-    def run_at(at: Path, options: list[str]) -> dict:
+    def run(out: Path, options: list[str], kept: Path, train: bool = True) -> dict:
         target = float(options[options.index("--target-kl") + 1])
-        ran.append((str(at), options[options.index("--constraint-lr") + 1]))
+        ran.append((str(out.relative_to("runs")), options[options.index("--constraint-lr") + 1]))
         kl, gold = reports[target]
-        report = {"before": {"gold_score": 0.1}, "after": {"gold_score": gold, "kl": kl, "distinct_2": 0.9},
-                  "config": {"total_timesteps": 64, "bf16": False}, "train_seconds": 1.0, "history": []}  # fmt: skip
-        report["after"]["length"] = 8.0
-        return report
+        after = {"gold_score": gold, "kl": kl, "distinct_2": 0.9, "length": 8.0}
+        return {"before": {"gold_score": 0.1}, "after": after, "config": {"total_timesteps": 64, "bf16": False},
+                "train_seconds": 1.0, "history": []}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run", run)
 
     case = {"objective": [], "bounds": ["kl<=6"], "target_kl": 6.0}
     rows = [{"arm": "constrained", "seed": 1, "kl": 4.0, "gold_after": 0.5, "gold_before": 0.1}]
-    (compared,), sweep = bench.equal_kl(case, rows, [2.0, 0.5, 1.0], run_at)
+    (compared,), sweep = bench.equal_kl(case, rows, [2.0, 0.5, 1.0], Path("runs"), Path("kept"), [])
     # λ held at 0; seed 1's runs live under the sweep; target 2 is never run: target 1 already reached the KL
     assert ran == [("adaptive-sweep/seed1/target0.5", "0"), ("adaptive-sweep/seed1/target1", "0")]
     assert [r["arm"] for r in sweep] == ["adaptive target=0.5", "adaptive target=1"]
