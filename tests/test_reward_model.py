@@ -20,6 +20,7 @@ from conftest import TINY_PROMPTS
 from safetensors.torch import load_file, save_file
 
 import text_env  # registers TextGen-v0
+from text_env.core import DEFAULT_TASK
 from text_env.models import ModelLoadError, make_tiny_model
 from text_env.rewards.preferences import PreferencePair, append_pairs
 from text_env.rewards.reward_model import (
@@ -576,7 +577,9 @@ def test_shipped_reward_model_is_reproducible(tmp_path: Path, task_name: str) ->
     - this machine's backbone features of the sample's texts are the recorded ones, and the shipped head scores them
       as recorded: the features the head was fitted on are what a user's machine computes;
     - ``textgen train-rm`` with HOW_MADE.md's options on the first 256 shipped pairs makes the recorded model: its
-      test accuracy within 3 binomial standard errors, its scores of the sample ranked the same.
+      test accuracy within 3 binomial standard errors, its scores of the sample ranked the same. The default task's
+      model only: the 512 texts' backbone features are 80 % of the test's time (66 s of 84 on one AVX2 core), the
+      fitting code is every task's, and each task's own data and features are the checks above.
 
     The tolerances hold on any CPU: bf16 kernels of different CPUs (AMX or AVX-512) move the features far less than
     bf16 against float32 does (0.5 % of their norm, 0.02 in score), and the head is fitted to convergence (a random
@@ -585,6 +588,7 @@ def test_shipped_reward_model_is_reproducible(tmp_path: Path, task_name: str) ->
     from agents.cli import main
     from text_env.rewards.preferences import load_preferences
 
+    assert DEFAULT_TASK in shipped_reward_models.shipped_tasks()  # so some parameter refits
     record, recorded_features = shipped_reward_models.load_record(task_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a real 135M model, unlike the rest of the suite
@@ -598,15 +602,18 @@ def test_shipped_reward_model_is_reproducible(tmp_path: Path, task_name: str) ->
         with torch.no_grad():
             recorded_scores = shipped.combine(shipped.member_outputs(recorded_features)).numpy()
         shipped_scores = shipped.score(prompts, texts)
-        data = shipped_reward_models.refit_data(task_name, tmp_path / "pairs.jsonl")
-        main(shipped_reward_models.train_rm_argv(task_name, data, tmp_path / "rm"))
-        refit_scores = RewardModel.load(tmp_path / "rm").score(prompts, texts)
+        if task_name == DEFAULT_TASK:
+            data = shipped_reward_models.refit_data(task_name, tmp_path / "pairs.jsonl")
+            main(shipped_reward_models.train_rm_argv(task_name, data, tmp_path / "rm"))
+            refit_scores = RewardModel.load(tmp_path / "rm").score(prompts, texts)
     finally:
         torch.set_num_threads(threads)
     relative = (features - recorded_features).norm(dim=-1) / recorded_features.norm(dim=-1)  # (16,)
     assert relative.max() < 0.02, relative
     np.testing.assert_allclose(recorded_scores, record["shipped_scores"], atol=1e-4)  # the head, as shipped
     np.testing.assert_allclose(shipped_scores, record["shipped_scores"], atol=0.05)
+    if task_name != DEFAULT_TASK:
+        return
     report, was = json.loads((tmp_path / "rm" / "report.json").read_text()), record["refit_report"]
     assert report["n_heldout"] == was["n_heldout"]
     se = math.sqrt(was["accuracy"] * (1 - was["accuracy"]) / was["n_heldout"])  # binomial standard error
