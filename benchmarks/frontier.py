@@ -27,7 +27,8 @@ on another machine too. Run::
     python benchmarks/frontier.py --quick              # a tiny model, one point per method (CI)
 
 Writes ``<out>/frontier.md`` (per KL budget of 2, 4, 8, 12 nats: each method's gold, mean +- std over seeds from each
-seed's fitted curve, and its training and inference cost there; the fits; PPO against best-of-16), ``frontier.json``
+seed's fitted curve, and its training and inference cost there; the fits; every method at the highest KL that all
+reached, where they compare even below the first budget; PPO against best-of-16), ``frontier.json``
 (every point, every fit) and ``frontier.png`` (gold gain against sqrt(KL), points and fitted curves, per task).
 """
 
@@ -375,10 +376,12 @@ def _form(method: str) -> str:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per task and method: the pooled fit (gain over each seed's base gold) and, per KL budget, the gold from each
-    seed's own fit (mean, std) where that seed reached the budget, with the training and inference cost there."""
+    seed's own fit (mean, std) where that seed reached the budget, with the training and inference cost there; and
+    ``common``: every method's gold at the highest KL that every seed of every method reached, where all compare."""
     summary: dict[str, Any] = {}
     for task in sorted({r["task"] for r in results}):
         summary[task] = {}
+        seeds_of: dict[str, list[tuple[dict[str, float], float, float, list[dict]]]] = {}
         for method in sorted({r["method"] for r in results if r["task"] == task}):
             runs = [r for r in results if r["task"] == task and r["method"] == method]
             form = _form(method)
@@ -405,6 +408,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                                         "samples_per_answer": float(np.mean(answer))}  # fmt: skip
             summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs),
                                      "max_kl": float(np.mean([top for _, top, _, _ in per_seed]))}  # fmt: skip
+            seeds_of[method] = per_seed
+        # a sample estimate of KL can read a hair below 0 for an untrained policy
+        common = max(0.0, min(top for per_seed in seeds_of.values() for _, top, _, _ in per_seed))
+        for method, per_seed in seeds_of.items():
+            gold = [base + fitted_gain(f, common, _form(method)) for f, _, base, _ in per_seed]
+            summary[task][method]["common"] = {
+                "kl": common,
+                "gold": float(np.mean(gold)),
+                "gold_std": float(np.std(gold)),
+            }
     return summary
 
 
@@ -443,13 +456,18 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| method | form | alpha | beta | d* | R² | points | mean final KL |",
+            "| method | form | alpha | beta | d* | R² | points | highest KL (mean) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for method, row in methods.items():
             f = row["fit"]
             lines.append(f"| {method} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['d_star']:.2f} | "
                          f"{f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
+        common = next(iter(methods.values()))["common"]["kl"]
+        ranked = sorted(methods.items(), key=lambda item: -item[1]["common"]["gold"])
+        lines += ["", f"At {common:.2f} nats, the highest KL that every seed of every method reached, each from its "
+                  "fitted curve: " + ", ".join(f"{method} {row['common']['gold']:.3f} ± {row['common']['gold_std']:.3f}"
+                                              for method, row in ranked) + "."]  # fmt: skip
         if "ppo" in methods and "best_of_n" in methods:
             lines += ["", ppo_against_best_of_16(methods, results, task)]
         lines.append("")

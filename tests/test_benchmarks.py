@@ -391,6 +391,8 @@ def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     assert [p["n"] for p in bon["points"]] == [1, 2, 4] and bon["points"][0]["kl"] == 0
     assert all(p["kl"] <= p["kl_bound"] + 1e-9 and p["samples_per_answer"] == p["n"] for p in bon["points"])
     assert set(result["summary"]["positive-review"]) == methods
+    commons = {row["common"]["kl"] for row in result["summary"]["positive-review"].values()}  # one KL where all compare
+    assert len(commons) == 1 and commons.pop() >= 0
     assert all(run["machine"] and run["bf16"] is False for run in result["runs"])  # where each cell ran, and how
     assert "| ppo |" in (tmp_path / "frontier_quick.md").read_text() and (tmp_path / "frontier_quick.png").is_file()
 
