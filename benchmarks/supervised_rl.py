@@ -148,8 +148,8 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, 
             seeds = rows[name]
 
             def mean(key: str, seeds: list[dict[str, Any]] = seeds, digits: int = 3) -> str:
-                values = [s[key] for s in seeds if s.get(key) is not None]
-                return f"{np.mean(values):.{digits}f}" if values else "–"
+                value = _mean(seeds, key)
+                return "–" if value is None else f"{value:.{digits}f}"
 
             def top(key: str, seeds: list[dict[str, Any]] = seeds) -> str:
                 values = [s[key] for s in seeds if s[key] is not None]
@@ -196,7 +196,8 @@ def dialogue_length_note(rows: dict[str, list[dict[str, Any]]]) -> str:
     a longer reply scores higher against a short reference (dialogue_gold.md measures it)."""
 
     def mean(name: str, key: str) -> float:
-        return float(np.mean([s[key] for s in rows[name] if s.get(key) is not None]))
+        value = _mean(rows[name], key)
+        return float("nan") if value is None else value
 
     return (f"dialogue's gold is chrF with beta = 2, which weighs recall over precision, so longer replies score "
             f"higher against its short references ([dialogue_gold.md](dialogue_gold.md): the base model's replies cut "
@@ -204,6 +205,12 @@ def dialogue_length_note(rows: dict[str, list[dict[str, Any]]]) -> str:
             f"tokens and SFT's to {mean('SFT', 'length'):.1f}; PPO from SFT lengthens them to "
             f"{mean('SFT + PPO', 'length'):.1f} while its gold rises from {mean('SFT', 'gold'):.3f} to "
             f"{mean('SFT + PPO', 'gold'):.3f}.")  # fmt: skip
+
+
+def _mean(seeds: list[dict[str, Any]], key: str) -> float | None:
+    """``key``'s mean over the seeds that have it (a row kept before a column existed lacks it), or None."""
+    values = [s[key] for s in seeds if s.get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def plot(results: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
