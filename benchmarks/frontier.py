@@ -55,6 +55,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # PPO variants at the default budget (
     "ppo_no_adv_norm": {"advantage_normalization": "none"},
     "ppo_4x_batch": {"n_envs": 64},  # 4x the tokens per rollout, the same total: a quarter of the updates
     "ppo_ref_ema": {"ref_ema": 0.1},  # the reference 10 % of the way to the policy after each update
+    "ppo_prompt_group": {"prompt_group": 4},  # RLOO's per-prompt baseline in PPO's rewards (4 answers per prompt)
 }
 BUDGETS = (2.0, 4.0, 8.0, 12.0)  # KL, nats per completion
 METRICS = ("gold_score", "reward_model_score", "kl", "distinct_2", "perplexity")
@@ -376,8 +377,10 @@ def _form(method: str) -> str:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per task and method: the pooled fit (gain over each seed's base gold) and, per KL budget, the gold from each
-    seed's own fit (mean, std) where that seed reached the budget, with the training and inference cost there; and
-    ``common``: every method's gold at the highest KL that every seed of every method reached, where all compare."""
+    seed's own fit (mean, std) where that seed's points span the budget, with the training and inference cost there;
+    and ``common``: every method's gold at the highest KL that every seed of every method reached, where all compare.
+    A method whose every seed starts above a KL (NLPO: its top-p mask alone moves the untrained policy) is not
+    extrapolated down to it: ``starts_at`` holds its lowest KL, and its ``common`` is ``None`` below that."""
     summary: dict[str, Any] = {}
     for task in sorted({r["task"] for r in results}):
         summary[task] = {}
@@ -385,7 +388,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         for method in sorted({r["method"] for r in results if r["task"] == task}):
             runs = [r for r in results if r["task"] == task and r["method"] == method]
             form = _form(method)
-            kls, gains, per_seed = [], [], []
+            kls, gains, per_seed, lowest = [], [], [], []
             for run in runs:
                 points = sorted(run["points"], key=lambda p: p["kl"])  # by KL, for interpolating costs
                 base = run["points"][0]["gold_score"]  # before training; best-of-1: the base model's samples
@@ -394,10 +397,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                 kls.append(kl)
                 gains.append(gain)
                 per_seed.append((fit_gao(kl, gain, form), float(kl.max()), base, points))
+                lowest.append(float(kl.min()))
             fit = fit_gao(np.concatenate(kls), np.concatenate(gains), form)
             budgets = {}
             for budget in BUDGETS:
-                reached = [(f, base, pts) for f, top, base, pts in per_seed if top >= budget]
+                reached = [(f, base, pts) for (f, top, base, pts), low in zip(per_seed, lowest, strict=True)
+                           if low <= budget <= top]  # fmt: skip
                 if not reached:
                     continue
                 gold = [base + fitted_gain(f, budget, form) for f, base, _ in reached]
@@ -406,12 +411,15 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                 budgets[str(budget)] = {"gold": float(np.mean(gold)), "gold_std": float(np.std(gold)),
                                         "seeds": len(reached), "train_seconds": float(np.mean(cost)),
                                         "samples_per_answer": float(np.mean(answer))}  # fmt: skip
-            summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs),
+            summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs), "starts_at": min(lowest),
                                      "max_kl": float(np.mean([top for _, top, _, _ in per_seed]))}  # fmt: skip
             seeds_of[method] = per_seed
         # a sample estimate of KL can read a hair below 0 for an untrained policy
         common = max(0.0, min(top for per_seed in seeds_of.values() for _, top, _, _ in per_seed))
         for method, per_seed in seeds_of.items():
+            if summary[task][method]["starts_at"] > common:
+                summary[task][method]["common"] = None
+                continue
             gold = [base + fitted_gain(f, common, _form(method)) for f, _, base, _ in per_seed]
             summary[task][method]["common"] = {
                 "kl": common,
@@ -450,7 +458,8 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             cells = []
             for budget in BUDGETS:
                 cell = row["budgets"].get(str(budget))
-                cells.append("not reached" if cell is None else
+                below = budget < row["starts_at"]
+                cells.append(("starts above" if below else "not reached") if cell is None else
                              f"{cell['gold']:.3f} ± {cell['gold_std']:.3f} ({cell['train_seconds']:.0f} s, "
                              f"{cell['samples_per_answer']:.0f}/answer)")  # fmt: skip
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -463,11 +472,14 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             f = row["fit"]
             lines.append(f"| {method} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['d_star']:.2f} | "
                          f"{f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
-        common = next(iter(methods.values()))["common"]["kl"]
-        ranked = sorted(methods.items(), key=lambda item: -item[1]["common"]["gold"])
+        common = next(row["common"]["kl"] for row in methods.values() if row["common"] is not None)
+        compared = {method: row for method, row in methods.items() if row["common"]}
+        ranked = sorted(compared.items(), key=lambda item: -item[1]["common"]["gold"])
+        above = [f"{m} (its lowest KL {row['starts_at']:.2f})" for m, row in methods.items() if m not in compared]
         lines += ["", f"At {common:.2f} nats, the highest KL that every seed of every method reached, each from its "
                   "fitted curve: " + ", ".join(f"{method} {row['common']['gold']:.3f} ± {row['common']['gold_std']:.3f}"
-                                              for method, row in ranked) + "."]  # fmt: skip
+                                              for method, row in ranked) + "."
+                  + (f" Starting above it: {', '.join(above)}." if above else "")]  # fmt: skip
         if "ppo" in methods and "best_of_n" in methods:
             lines += ["", ppo_against_best_of_16(methods, results, task)]
         lines.append("")

@@ -375,6 +375,24 @@ def test_best_of_n_on_a_pool_by_hand() -> None:
     assert frontier.best_of_n(np.arange(4.0), np.zeros((4, 1)), 1)[2] == pytest.approx(0)
 
 
+def test_frontier_does_not_extrapolate_below_a_methods_first_point() -> None:
+    """NLPO's top-p mask alone moves the untrained policy (3.09 nats on positive-review): a budget or a common KL
+    below every seed's lowest point reads "starts above" for it, not a value extrapolated through the origin."""
+    frontier = load_benchmark("frontier")
+
+    def cell(method: str, kls: list[float]) -> dict:
+        return {"task": "t", "method": method, "seed": 0,
+                "points": [{"kl": k, "gold_score": 0.2 + 0.05 * k, "train_seconds": k, "samples_per_answer": 1.0}
+                           for k in kls]}  # fmt: skip
+
+    summary = frontier.summarize([cell("ppo", [0.0, 1.0, 2.5]), cell("nlpo", [3.0, 6.0, 9.0])])["t"]
+    assert set(summary["ppo"]["budgets"]) == {"2.0"} and set(summary["nlpo"]["budgets"]) == {"4.0", "8.0"}
+    assert summary["nlpo"]["starts_at"] == 3.0 and summary["nlpo"]["common"] is None
+    assert summary["ppo"]["common"]["kl"] == 2.5
+    text = frontier.markdown({"t": summary}, [], "cmd", "here")
+    assert "| nlpo | starts above |" in text and "Starting above it: nlpo (its lowest KL 3.00)." in text
+
+
 def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     """--quick: every method (DPO at its beta, the PPO ablations) gives points with every metric and its cost,
     fitted; best-of-n's measured KL stays under its bound; the table, JSON and plot are written."""
@@ -391,7 +409,8 @@ def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     assert [p["n"] for p in bon["points"]] == [1, 2, 4] and bon["points"][0]["kl"] == 0
     assert all(p["kl"] <= p["kl_bound"] + 1e-9 and p["samples_per_answer"] == p["n"] for p in bon["points"])
     assert set(result["summary"]["positive-review"]) == methods
-    commons = {row["common"]["kl"] for row in result["summary"]["positive-review"].values()}  # one KL where all compare
+    rows = result["summary"]["positive-review"].values()
+    commons = {row["common"]["kl"] for row in rows if row["common"]}  # one KL where all that start below it compare
     assert len(commons) == 1 and commons.pop() >= 0
     assert all(run["machine"] and run["bf16"] is False for run in result["runs"])  # where each cell ran, and how
     assert "| ppo |" in (tmp_path / "frontier_quick.md").read_text() and (tmp_path / "frontier_quick.png").is_file()
