@@ -178,14 +178,16 @@ def _tasks(args: argparse.Namespace) -> None:
     from text_env.tasks import get_task, list_tasks
 
     measure = f" base model's gold ({args.measure} eval prompts) |" if args.measure else ""
-    print(f"| task | what and where from | train / eval records | gold | reward model | new tokens |{measure}")
-    print("|---|---|---|---|---|---|" + ("---|" if measure else ""))
+    print(f"| task | what and where from | train / eval records | gold | reward model | new tokens | recommended path |"
+          f"{measure}")  # fmt: skip
+    print("|---|---|---|---|---|---|---|" + ("---|" if measure else ""))
     for name in list_tasks():
         task = get_task(name)
         learned = "learned, shipped" if task.reward_model else "the gold (none learned yet)"
         row = (
             f"| {name} | {task.description.removeprefix(name + ': ')} | {len(task.train_prompts)} / "
-            f"{len(task.eval_prompts)} | {scorer_name(task.gold)} | {learned} | {task.max_new_tokens} |"
+            f"{len(task.eval_prompts)} | {scorer_name(task.gold)} | {learned} | {task.max_new_tokens} | "
+            f"{task.recommended or 'not measured'} |"
         )
         if args.measure:
             from agents.evaluate import evaluate_base_model

@@ -99,6 +99,7 @@ def test_tasks_lists_every_task_with_its_data_splits_and_gold(capsys: pytest.Cap
         task = get_task(name)
         assert task.description.startswith(f"{name}: ")
         assert f"| {len(task.train_prompts)} / {len(task.eval_prompts)} | {scorer_name(task.gold)} |" in rows[name]
+        assert rows[name].endswith(f" | {task.recommended or 'not measured'} |")
 
 
 def test_tasks_measure_adds_the_base_models_gold(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,6 +41,8 @@ class Task:
     :param components: the task's own named scorers (name -> a function that builds one), which a composite reward
         (``--reward "chrf - 0.5*echo"``, :mod:`text_env.rewards.composite`) may weigh beside ``rm``, ``gold`` and
         ``words``.
+    :param recommended: which training path to take (PPO, or SFT + PPO) and the measurement that says so, one line
+        for ``textgen tasks`` (empty: not measured).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Task:
     reward_model: str | None = None
     description: str = ""
     components: dict[str, Callable[[], Scorer]] = field(default_factory=dict)
+    recommended: str = ""
     _gold: Scorer | None = field(default=None, init=False, repr=False)
     _examples: dict[str, list[Example]] = field(default_factory=dict, init=False, repr=False)
 

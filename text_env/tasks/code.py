@@ -519,6 +519,7 @@ def make_task() -> Task:
         name="code",
         reward_model=shipped_reward_model("code"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
+        recommended="PPO; SFT + PPO not measured yet (benchmarks/results/supervised_rl.md)",
         train_prompts=[p.example() for p in train_problems()],
         eval_prompts=[p.example() for p in humaneval_problems()],
         make_gold=TestsPassed,

@@ -175,6 +175,7 @@ def make_task() -> Task:
         name="concepts",
         reward_model=shipped_reward_model("concepts"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
+        recommended="PPO: no references, so no supervised step",
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=Coverage,

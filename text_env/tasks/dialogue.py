@@ -71,6 +71,7 @@ def make_task(context_turns: int = 1, eval_categories: tuple[str, ...] = EVAL_CA
         name="dialogue",
         reward_model=shipped_reward_model("dialogue"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
+        recommended="PPO for the gold (SFT + PPO stayed below base on 3 seeds); SFT + PPO for reference-length replies",
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=ChrF,

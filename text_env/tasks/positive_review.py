@@ -93,6 +93,7 @@ def make_task() -> Task:
     return Task(
         name="positive-review",
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
+        recommended="PPO: no references, so no supervised step",
         train_prompts=picked[:320],
         eval_prompts=picked[320:],
         make_gold=VaderSentiment,

@@ -116,6 +116,7 @@ def make_task(eval_fraction: float = 0.25) -> Task:
         name="summarize-docstring",
         reward_model=shipped_reward_model("summarize-docstring"),
         description=__doc__.strip().splitlines()[0],  # the module docstring's summary line
+        recommended="PPO; SFT + PPO not measured yet (benchmarks/results/supervised_rl.md)",
         train_prompts=train,
         eval_prompts=held_out,
         make_gold=RougeL,
