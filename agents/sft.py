@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -34,9 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.policies import _release_free_heap
 from agents.run import BF16_HELP, _help
 from agents.train import Interrupted, cpu_kind, json_safe, new_run_dir, peak_rss_gb, resumable_config
-from text_env.models import DEFAULT_BF16, DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_model, resolve_model
+from text_env.models import (
+    DEFAULT_BF16,
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_tokenizer,
+    lora_model,
+    release_frozen_causal_lms,
+    resolve_model,
+)
 from text_env.prompts import Example, encode_prompt, load_examples
 from text_env.tasks import Task, get_task
 
@@ -207,6 +217,15 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def _release_memory() -> None:
+    """Free the models an evaluation or the training loaded, the shared frozen ones too (their cache would keep the
+    base model's KL reference alive through training and the SFT model's evaluation), and hand the C heap's free
+    pages back (glibc keeps them: the resident set stays high)."""
+    release_frozen_causal_lms()
+    gc.collect()
+    _release_free_heap()
+
+
 def _evaluate(model: str, task: Task, config: SFTConfig, max_prompt: int, max_new: int) -> dict[str, float]:
     """Held-out gold (sampled in the task's env, as textgen train evaluates) and reference perplexity of ``model``."""
     from agents.evaluate import evaluate_base_model
@@ -215,12 +234,13 @@ def _evaluate(model: str, task: Task, config: SFTConfig, max_prompt: int, max_ne
         task.name, model, config.eval_prompts, seed=config.seed, bf16=config.bf16, max_new_tokens=max_new,
         max_prompt_tokens=max_prompt,
     )  # fmt: skip
+    _release_memory()  # the sampling policy's LM and buffers, before the perplexity pass loads the model again
     held_out = task.examples("eval")[: config.eval_prompts]
+    perplexity = reference_perplexity(model, held_out, task.instruction, max_prompt, max_new, config.bf16)
+    _release_memory()  # before training (or the report): its copy of the model
     return {
         "gold_score": float(sampled.gold_score.mean()),
-        "reference_perplexity": reference_perplexity(
-            model, held_out, task.instruction, max_prompt, max_new, config.bf16
-        ),
+        "reference_perplexity": perplexity,
         "distinct_2": sampled.summary["distinct_2"],
         "length": sampled.summary["length"],
     }
@@ -303,12 +323,16 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
     if stop.requested:
         raise Interrupted(run_dir, int(trainer.state.global_step), COMMAND)
     seconds = time.time() - started
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     model = trainer.model.merge_and_unload() if config.lora_r else trainer.model
     model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # model/ supersedes its checkpoints
+    # The evaluation loads the saved model afresh. Kept alive beside it, the trained model, its optimiser state and
+    # the heap they freed took the peak from 2.7 GB (training) to 4.7 GB (dialogue, bf16).
+    del trainer, model, lm
+    _release_memory()
     after = _evaluate(str(run_dir / "model"), task, config, max_prompt, max_new)
-    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     report = {
         "config": asdict(config), "before": before, "after": after, "train_seconds": seconds,
         "records": {"train": len(train), "validation": len(validation), "rows": len(rows["train"])},
