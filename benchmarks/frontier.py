@@ -88,8 +88,12 @@ def _point(summary: dict[str, float], seconds: float, tokens: float, per_answer:
 
 def learner_points(method: str, task: str, seed: int, settings: Settings, out: Path) -> list[dict]:
     """``textgen train`` with ``--eval-every``: before, every k-th update, after."""
-    overrides = {**settings.train, **ABLATIONS.get(method, {})}
-    config = settings.config(task, seed, **ABLATIONS.get(method, {}))
+    ablation = dict(ABLATIONS.get(method, {}))
+    n_envs = settings.config(task, seed).n_envs
+    if ablation.get("prompt_group", 1) > n_envs:  # --quick's 2 envs: one group of 2
+        ablation["prompt_group"] = n_envs
+    overrides = {**settings.train, **ablation}
+    config = settings.config(task, seed, **ablation)
     updates = max(1, config.total_timesteps // (config.n_envs * config.n_steps))
     every = max(1, updates // settings.points)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if not isinstance(v, bool)]
