@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -88,10 +88,7 @@ def _point(summary: dict[str, float], seconds: float, tokens: float, per_answer:
 
 def learner_points(method: str, task: str, seed: int, settings: Settings, out: Path) -> list[dict]:
     """``textgen train`` with ``--eval-every``: before, every k-th update, after."""
-    ablation = dict(ABLATIONS.get(method, {}))
-    n_envs = settings.config(task, seed).n_envs
-    if ablation.get("prompt_group", 1) > n_envs:  # --quick's 2 envs: one group of 2
-        ablation["prompt_group"] = n_envs
+    ablation = ABLATIONS.get(method, {})
     overrides = {**settings.train, **ablation}
     config = settings.config(task, seed, **ablation)
     updates = max(1, config.total_timesteps // (config.n_envs * config.n_steps))
@@ -379,6 +376,16 @@ def _form(method: str) -> str:
     return "bon" if method == "best_of_n" else "rl"
 
 
+class SeedFit(NamedTuple):
+    """One seed of one method: its fit, the KL range its points span, its base gold and its points."""
+
+    fit: dict[str, float]
+    low: float
+    top: float
+    base: float
+    points: list[dict]
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per task and method: the pooled fit (gain over each seed's base gold) and, per KL budget, the gold from each
     seed's own fit (mean, std) where that seed's points span the budget, with the training and inference cost there;
@@ -388,11 +395,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for task in sorted({r["task"] for r in results}):
         summary[task] = {}
-        seeds_of: dict[str, list[tuple[dict[str, float], float, float, list[dict]]]] = {}
+        seeds_of: dict[str, list[SeedFit]] = {}
         for method in sorted({r["method"] for r in results if r["task"] == task}):
             runs = [r for r in results if r["task"] == task and r["method"] == method]
             form = _form(method)
-            kls, gains, per_seed, lowest = [], [], [], []
+            kls, gains, per_seed = [], [], []  # per_seed: one SeedFit per seed
             for run in runs:
                 points = sorted(run["points"], key=lambda p: p["kl"])  # by KL, for interpolating costs
                 base = run["points"][0]["gold_score"]  # before training; best-of-1: the base model's samples
@@ -400,31 +407,30 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                 gain = np.array([p["gold_score"] - base for p in points])
                 kls.append(kl)
                 gains.append(gain)
-                per_seed.append((fit_gao(kl, gain, form), float(kl.max()), base, points))
-                lowest.append(float(kl.min()))
+                per_seed.append(SeedFit(fit_gao(kl, gain, form), float(kl.min()), float(kl.max()), base, points))
             fit = fit_gao(np.concatenate(kls), np.concatenate(gains), form)
             budgets = {}
             for budget in BUDGETS:
-                reached = [(f, base, pts) for (f, top, base, pts), low in zip(per_seed, lowest, strict=True)
-                           if low <= budget <= top]  # fmt: skip
+                reached = [s for s in per_seed if s.low <= budget <= s.top]
                 if not reached:
                     continue
-                gold = [base + fitted_gain(f, budget, form) for f, base, _ in reached]
-                cost = [_at(budget, pts, "train_seconds") for _, _, pts in reached]
-                answer = [_at(budget, pts, "samples_per_answer") for _, _, pts in reached]
+                gold = [s.base + fitted_gain(s.fit, budget, form) for s in reached]
+                cost = [_at(budget, s.points, "train_seconds") for s in reached]
+                answer = [_at(budget, s.points, "samples_per_answer") for s in reached]
                 budgets[str(budget)] = {"gold": float(np.mean(gold)), "gold_std": float(np.std(gold)),
                                         "seeds": len(reached), "train_seconds": float(np.mean(cost)),
                                         "samples_per_answer": float(np.mean(answer))}  # fmt: skip
-            summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs), "starts_at": min(lowest),
-                                     "max_kl": float(np.mean([top for _, top, _, _ in per_seed]))}  # fmt: skip
+            summary[task][method] = {"fit": fit, "budgets": budgets, "seeds": len(runs),
+                                     "starts_at": min(s.low for s in per_seed),
+                                     "max_kl": float(np.mean([s.top for s in per_seed]))}  # fmt: skip
             seeds_of[method] = per_seed
         # a sample estimate of KL can read a hair below 0 for an untrained policy
-        common = max(0.0, min(top for per_seed in seeds_of.values() for _, top, _, _ in per_seed))
+        common = max(0.0, min(s.top for per_seed in seeds_of.values() for s in per_seed))
         for method, per_seed in seeds_of.items():
             if summary[task][method]["starts_at"] > common:
                 summary[task][method]["common"] = None
                 continue
-            gold = [base + fitted_gain(f, common, _form(method)) for f, _, base, _ in per_seed]
+            gold = [s.base + fitted_gain(s.fit, common, _form(method)) for s in per_seed]
             summary[task][method]["common"] = {
                 "kl": common,
                 "gold": float(np.mean(gold)),
@@ -537,10 +543,11 @@ def quick_settings(tmp: Path) -> Settings:
     from text_env.models import make_tiny_model
     from text_env.tasks import get_task
 
+    # 4 envs, so that every ablation runs as it is (the prompt group has 4 answers).
     # The tiny LM's 128-token BPE splits text about 2.6x finer than SmolLM2's: 3x the tasks' room for the prompt.
     room = 3 * max(get_task(task).max_prompt_tokens for task in TASKS)
     model = make_tiny_model(tmp / "tiny-lm", max_positions=room + 64)
-    train = dict(model=str(model), reward_model="gold", total_timesteps=32, n_envs=2, n_steps=8, batch_size=8,
+    train = dict(model=str(model), reward_model="gold", total_timesteps=32, n_envs=4, n_steps=8, batch_size=8,
                  max_new_tokens=4, max_prompt_tokens=room, eval_prompts=2, bf16=False, n_epochs=1)  # fmt: skip
     return Settings(points=1, pool=4, dpo_betas=(0.1,), dpo_pairs=8, generations=2, train=train)
 
