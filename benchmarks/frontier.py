@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(methods) - {*METHODS, *ABLATIONS})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join([*METHODS, *ABLATIONS])}")
+    if args.dpo_pairs < 0:  # a negative slice would silently drop pairs from the end
+        parser.error(f"--dpo-pairs must be 0 (all pairs) or a positive count, got {args.dpo_pairs}")
     if args.points < 1 or args.seeds < 1:
         parser.error("--points and --seeds must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -393,6 +393,14 @@ def test_frontier_does_not_extrapolate_below_a_methods_first_point() -> None:
     assert "| nlpo | starts above |" in text and "Starting above it: nlpo (its lowest KL 3.00)." in text
 
 
+def test_frontier_refuses_a_negative_dpo_pair_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative --dpo-pairs would slice pairs off the end; it is refused in one line before anything runs."""
+    frontier = load_benchmark("frontier")
+    with pytest.raises(SystemExit):
+        frontier.main(["--dpo-pairs", "-5"])
+    assert "--dpo-pairs must be 0 (all pairs) or a positive count, got -5" in capsys.readouterr().err
+
+
 def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     """--quick: every method (DPO at its beta, the PPO ablations) gives points with every metric and its cost,
     fitted; best-of-n's measured KL stays under its bound; the table, JSON and plot are written."""
