@@ -53,6 +53,7 @@ from text_env.tasks import Task, get_task
 __all__ = ["COMMAND", "SFTConfig", "reference_perplexity", "sft", "sft_examples"]
 
 COMMAND = "textgen sft"
+SECONDS = "train_seconds.json"  # in each checkpoint: the training seconds up to it, for a resumed report
 
 
 @dataclass
@@ -217,6 +218,31 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def _seconds_in_checkpoints(started: float, earlier: float) -> Any:
+    """A ``TrainerCallback`` that writes the training seconds so far into each checkpoint, so that the report of a
+    resumed run counts the time before the interruption too (``earlier``: what the resumed checkpoint recorded)."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                seconds = earlier + time.time() - started
+                (checkpoint / SECONDS).write_text(json.dumps({"train_seconds": seconds}))
+            return control
+
+    return Callback()
+
+
+def _seconds_before(trainer_dir: Path) -> float:
+    """The training seconds that the checkpoint a resumed run continues from recorded (0 for a fresh run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    record = Path(last) / SECONDS if last else None
+    return float(json.loads(record.read_text())["train_seconds"]) if record and record.is_file() else 0.0
+
+
 def _release_memory() -> None:
     """Free the models an evaluation or the training loaded, the shared frozen ones too (their cache would keep the
     base model's KL reference alive through training and the SFT model's evaluation), and hand the C heap's free
@@ -311,18 +337,19 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs that need grad
     )  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    started = time.time()
+    started, earlier = time.time(), _seconds_before(run_dir / "trainer")
     with _StopOnSignal() as stop:
         trainer = Trainer(
             model=lm, args=args, train_dataset=rows["train"], eval_dataset=rows["validation"],
             data_collator=lambda batch: _collate(batch, pad),
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience), stop.callback],
+            callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience), stop.callback,
+                       _seconds_in_checkpoints(started, earlier)],
         )  # fmt: skip
         checkpoints = list((run_dir / "trainer").glob("checkpoint-*"))
         trainer.train(resume_from_checkpoint=bool(checkpoints))
     if stop.requested:
         raise Interrupted(run_dir, int(trainer.state.global_step), COMMAND)
-    seconds = time.time() - started
+    seconds = earlier + time.time() - started
     losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     model = trainer.model.merge_and_unload() if config.lora_r else trainer.model
     model.save_pretrained(run_dir / "model")

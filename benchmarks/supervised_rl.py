@@ -9,7 +9,8 @@ Each row of a task and seed is a separate process of the project's own commands,
 
 Columns: held-out gold (the task's first 80 eval prompts, sampled), the perplexity of the held-out references under
 each row's model, the KL of each row to its own reference (PPO: base, SFT + PPO: SFT), distinct-2, minutes and peak
-RSS of the run that made the row. Finished runs under ``--runs`` are reused, so a stopped benchmark resumes. Run::
+RSS of the run that made the row. Finished runs under ``--runs`` are reused and an interrupted one is resumed from its
+last checkpoint, so a stopped benchmark resumes. Run::
 
     python benchmarks/supervised_rl.py --runs RUNS                # summarize-docstring, dialogue, code x 3 seeds
     python benchmarks/supervised_rl.py --tasks dialogue --seeds 1 --runs RUNS
@@ -52,19 +53,25 @@ def finished(out: Path) -> dict[str, Any] | None:
     return json.loads(reports[0].read_text()) if reports else None
 
 
+def run_once(command: str, out: Path, args: list[str]) -> None:
+    """Run ``textgen COMMAND`` into ``out`` unless it finished there; an interrupted run there is resumed from its
+    last checkpoint (a benchmark stopped mid-run loses the steps since that checkpoint, not the run)."""
+    if finished(out) is not None:
+        return
+    stopped = sorted(d for d in out.glob("*/config.json"))
+    textgen([command, "--resume", str(stopped[-1].parent)] if stopped else [command, *args, "--out", str(out)])
+
+
 def run_rows(task: str, seed: int, runs: Path, quick: list[str] | None) -> dict[str, dict[str, Any]]:
     """The four rows of one task and seed (each run once; finished ones are read back)."""
     common = ["--task", task, "--seed", str(seed), *(quick or [])]
     ppo_dir, sft_dir, both_dir = (runs / task / name / f"seed{seed}" for name in ("ppo", "sft", "sft_ppo"))
-    if finished(ppo_dir) is None:
-        textgen(["train", *common, *(QUICK_TRAIN if quick else []), "--out", str(ppo_dir)])
-    if finished(sft_dir) is None:
-        textgen(["sft", *common, *(QUICK_SFT if quick else []), "--out", str(sft_dir)])
+    run_once("train", ppo_dir, [*common, *(QUICK_TRAIN if quick else [])])
+    run_once("sft", sft_dir, [*common, *(QUICK_SFT if quick else [])])
     sft_run = next(sft_dir.glob("*/report.json")).parent
-    if finished(both_dir) is None:
-        without_model = _drop_option(common, "--model")
-        textgen(["train", *without_model, "--init", str(sft_run), *(QUICK_TRAIN if quick else []),
-                 "--out", str(both_dir)])  # fmt: skip
+    run_once(
+        "train", both_dir, [*_drop_option(common, "--model"), "--init", str(sft_run), *(QUICK_TRAIN if quick else [])]
+    )
     ppo, sft, both = finished(ppo_dir), finished(sft_dir), finished(both_dir)
     assert ppo is not None and sft is not None and both is not None
     config = ppo["config"]

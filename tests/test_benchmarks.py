@@ -280,6 +280,24 @@ def test_attention_kernel_times_both_kernels(tiny_model: Path, tmp_path: Path) -
     assert "| math (TRPO's) |" in out.with_suffix(".md").read_text()
 
 
+def test_supervised_rl_resumes_an_interrupted_run_and_reuses_a_finished_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_benchmark("supervised_rl")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench, "textgen", calls.append)
+    bench.run_once("sft", tmp_path / "fresh", ["--task", "dialogue"])
+    (tmp_path / "stopped" / "sft-dialogue-1").mkdir(parents=True)
+    (tmp_path / "stopped" / "sft-dialogue-1" / "config.json").write_text("{}")
+    bench.run_once("sft", tmp_path / "stopped", ["--task", "dialogue"])
+    (tmp_path / "stopped" / "sft-dialogue-1" / "report.json").write_text("{}")
+    bench.run_once("sft", tmp_path / "stopped", ["--task", "dialogue"])
+    assert calls == [
+        ["sft", "--task", "dialogue", "--out", str(tmp_path / "fresh")],
+        ["sft", "--resume", str(tmp_path / "stopped" / "sft-dialogue-1")],
+    ]
+
+
 def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
     """`supervised_rl.py --quick`: base, PPO, SFT and SFT + PPO on dialogue, each a run of the project's commands;
     SFT lowers the perplexity of the held-out references, and SFT + PPO is leashed to the SFT model."""

@@ -11,7 +11,7 @@ import pytest
 from helpers import interrupt_textgen
 
 from agents.cli import main
-from agents.sft import SFTConfig, _encode
+from agents.sft import SECONDS, SFTConfig, _encode
 from text_env import tasks
 from text_env.models import load_tokenizer, make_tiny_model
 from text_env.prompts import Example
@@ -120,5 +120,8 @@ def test_an_interrupted_sft_resumes(long_model: Path, records: Path, tmp_path: P
     assert code == 130, err[-2000:]
     (run_dir,) = (tmp_path / "sft").iterdir()
     assert f"textgen sft --resume {run_dir}" in err and not (run_dir / "report.json").exists()
+    before = max(json.loads(p.read_text())["train_seconds"] for p in run_dir.glob("trainer/checkpoint-*/" + SECONDS))
     main(["sft", "--resume", str(run_dir)])
-    assert json.loads((run_dir / "report.json").read_text())["after"]["reference_perplexity"] > 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["after"]["reference_perplexity"] > 0
+    assert report["train_seconds"] > before > 0  # the time before the interruption is counted
