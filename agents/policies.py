@@ -45,14 +45,14 @@ from text_env.models import (
     resolve_model,
 )
 
-__all__ = ["CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained"]
+__all__ = ["LORA_DEFAULTS", "CausalLMPolicy", "MaskableCausalLMPolicy", "export_pretrained", "release_free_heap"]
 
 _FRAMES_TO_ALGORITHM = 8  # the policy's __init__ chain up to the algorithm's _setup_model, with room to spare
 # Training passes from this many token slots on are checkpointed: a default code-task minibatch (4 or more episodes
 # of up to ~200 prompt tokens + 128) or summarize-docstring one (prompts up to 320) is, a positive-review one (4
 # episodes of at most 72 + 32) is not.
 CHECKPOINT_TOKENS = 1024
-_LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -67,7 +67,7 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
 
     Rollouts and updates allocate differently shaped tensors in turn, and glibc keeps the pages they free: after an
@@ -125,7 +125,7 @@ def _refuse_normalised_token_ids(env: VecEnv | None) -> None:
 
 
 def _lora_settings(lora: dict[str, Any] | bool | None) -> dict[str, Any] | None:
-    """``lora`` as ``peft.LoraConfig`` keywords over :data:`_LORA_DEFAULTS` (``True``: the defaults; ``False``:
+    """``lora`` as ``peft.LoraConfig`` keywords over :data:`LORA_DEFAULTS` (``True``: the defaults; ``False``:
     none)."""
     if lora is None or lora is False:
         return None
@@ -302,7 +302,7 @@ class _CausalLMMixin:
             )
         if self.lora is not None:
             try:
-                lm = lora_model(lm, **{**_LORA_DEFAULTS, **self.lora})
+                lm = lora_model(lm, **{**LORA_DEFAULTS, **self.lora})
             except TypeError as err:
                 raise TypeError(f"lora takes peft.LoraConfig keyword arguments, e.g. {{'r': 16}}: {err}") from err
             self._reference_lm = None  # adapters disabled = the base model
@@ -644,7 +644,7 @@ class _CausalLMMixin:
         # still valid, but freeing them lets the next rollout's batch shape in.
         self._reset_caches()
         if switch:  # after the caches: their weight copies' pages go back too
-            _release_free_heap()
+            release_free_heap()
 
     def tokenizer(self) -> Any:
         """The LM's tokenizer (loaded on demand)."""

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.policies import _release_free_heap
+from agents.policies import release_free_heap
 from agents.run import BF16_HELP, _help
 from agents.train import Interrupted, cpu_kind, json_safe, new_run_dir, peak_rss_gb, resumable_config
 from text_env.models import (
@@ -249,7 +249,7 @@ def _release_memory() -> None:
     pages back (glibc keeps them: the resident set stays high)."""
     release_frozen_causal_lms()
     gc.collect()
-    _release_free_heap()
+    release_free_heap()
 
 
 def _evaluate(model: str, task: Task, config: SFTConfig, max_prompt: int, max_new: int) -> dict[str, float]:
@@ -323,9 +323,9 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
     torch.manual_seed(config.seed)
     lm = load_causal_lm(config.model)
     if config.lora_r:
-        from agents.policies import _LORA_DEFAULTS
+        from agents.policies import LORA_DEFAULTS
 
-        lm = lora_model(lm, **{**_LORA_DEFAULTS, "r": config.lora_r})
+        lm = lora_model(lm, **{**LORA_DEFAULTS, "r": config.lora_r})
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, num_train_epochs=config.epochs,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reward_model_layers import save_json  # sibling scripts
 from rollout_and_update import rollout
 
-from agents.policies import _release_free_heap
+from agents.policies import release_free_heap
 from agents.run import Run, TrainConfig, build_run
 from agents.train import cpu_kind
 
@@ -46,7 +46,7 @@ def _status_gb(field: str) -> float:
 def epoch(run: Run, math: bool) -> tuple[float, float]:
     """Seconds of one PPO epoch and the rise of the resident set (GB) during it."""
     run.algo.policy.double_backward = math
-    _release_free_heap()
+    release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_gb("VmRSS")
     started = time.perf_counter()

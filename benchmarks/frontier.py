@@ -162,7 +162,7 @@ def trl_points(method: str, task: str, seed: int, settings: Settings, beta: floa
     from datasets import Dataset
     from peft import LoraConfig
 
-    from agents.policies import _LORA_DEFAULTS
+    from agents.policies import LORA_DEFAULTS
     from agents.run import run_task
     from text_env.core import resolve_reward
     from text_env.models import load_causal_lm, load_tokenizer
@@ -180,7 +180,7 @@ def trl_points(method: str, task: str, seed: int, settings: Settings, beta: floa
         learning_rate=config.learning_rate, seed=seed, use_cpu=True, bf16=config.bf16, activation_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
     )  # fmt: skip
-    lora = LoraConfig(**{**_LORA_DEFAULTS, "r": config.lora_r})
+    lora = LoraConfig(**{**LORA_DEFAULTS, "r": config.lora_r})
     with tempfile.TemporaryDirectory() as tmp:
         if method == "dpo":
             pairs = dpo_pairs(task, settings.dpo_pairs)

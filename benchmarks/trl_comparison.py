@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from agents.policies import _LORA_DEFAULTS
+from agents.policies import LORA_DEFAULTS
 from agents.run import BF16_HELP, TrainConfig, build_run, run_task
 from agents.train import cpu_kind
 from text_env.core import resolve_reward
@@ -106,7 +106,7 @@ def trl_trainer(kind: str, config: TrainConfig, updates: int, generations: int) 
         bf16=config.bf16, activation_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True,
     )  # fmt: skip
-    lora = LoraConfig(**{**_LORA_DEFAULTS, "r": config.lora_r})
+    lora = LoraConfig(**{**LORA_DEFAULTS, "r": config.lora_r})
     dataset = Dataset.from_dict({"prompt": list(rendered)})
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "grpo":
