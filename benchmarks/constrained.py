@@ -22,7 +22,7 @@ tuned once on seed 0 (over ``--weights`` and ``--constraint-lrs``) by the traini
 the best last-rollout reward among the values whose last rollout holds every bound within 5 %, else the value that
 breaks them least (:func:`tune`). A bound holds at the end of training when the final policy's mean over the held-out
 completions is within 5 % of it (:func:`final_value`). Every run is a separate process whose directory is reused when it
-finished, so a stopped benchmark resumes. Run::
+finished and resumed from its last checkpoint when it stopped midway, so a stopped benchmark resumes. Run::
 
     python benchmarks/constrained.py --runs RUNS            # 3 cases x 4 arms x 3 seeds, plus the tuning runs
     python benchmarks/constrained.py --quick                # a tiny model and budget, one seed (what CI runs)
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from textgen_train_seeds import finished, run_textgen
 
 from agents.constraints import Constraint
 from agents.train import cpu_kind, pyplot
@@ -105,14 +107,12 @@ def run(out: Path, options: list[str], kept: Path, train: bool = True) -> dict[s
     on another machine where ``out`` is gone: at the default budget it takes more CPU-hours than one sitting."""
     if kept.is_file():
         return json.loads(kept.read_text())
-    if not list(out.glob("*/report.json")):
-        if not train:
-            return None
-        subprocess.run([sys.executable, "-m", "agents.cli", "train", *options, "--out", str(out)], check=True)
-    (report,) = out.glob("*/report.json")
+    if not train and finished(out) is None:
+        return None
+    report = run_textgen("train", out, options)
     kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(report.read_text())
-    return json.loads(report.read_text())
+    kept.write_text(json.dumps(report, indent=1))
+    return report
 
 
 def excess(spec: str, value: float) -> float:

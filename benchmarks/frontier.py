@@ -20,7 +20,8 @@ same task, model, reward model, held-out prompts and seeds, at several points of
 Every point: held-out gold and reward-model score, KL to the base model on samples, distinct-2, perplexity, training
 seconds and tokens generated so far, and samples scored per answer (n for best-of-n, 1 for the rest). Each method
 and seed is its own process and its own JSON under ``<out>/frontier_cells`` (committed), so a stopped benchmark resumes,
-on another machine too. Run::
+on another machine too; a learner's run stopped midway continues from its last checkpoint where ``--work`` survived
+(the TRL and best-of-n cells start again). Run::
 
     python benchmarks/frontier.py --work WORK          # positive-review and concepts, 3 seeds, every method
     python benchmarks/frontier.py --tasks positive-review --methods ppo,best_of_n --seeds 0 --work WORK
@@ -46,6 +47,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from textgen_train_seeds import run_textgen
 
 TASKS = ("positive-review", "concepts")  # both ship a learned reward model and the pairs it was fitted on
 LEARNERS = {"ppo": "ppo", "a2c": "a2c", "nlpo": "maskable_ppo"}  # method -> textgen train --algo
@@ -97,11 +101,9 @@ def learner_points(method: str, task: str, seed: int, settings: Settings, out: P
     every = max(1, updates // settings.points)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if not isinstance(v, bool)]
     flags += [f"--no-{k.replace('_', '-')}" for k, v in overrides.items() if v is False]
-    command = ["train", "--task", task, "--seed", str(seed), "--algo", LEARNERS[method.split("_")[0]],
-               "--eval-every", str(every), "--out", str(out), *flags]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "agents.cli", *command], check=True)
-    (report_file,) = out.glob("*/report.json")
-    report = json.loads(report_file.read_text())
+    options = ["--task", task, "--seed", str(seed), "--algo", LEARNERS[method.split("_")[0]],
+               "--eval-every", str(every), *flags]  # fmt: skip
+    report = run_textgen("train", out, options)  # a run stopped with its session resumes from its checkpoint
     points = [_point(report["before"], 0.0, 0.0)]
     evaluating = 0.0
     for row in report["held_out_history"]:

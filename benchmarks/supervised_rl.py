@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from textgen_train_seeds import run_textgen
+
 from agents.sft import reference_perplexity
 from agents.train import cpu_kind, pyplot
 from text_env.tasks import get_task
@@ -43,37 +46,15 @@ QUICK_TRAIN = ["--reward-model", "gold", "--total-timesteps", "32", "--n-envs", 
 QUICK_SFT = ["--epochs", "1", "--max-new-tokens", "8"]
 
 
-def textgen(args: list[str]) -> None:
-    subprocess.run([sys.executable, "-m", "agents.cli", *args], check=True)
-
-
-def finished(out: Path) -> dict[str, Any] | None:
-    """The report of the run under ``out``, when it finished."""
-    reports = list(out.glob("*/report.json"))
-    return json.loads(reports[0].read_text()) if reports else None
-
-
-def run_once(command: str, out: Path, args: list[str]) -> None:
-    """Run ``textgen COMMAND`` into ``out`` unless it finished there; an interrupted run there is resumed from its
-    last checkpoint (a benchmark stopped mid-run loses the steps since that checkpoint, not the run)."""
-    if finished(out) is not None:
-        return
-    stopped = sorted(d for d in out.glob("*/config.json"))
-    textgen([command, "--resume", str(stopped[-1].parent)] if stopped else [command, *args, "--out", str(out)])
-
-
 def run_rows(task: str, seed: int, runs: Path, quick: list[str] | None) -> dict[str, dict[str, Any]]:
     """The four rows of one task and seed (each run once; finished ones are read back)."""
     common = ["--task", task, "--seed", str(seed), *(quick or [])]
     ppo_dir, sft_dir, both_dir = (runs / task / name / f"seed{seed}" for name in ("ppo", "sft", "sft_ppo"))
-    run_once("train", ppo_dir, [*common, *(QUICK_TRAIN if quick else [])])
-    run_once("sft", sft_dir, [*common, *(QUICK_SFT if quick else [])])
-    sft_run = next(sft_dir.glob("*/report.json")).parent
-    run_once(
-        "train", both_dir, [*_drop_option(common, "--model"), "--init", str(sft_run), *(QUICK_TRAIN if quick else [])]
+    ppo = run_textgen("train", ppo_dir, [*common, *(QUICK_TRAIN if quick else [])])
+    sft = run_textgen("sft", sft_dir, [*common, *(QUICK_SFT if quick else [])])
+    both = run_textgen(
+        "train", both_dir, [*_drop_option(common, "--model"), "--init", sft["run_dir"], *(QUICK_TRAIN if quick else [])]
     )
-    ppo, sft, both = finished(ppo_dir), finished(sft_dir), finished(both_dir)
-    assert ppo is not None and sft is not None and both is not None
     config = ppo["config"]
     lengths = (config["max_prompt_tokens"] or get_task(task).max_prompt_tokens,
                config["max_new_tokens"] or get_task(task).max_new_tokens)  # fmt: skip
@@ -133,7 +114,7 @@ def _exported(report: dict[str, Any]) -> str:
     run_dir = Path(report["run_dir"])
     out = run_dir / "exported"
     if not (out / "config.json").is_file():
-        textgen(["export", str(run_dir / "model.zip"), str(out)])
+        subprocess.run([sys.executable, "-m", "agents.cli", "export", str(run_dir / "model.zip"), str(out)], check=True)
     return str(out)
 
 

@@ -39,15 +39,30 @@ def settings_key(options: list[str], defaults: Any, task: str) -> str:
     return hashlib.sha1(" ".join([*options, settings, rm]).encode()).hexdigest()[:10]
 
 
+def finished(out: Path) -> dict[str, Any] | None:
+    """The report of the run under ``out``, when one finished there."""
+    reports = sorted(out.glob("*/report.json"))
+    return json.loads(reports[-1].read_text()) if reports else None
+
+
+def run_textgen(command: str, out: Path, args: list[str]) -> dict[str, Any]:
+    """``textgen COMMAND ARGS --out OUT`` (a command that makes a run directory: train, rlhf, sft) in its own
+    process, once; its report. A run that finished under ``out`` is read back (e.g. seeds run side by side by hand),
+    and one that was interrupted there (``config.json``, no report) continues with ``--resume``: a benchmark stopped
+    mid-run loses the steps since the run's last checkpoint, not the run."""
+    report = finished(out)
+    if report is None:
+        stopped = sorted(out.glob("*/config.json"))
+        given = ["--resume", str(stopped[-1].parent)] if stopped else [*args, "--out", str(out)]
+        subprocess.run([sys.executable, "-m", "agents.cli", command, *given], check=True)
+        report = finished(out)
+    assert report is not None, f"textgen {command} left no report under {out}"
+    return report
+
+
 def run_seed(seed: int, extra: list[str], runs: Path, command_name: str = "train") -> dict[str, Any]:
-    """One ``textgen train --seed SEED`` (or another ``textgen`` command that makes a run directory with a
-    report.json, e.g. ``rlhf``) in its own process; its report.json."""
-    out = runs / f"seed{seed}"
-    if not list(out.glob("*/report.json")):  # a finished run is reused (e.g. seeds run side by side by hand)
-        command = [sys.executable, "-m", "agents.cli", command_name, "--seed", str(seed), "--out", str(out), *extra]
-        subprocess.run(command, check=True)
-    (report,) = out.glob("*/report.json")
-    return json.loads(report.read_text())
+    """One ``textgen train --seed SEED`` (or ``rlhf``) under ``runs/seed<SEED>``, once (:func:`run_textgen`)."""
+    return run_textgen(command_name, runs / f"seed{seed}", ["--seed", str(seed), *extra])
 
 
 def summarize(reports: list[dict[str, Any]]) -> list[dict[str, float]]:

@@ -280,22 +280,30 @@ def test_attention_kernel_times_both_kernels(tiny_model: Path, tmp_path: Path) -
     assert "| math (TRPO's) |" in out.with_suffix(".md").read_text()
 
 
-def test_supervised_rl_resumes_an_interrupted_run_and_reuses_a_finished_one(
+def test_benchmark_runs_resume_an_interrupted_run_and_reuse_a_finished_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench = load_benchmark("supervised_rl")
+    """Every benchmark runs textgen through ``run_textgen``: a finished run is read back, an interrupted one resumed."""
+    bench = load_benchmark("textgen_train_seeds")
     calls: list[list[str]] = []
-    monkeypatch.setattr(bench, "textgen", calls.append)
-    bench.run_once("sft", tmp_path / "fresh", ["--task", "dialogue"])
+
+    def textgen(command: list[str], check: bool) -> None:  # stands in for the process: it finishes the run
+        calls.append(command[3:])
+        run_dir = Path(command[-1]) if "--resume" in command else Path(command[-1]) / "sft-dialogue-1"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "report.json").write_text(json.dumps({"run_dir": str(run_dir)}))
+
+    monkeypatch.setattr(bench.subprocess, "run", textgen)
+    fresh = bench.run_textgen("sft", tmp_path / "fresh", ["--task", "dialogue"])
     (tmp_path / "stopped" / "sft-dialogue-1").mkdir(parents=True)
     (tmp_path / "stopped" / "sft-dialogue-1" / "config.json").write_text("{}")
-    bench.run_once("sft", tmp_path / "stopped", ["--task", "dialogue"])
-    (tmp_path / "stopped" / "sft-dialogue-1" / "report.json").write_text("{}")
-    bench.run_once("sft", tmp_path / "stopped", ["--task", "dialogue"])
+    resumed = bench.run_textgen("sft", tmp_path / "stopped", ["--task", "dialogue"])
+    assert bench.run_textgen("sft", tmp_path / "stopped", ["--task", "dialogue"]) == resumed  # read back, not run
     assert calls == [
         ["sft", "--task", "dialogue", "--out", str(tmp_path / "fresh")],
         ["sft", "--resume", str(tmp_path / "stopped" / "sft-dialogue-1")],
     ]
+    assert fresh["run_dir"] == str(tmp_path / "fresh" / "sft-dialogue-1")
 
 
 def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
