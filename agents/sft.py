@@ -50,7 +50,7 @@ from text_env.models import (
 from text_env.prompts import Example, encode_prompt, load_examples
 from text_env.tasks import Task, get_task
 
-__all__ = ["COMMAND", "SFTConfig", "reference_perplexity", "sft", "sft_examples"]
+__all__ = ["COMMAND", "SFTConfig", "reference_loss", "reference_perplexity", "sft", "sft_examples"]
 
 COMMAND = "textgen sft"
 SECONDS = "train_seconds.json"  # in each checkpoint: the training seconds up to it, for a resumed report
@@ -218,6 +218,36 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+def reference_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: Any = None) -> torch.Tensor:
+    """The SFT loss, cross-entropy on the reference tokens, from the LM head applied at those positions only.
+
+    The stock loss of a causal LM takes the logits of every column, ``(B, T, 49152)`` in float32, where the prompt
+    (most of a summarize-docstring or code row) needs none (``benchmarks/sft_loss_memory.py`` measures what that
+    costs). ``num_items``: the reference tokens of the whole step (transformers' ``num_items_in_batch``), else this
+    batch's."""
+    targets = inputs["labels"][:, 1:]  # (B, T-1): token t+1 from position t
+    keep = targets != -100
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()  # (N, V)
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss / (num_items if num_items is not None else keep.sum())
+
+
+def _reference_loss_trainer() -> type:
+    """transformers' ``Trainer`` with :func:`reference_loss`."""
+    from transformers import Trainer
+
+    class ReferenceLossTrainer(Trainer):
+        def compute_loss(
+            self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:  # fmt: skip
+            loss = reference_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return ReferenceLossTrainer
+
+
 def _seconds_in_checkpoints(started: float, earlier: float) -> Any:
     """A ``TrainerCallback`` that writes the training seconds so far into each checkpoint, so that the report of a
     resumed run counts the time before the interruption too (``earlier``: what the resumed checkpoint recorded)."""
@@ -278,7 +308,7 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
     :param resume: the run directory of an interrupted ``textgen sft``: continue from its last checkpoint.
     :raises Interrupted: on SIGINT/SIGTERM, after saving a checkpoint.
     """
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     if resume is not None:
         run_dir = Path(resume)
@@ -333,13 +363,14 @@ def sft(config: SFTConfig | None = None, resume: str | Path | None = None) -> di
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, save_total_limit=2, bf16=config.bf16, use_cpu=not torch.cuda.is_available(),
         report_to=[], seed=config.seed, data_seed=config.seed, logging_steps=10, remove_unused_columns=False,
+        prediction_loss_only=True,  # validation needs the loss alone; kept logits of every column grow per batch
         dataloader_num_workers=0, activation_checkpointing=config.activation_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # the reentrant kind needs inputs that need grad
     )  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started, earlier = time.time(), _seconds_before(run_dir / "trainer")
     with _StopOnSignal() as stop:
-        trainer = Trainer(
+        trainer = _reference_loss_trainer()(
             model=lm, args=args, train_dataset=rows["train"], eval_dataset=rows["validation"],
             data_collator=lambda batch: _collate(batch, pad),
             callbacks=[EarlyStoppingCallback(early_stopping_patience=config.patience), stop.callback,

@@ -306,6 +306,15 @@ def test_benchmark_runs_resume_an_interrupted_run_and_reuse_a_finished_one(
     assert fresh["run_dir"] == str(tmp_path / "fresh" / "sft-dialogue-1")
 
 
+def test_sft_loss_memory_quick_measures_both_losses(tiny_model: Path, tmp_path: Path) -> None:
+    bench = load_benchmark("sft_loss_memory")
+    results = bench.main(["--quick", "--model", str(tiny_model), "--out", str(tmp_path)])
+    stock, ours = results["rows"]
+    assert (stock["loss"], ours["loss"]) == ("stock", "reference") and stock["peak_rise_gb"] > 0
+    assert ours["loss_value"] == pytest.approx(stock["loss_value"], rel=1e-5)
+    assert "| quick | 8 x (24 + 8) | reference |" in (tmp_path / "sft_loss_memory_quick.md").read_text()
+
+
 def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
     """`supervised_rl.py --quick`: base, PPO, SFT and SFT + PPO on dialogue, each a run of the project's commands;
     SFT lowers the perplexity of the held-out references, and SFT + PPO is leashed to the SFT model."""

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import interrupt_textgen
 
 from agents.cli import main
-from agents.sft import SECONDS, SFTConfig, _encode
+from agents.sft import SECONDS, SFTConfig, _collate, _encode, reference_loss
 from text_env import tasks
 from text_env.models import load_tokenizer, make_tiny_model
 from text_env.prompts import Example
@@ -104,6 +105,27 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_reference_loss_is_the_stock_loss_with_lora_and_padding(tiny_model: Path) -> None:
+    """The loss from the head at the reference positions only equals the causal LM's own loss over every column, on
+    rows of different prompt and reference lengths, right-padded, with LoRA, and so do the adapters' gradients."""
+    from text_env.models import load_causal_lm, lora_model
+
+    torch.manual_seed(0)
+    lm = lora_model(load_causal_lm(str(tiny_model)), r=4, target_modules="all-linear", init_lora_weights=False)
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * p + list(range(3 + p, 3 + n))}
+            for n, p in ((12, 7), (9, 3), (15, 14))]  # fmt: skip
+    inputs = _collate(rows, pad=0)
+    grads = []
+    for loss_of in (lambda: lm(**inputs).loss, lambda: reference_loss(lm, inputs)):
+        loss = loss_of()
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for p in lm.parameters() if p.grad is not None]))
+        lm.zero_grad(set_to_none=True)
+    (stock, stock_grads), (ours, our_grads) = grads
+    assert ours == pytest.approx(stock, rel=1e-5) and len(our_grads) == len(stock_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(our_grads, stock_grads, strict=True))
 
 
 def test_sft_settings_are_checked() -> None:
