@@ -1,8 +1,9 @@
 """What ``textgen sft``'s loss at the reference positions saves against the stock loss over every column's logits.
 
 One SFT step's forward + backward as ``textgen sft`` runs it (the default model, LoRA r = 16, activation checkpointing,
-bf16 where the CPU runs it natively) on each task's longest batch: 8 rows of its whole prompt budget plus its whole
-completion budget, random tokens, the loss on the completion only. Two losses:
+bf16 where the CPU runs it natively) on each task's largest batch: 8 rows of its whole prompt budget plus its whole
+completion budget (what rows of a user's ``--prompts`` data can reach; the tasks' own train rows are shorter), random
+tokens, the loss on the completion only. Two losses:
 
 - ``stock``: ``model(..., labels=...).loss``, the causal LM's own, which takes the logits of every column;
 - ``reference``: :func:`agents.sft.reference_loss` (the LM head at the reference positions only), what ``textgen sft``
