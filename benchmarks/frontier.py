@@ -24,7 +24,8 @@ on another machine too; a learner's run stopped midway continues from its last c
 (the TRL and best-of-n cells start again). Run::
 
     python benchmarks/frontier.py --work WORK          # positive-review and concepts, 3 seeds, every method
-    python benchmarks/frontier.py --tasks positive-review --methods ppo,best_of_n --seeds 0 --work WORK
+    python benchmarks/frontier.py --tasks positive-review --methods ppo,best_of_n --seeds 1 --work WORK
+    python benchmarks/frontier.py --tasks positive-review --table-only   # the kept cells' table, whatever seeds
     python benchmarks/frontier.py --quick              # a tiny model, one point per method (CI)
 
 Writes ``<out>/frontier.md`` (per KL budget of 2, 4, 8, 12 nats: each method's gold, mean +- std over seeds from each
@@ -481,13 +482,13 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| method | form | alpha | beta | d* | R² | points | highest KL (mean) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | form | alpha | beta | d* | R² | points | highest KL (mean) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in methods.items():
             f = row["fit"]
-            lines.append(f"| {method} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | {f['d_star']:.2f} | "
-                         f"{f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
+            lines.append(f"| {method} | {row['seeds']} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | "
+                         f"{f['d_star']:.2f} | {f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
         common = next(row["common"]["kl"] for row in methods.values() if row["common"] is not None)
         compared = {method: row for method, row in methods.items() if row["common"]}
         ranked = sorted(compared.items(), key=lambda item: -item[1]["common"]["gold"])
@@ -577,6 +578,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dpo-betas", default="0.05,0.1,0.5", help="DPO's β, one run each")
     parser.add_argument("--work", default="frontier_work", help="the learners' run directories")
     parser.add_argument("--quick", action="store_true", help="a tiny model and one point per method (CI)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="run nothing: the table of the kept cells there are, any seeds"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)  # a child: TASK METHOD SEED
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -611,8 +615,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [f"dpo_{b:g}" for b in settings.dpo_betas] if "dpo" in methods else []
         )
         kept = work if args.quick else Path(args.out) / "frontier_cells"  # one JSON per task, method and seed
-        results = [run_cell(task, method, seed, settings, work, kept) for task in args.tasks.split(",")
-                   for method in cells for seed in range(seeds)]  # fmt: skip
+        if args.table_only:
+            results = [json.loads(path.read_text()) for task in args.tasks.split(",") for method in cells
+                       for path in sorted((kept / task / method).glob("seed*.json"))]  # fmt: skip
+            if not results:
+                parser.error(f"--table-only: no kept cells of {', '.join(cells)} under {kept}")
+        else:
+            results = [run_cell(task, method, seed, settings, work, kept) for task in args.tasks.split(",")
+                       for method in cells for seed in range(seeds)]  # fmt: skip
     from agents.train import cpu_kind
 
     summary = summarize(results)

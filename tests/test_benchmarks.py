@@ -436,6 +436,27 @@ def test_frontier_refuses_a_negative_dpo_pair_count(capsys: pytest.CaptureFixtur
     assert "--dpo-pairs must be 0 (all pairs) or a positive count, got -5" in capsys.readouterr().err
 
 
+def test_frontier_table_only_reads_every_kept_seed_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--table-only tables the kept cells with however many seeds each method has; with none it says so."""
+    frontier = load_benchmark("frontier")
+    argv = ["--tasks", "positive-review", "--methods", "best_of_n,grpo", "--table-only", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        frontier.main(argv)
+    assert "--table-only: no kept cells of best_of_n, grpo under" in capsys.readouterr().err
+    kept = Path(__file__).parents[1] / "benchmarks" / "results" / "frontier_cells" / "positive-review"
+    for method, seeds in (("best_of_n", (0,)), ("grpo", (0, 1))):
+        (tmp_path / "frontier_cells" / "positive-review" / method).mkdir(parents=True)
+        for seed in seeds:  # grpo's seed 0 cell again as seed 1: two seeds
+            cell = json.loads((kept / method / "seed0.json").read_text())
+            path = tmp_path / "frontier_cells" / "positive-review" / method / f"seed{seed}.json"
+            path.write_text(json.dumps({**cell, "seed": seed}))
+    frontier.main(argv)
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| best_of_n | 1 | bon |" in table and "| grpo | 2 | rl |" in table
+
+
 def test_frontier_quick_measures_every_method(tmp_path: Path) -> None:
     """--quick: every method (DPO at its beta, the PPO ablations) gives points with every metric and its cost,
     fitted; best-of-n's measured KL stays under its bound; the table, JSON and plot are written."""
