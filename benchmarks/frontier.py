@@ -488,7 +488,7 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
         for method, row in methods.items():
             f = row["fit"]
             lines.append(f"| {method} | {row['seeds']} | {_form(method)} | {f['alpha']:.4f} | {f['beta']:.4f} | "
-                         f"{f['d_star']:.2f} | {f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
+                         f"{_d_star(f['d_star'])} | {f['r2']:.2f} | {f['points']} | {row['max_kl']:.2f} |")  # fmt: skip
         common = next(row["common"]["kl"] for row in methods.values() if row["common"] is not None)
         compared = {method: row for method, row in methods.items() if row["common"]}
         ranked = sorted(compared.items(), key=lambda item: -item[1]["common"]["gold"])
@@ -505,6 +505,11 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             lines += ["", ppo_against_best_of_16(methods, results, task)]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _d_star(d: float) -> str:
+    """The fitted peak, or ``> 1000`` (``inf`` when the fit never turns): a turn that far out is no turn in reach."""
+    return f"{d:.2f}" if d < 1e3 else ("inf" if math.isinf(d) else "> 1000")
 
 
 def ppo_against_best_of_16(methods: dict[str, Any], results: list[dict[str, Any]], task: str) -> str:
