@@ -32,11 +32,13 @@ from text_env.models import load_tokenizer
 SKIP = 96  # tokens generated before the segment: the last of a 128-token episode's four
 
 
-def _vm(key: str) -> float:
+def status_gb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in GB; the benchmarks that measure a peak
+    rise share it."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024**2
-    raise KeyError(key)
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def minibatch(policy_threads: int = 1) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
@@ -71,10 +73,10 @@ def peak_rise(mode: str) -> None:
     """In this process: the peak RSS rise of 3 passes in ``mode`` ("plain" or "checkpointed"), printed as JSON."""
     policy, obs, actions = minibatch()
     policy.checkpoint_tokens = None if mode == "plain" else policy.checkpoint_tokens
-    before = _vm("VmRSS")
+    before = status_gb("VmRSS")
     for _ in range(3):
         one_pass(policy, obs, actions)
-    print(json.dumps({"mode": mode, "slots": int(obs["attention_mask"].sum()), "rise_gb": _vm("VmHWM") - before}))
+    print(json.dumps({"mode": mode, "slots": int(obs["attention_mask"].sum()), "rise_gb": status_gb("VmHWM") - before}))
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reward_model_layers import save_json  # sibling scripts
+from activation_checkpointing import status_gb  # sibling scripts
+from reward_model_layers import save_json
 from rollout_and_update import rollout
 
 from agents.policies import release_free_heap
@@ -36,22 +37,15 @@ from agents.train import cpu_kind
 ARMS = {"pytorch's choice": False, "math (TRPO's)": True}  # the policy's double_backward flag per arm
 
 
-def _status_gb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024**2
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
 def epoch(run: Run, math: bool) -> tuple[float, float]:
     """Seconds of one PPO epoch and the rise of the resident set (GB) during it."""
     run.algo.policy.double_backward = math
     release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_gb("VmRSS")
+    before = status_gb("VmRSS")
     started = time.perf_counter()
     run.algo.train()
-    return time.perf_counter() - started, _status_gb("VmHWM") - before
+    return time.perf_counter() - started, status_gb("VmHWM") - before
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
+from activation_checkpointing import status_gb
+
 from agents.policies import LORA_DEFAULTS, release_free_heap
 from agents.sft import reference_loss
 from agents.train import cpu_kind
@@ -40,13 +43,6 @@ from text_env.tasks import get_task
 TASKS = ("summarize-docstring", "code")
 LOSSES = ("stock", "reference")
 ROWS = 8  # textgen sft's default batch size
-
-
-def _vm(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024**2
-    raise KeyError(key)
 
 
 def measure(loss_name: str, model: str, prompt: int, completion: int, passes: int, bf16: bool) -> dict[str, Any]:
@@ -62,7 +58,7 @@ def measure(loss_name: str, model: str, prompt: int, completion: int, passes: in
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _vm("VmRSS")
+    before = status_gb("VmRSS")
     seconds, losses = [], []
     for _ in range(passes):
         started = time.perf_counter()
@@ -72,7 +68,7 @@ def measure(loss_name: str, model: str, prompt: int, completion: int, passes: in
         lm.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)
         losses.append(float(loss.detach()))
-    return {"peak_rise_gb": _vm("VmHWM") - before, "seconds": statistics.median(seconds[1:] or seconds),
+    return {"peak_rise_gb": status_gb("VmHWM") - before, "seconds": statistics.median(seconds[1:] or seconds),
             "loss_value": losses[0]}  # fmt: skip
 
 
