@@ -170,18 +170,9 @@ def reference_perplexity(
     total, count = 0.0, 0
     for start in range(0, len(rows), 8):
         batch = _collate(rows[start : start + 8], tokenizer.pad_token_id or 0)
-        targets = batch["labels"][:, 1:]  # (B, T-1) token t+1 from position t
-        keep = targets != -100
-        # logits at the columns where some row reads its reference only: the (B, T, V) logits of a long prompt
-        # were most of the memory (code's held-out prompts run to 480 tokens; 49,152 logits each)
-        columns = torch.nonzero(keep.any(0)).squeeze(1)  # (U,)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        logits_to_keep=columns).logits  # (B, U, V)  # fmt: skip
-        keep, targets = keep[:, columns], targets[:, columns]
-        log_p = torch.log_softmax(logits[keep].float(), -1)  # (N, V) in float32
-        total -= float(log_p.gather(-1, targets[keep].unsqueeze(-1)).sum())
-        count += int(keep.sum())
+            total += float(reference_loss(lm, batch, num_items=1))  # summed: the LM head at reference tokens only
+        count += int((batch["labels"][:, 1:] != -100).sum())
     return math.exp(total / count)
 
 

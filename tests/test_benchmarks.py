@@ -247,7 +247,8 @@ def test_tasks_train_reports_gold_after_textgen_train(
     assert trained["gold_after"] == report["after"]["gold_score"] and trained["kl"] == report["after"]["kl"]
     row = f"| dialogue | gold ÷ winsorised std ({scale:.3f}) | 2 | {trained['gold_before']:.3f} |"
     assert f"{row} {trained['gold_after']:.3f} |" in (tmp_path / "tasks.md").read_text()
-    monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("a finished run was run again"))
+    seeds = sys.modules["textgen_train_seeds"]  # run_seed's module: it reads a finished run back
+    monkeypatch.setattr(seeds.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
     (again,) = bench.main(["--tasks", "dialogue", *tiny, "--", *train])
     assert again["trained"] == trained
 

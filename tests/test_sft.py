@@ -5,6 +5,7 @@ interrupted run resumes."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from helpers import interrupt_textgen
 
 from agents.cli import main
-from agents.sft import SECONDS, SFTConfig, _collate, _encode, reference_loss
+from agents.sft import SECONDS, SFTConfig, _collate, _encode, reference_loss, reference_perplexity
 from text_env import tasks
 from text_env.models import load_tokenizer, make_tiny_model
 from text_env.prompts import Example
@@ -126,6 +127,21 @@ def test_reference_loss_is_the_stock_loss_with_lora_and_padding(tiny_model: Path
     (stock, stock_grads), (ours, our_grads) = grads
     assert ours == pytest.approx(stock, rel=1e-5) and len(our_grads) == len(stock_grads) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(our_grads, stock_grads, strict=True))
+
+
+def test_reference_perplexity_is_exp_of_the_stock_loss_per_reference_token(long_model: Path) -> None:
+    """Held-out perplexity, batched over prompts of different lengths, is exp of the causal LM's own mean loss over
+    every reference token (EOS included)."""
+    from text_env.models import load_causal_lm
+
+    examples = [Example(f"say {'hello ' * n}", (REPLIES[n % 4],)) for n in range(1, 11)]  # 10 rows: two batches
+    ppl = reference_perplexity(str(long_model), examples, None, max_prompt=64, max_new=32, bf16=False)
+    tokenizer, lm = load_tokenizer(str(long_model)), load_causal_lm(str(long_model))
+    rows = [row for e in examples for row in _encode(tokenizer, e, None, max_prompt=64, max_new=32)]
+    with torch.no_grad():
+        nll = [float(lm(**_collate([r], pad=0)).loss) * (len(r["input_ids"]) - r["labels"].count(-100)) for r in rows]
+    tokens = sum(len(r["input_ids"]) - r["labels"].count(-100) for r in rows)
+    assert ppl == pytest.approx(math.exp(sum(nll) / tokens), rel=1e-5)
 
 
 def test_sft_settings_are_checked() -> None:
