@@ -20,7 +20,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,10 @@ from agents.run import ALGORITHMS, BASELINES, Run, TrainConfig, algorithm_class,
 from text_env.rewards import scorer_name
 
 __all__ = [
-    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table", "cpu_kind",
-    "evaluation_record", "json_safe", "learn_with_checkpoints", "make_algorithm", "new_run_dir", "paired_samples",
-    "peak_rss_gb", "plot_training", "pyplot", "restore_checkpoint", "resumable_config", "save_checkpoint",
-    "set_aside_report", "train",
+    "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table",
+    "completed_directory", "cpu_kind", "evaluation_record", "json_safe", "learn_with_checkpoints", "make_algorithm",
+    "new_run_dir", "paired_samples", "peak_rss_gb", "plot_training", "pyplot", "replace_directory",
+    "restore_checkpoint", "resumable_config", "save_checkpoint", "set_aside_report", "train",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
@@ -110,21 +110,41 @@ class _Checkpointer(BaseCallback):
 
 
 def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, Any]) -> None:
-    """Write ``run_dir/checkpoint`` atomically: a new directory is complete before it replaces the old one."""
-    new = run_dir / f"{CHECKPOINT}.new"
+    """Write ``run_dir/checkpoint`` (:func:`replace_directory`): the weights, optimiser, RNG and run state."""
+
+    def write(new: Path) -> None:
+        run.algo.save(new / "model.zip")  # weights and optimiser state
+        torch.save({"torch": torch.get_rng_state()}, new / "rng.pt")
+        record = {
+            **state, "num_timesteps": timesteps, "n_updates": int(getattr(run.algo, "_n_updates", 0)),
+            **run.kl.state(), "history": run.metrics.history, "held_out": run.metrics.held_out,
+            "numpy_rng": _np_state(), "python_rng": repr(random.getstate()),
+        }  # fmt: skip
+        (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: it marks a complete one
+
+    replace_directory(run_dir / CHECKPOINT, write)
+
+
+def replace_directory(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill ``<target>.new`` with ``write``, then let it replace ``target``: a process killed while writing leaves
+    the last complete ``target`` (a checkpoint saved over in place was lost with it), and one killed between the
+    removal and the rename leaves a complete ``.new`` that :func:`completed_directory` puts in place."""
+    new = target.with_name(f"{target.name}.new")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
-    run.algo.save(new / "model.zip")  # weights and optimiser state
-    torch.save({"torch": torch.get_rng_state()}, new / "rng.pt")
-    record = {
-        **state, "num_timesteps": timesteps, "n_updates": int(getattr(run.algo, "_n_updates", 0)),
-        **run.kl.state(), "history": run.metrics.history, "held_out": run.metrics.held_out, "numpy_rng": _np_state(),
-        "python_rng": repr(random.getstate()),
-    }  # fmt: skip
-    (new / "state.json").write_text(json.dumps(record, indent=1))  # written last: its presence marks a complete one
-    old = run_dir / CHECKPOINT
-    shutil.rmtree(old, ignore_errors=True)
-    new.rename(old)
+    write(new)
+    shutil.rmtree(target, ignore_errors=True)
+    new.rename(target)
+
+
+def completed_directory(target: Path, marker: str) -> Path:
+    """``target``, first completed from :func:`replace_directory`'s ``<target>.new`` when the process died between
+    removing it and renaming the new one (``marker``: the file written last, whose presence marks a whole one)."""
+    new = target.with_name(f"{target.name}.new")
+    if not (target / marker).is_file() and (new / marker).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        new.rename(target)
+    return target
 
 
 def _np_state() -> list[Any]:
@@ -134,11 +154,8 @@ def _np_state() -> list[Any]:
 
 def restore_checkpoint(run: Run, run_dir: Path) -> dict[str, Any]:
     """Load ``run_dir``'s checkpoint into ``run``; return its state record (``{}`` when there is none)."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.new"):  # .new: complete if the rename was what got interrupted
-        path = run_dir / name
-        if (path / "state.json").is_file():
-            break
-    else:
+    path = completed_directory(run_dir / CHECKPOINT, "state.json")
+    if not (path / "state.json").is_file():
         return {}
     state = json.loads((path / "state.json").read_text())
     weights = path / "model.zip" if (path / "model.zip").is_file() else run_dir / "model.zip"  # a finished run's

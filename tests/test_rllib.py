@@ -548,16 +548,3 @@ def test_textgen_train_engine_rllib_passes_the_config_and_processes(monkeypatch:
     assert kwargs == {"num_env_runners": 3, "num_learners": 1, "num_gpus_per_learner": 0}
     with pytest.raises(SystemExit, match="1"):  # --resume is for sb3 runs: a one-line error
         main(["train", "--engine", "rllib", "--resume", "runs/x"])
-
-
-def test_a_save_interrupted_between_its_two_renames_resumes_from_the_new_checkpoint(tmp_path: Path) -> None:
-    """_save writes checkpoint.new, removes checkpoint, renames: a driver killed between the last two leaves only
-    checkpoint.new, complete, which --resume takes; an incomplete one (no state file) is not taken."""
-    from agents.rllib.train import STATE_FILE, _last_checkpoint
-
-    (tmp_path / "checkpoint.new").mkdir()
-    assert not (_last_checkpoint(tmp_path) / STATE_FILE).is_file()  # incomplete: left as it is
-    (tmp_path / "checkpoint.new" / STATE_FILE).write_text('{"history": [1, 2]}')
-    checkpoint = _last_checkpoint(tmp_path)
-    assert json.loads((checkpoint / STATE_FILE).read_text()) == {"history": [1, 2]}
-    assert checkpoint == tmp_path / "checkpoint" and not (tmp_path / "checkpoint.new").exists()

@@ -4,6 +4,7 @@ settings have one source; an interrupted `textgen train` resumes to the same res
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,28 @@ def test_reference_ema_follows_the_policy_and_is_saved(tiny_model: Path, tmp_pat
         TrainConfig(ref_ema=1.5)
     with pytest.raises(ValueError, match="has no LM"):
         TrainConfig(ref_ema=0.1, algo="ppo_bag_of_tokens")
+
+
+def test_a_checkpoint_is_replaced_whole_and_a_save_cut_between_its_renames_is_completed(tmp_path: Path) -> None:
+    """Both engines save through replace_directory: a write that dies leaves the last complete checkpoint, and a
+    process killed between removing the old one and renaming the new leaves a complete .new that resuming takes;
+    an incomplete .new (no marker) is not taken."""
+    from agents.train import completed_directory, replace_directory
+
+    target, new = tmp_path / "checkpoint", tmp_path / "checkpoint.new"
+    replace_directory(target, lambda d: (d / "state.json").write_text("1"))
+
+    def dies(d: Path) -> None:
+        (d / "model.zip").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(target, dies)
+    assert (completed_directory(target, "state.json") / "state.json").read_text() == "1"  # the last whole one
+    assert not (new / "state.json").exists()
+    shutil.rmtree(new)
+    target.rename(new)  # killed after the removal, before the rename
+    assert (completed_directory(target, "state.json") / "state.json").read_text() == "1" and not new.exists()
+    shutil.rmtree(target)
+    new.mkdir()
+    assert not (completed_directory(target, "state.json") / "state.json").is_file() and new.is_dir()

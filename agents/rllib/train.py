@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from agents.rllib.module import REF_LOGP, CausalLMRLModule
 from agents.run import TrainConfig, base_rewards, checked_task, kl_horizon, make_env, run_task
 from agents.train import (
     before_after_table,
+    completed_directory,
     constraints_table,
     cpu_kind,
     evaluation_record,
@@ -55,6 +55,7 @@ from agents.train import (
     paired_samples,
     peak_rss_gb,
     plot_training,
+    replace_directory,
     resumable_config,
 )
 from text_env.core import resolve_reward
@@ -371,28 +372,17 @@ def _shown(row: dict[str, float]) -> str:
 
 def _save(algo: Algorithm, checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]:
     """RLlib's checkpoint of ``algo`` and the run's state beside it, the state written last (its presence marks a
-    complete checkpoint); return that state. It holds β and the multipliers too: they live in the Learners'
-    connector, whose state RLlib does not save. Written to ``<checkpoint>.new`` first, which then replaces the old
-    one, so a driver killed while saving leaves the last complete checkpoint (saving over it in place lost it)."""
+    complete checkpoint), replacing the last one whole (:func:`replace_directory`); return that state. It holds β
+    and the multipliers too: they live in the Learners' connector, whose state RLlib does not save."""
     beta, constraints = _on_learners(algo, lambda learner: (learner.kl_beta(), learner.constraint_state()))[0]
     state = {**state, "beta": beta, "constraints": constraints}
-    new = checkpoint.with_name(f"{checkpoint.name}.new")
-    shutil.rmtree(new, ignore_errors=True)
-    algo.save_to_path(str(new))
-    (new / STATE_FILE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    new.rename(checkpoint)
+
+    def write(new: Path) -> None:
+        algo.save_to_path(str(new))
+        (new / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    replace_directory(checkpoint, write)
     return state
-
-
-def _last_checkpoint(run_dir: Path) -> Path:
-    """``run_dir/checkpoint``, completed from ``checkpoint.new`` when the driver died between :func:`_save`'s
-    removal of the old one and its rename of the new one."""
-    checkpoint, new = run_dir / "checkpoint", run_dir / "checkpoint.new"
-    if not (checkpoint / STATE_FILE).is_file() and (new / STATE_FILE).is_file():
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        new.rename(checkpoint)
-    return checkpoint
 
 
 def _restore_learner_state(algo: Algorithm, state: dict[str, Any]) -> None:
@@ -447,7 +437,7 @@ def train_rllib(
         num_gpus_per_learner = record.pop("num_gpus_per_learner", 0)
         record.pop("engine")
         config = TrainConfig(**record)
-        saved = _last_checkpoint(run_dir) / STATE_FILE
+        saved = completed_directory(run_dir / "checkpoint", STATE_FILE) / STATE_FILE
         if not saved.is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint yet: start the run again")
         state = json.loads(saved.read_text())
