@@ -311,7 +311,8 @@ def compare_models(
     for candidate in candidates:
         config = candidate.config
         if candidate.kind != "run" and first_run is not None:  # a plain model samples as the run it is compared with
-            config = replace(first_run.config, model=config.model, algo="ppo", lora_r=0, train_layers=None)
+            # init=None: beside a run from an SFT model (--init), the run's init would set the model to the SFT one
+            config = replace(first_run.config, model=config.model, init=None, algo="ppo", lora_r=0, train_layers=None)
         config = replace(
             config, task=task_name, prompts=None, reference_column=None,
             max_new_tokens=max_new_tokens or config.max_new_tokens,

@@ -61,7 +61,9 @@ def test_the_loss_is_on_the_reference_tokens_alone(long_model: Path) -> None:
     assert _encode(tokenizer, Example("say hello", ("x",)), None, max_prompt=1, max_new=8) == []  # too long a prompt
 
 
-def test_sft_learns_the_references_then_ppo_starts_from_it(long_model: Path, records: Path, tmp_path: Path) -> None:
+def test_sft_learns_the_references_then_ppo_starts_from_it(
+    long_model: Path, records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     main(sft_argv(long_model, records, tmp_path / "sft", "--epochs", "3", "--learning-rate", "5e-3"))
     (run_dir,) = (tmp_path / "sft").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
@@ -79,6 +81,17 @@ def test_sft_learns_the_references_then_ppo_starts_from_it(long_model: Path, rec
     assert trained["config"]["model"] == str(run_dir / "model") == trained["kl_reference"]
     assert trained["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT model is the KL reference
     assert "the SFT model of --init" in (ppo / "report.md").read_text()
+    # textgen evaluate of the base, the SFT run and the PPO run from it: each row samples its own model (the base
+    # and SFT rows sample with the PPO run's settings, whose --init must not replace their model)
+    from agents import compare
+
+    models, make_env = [], compare.make_env
+    monkeypatch.setattr(
+        compare, "make_env", lambda config, *a, **k: models.append(config.model) or make_env(config, *a, **k)
+    )
+    rows = compare.compare_models([str(long_model), str(run_dir), str(ppo)], n_prompts=2, max_new_tokens=4)
+    assert models == [str(long_model), str(run_dir / "model"), str(run_dir / "model")]
+    assert rows.settings["reference"] == str(long_model) and len(rows.rows) == 3
 
     pairs = tmp_path / "p.jsonl"
     main(["preferences", "--task", "dialogue", "--init", str(run_dir), "--pairs", "2", "--out", str(pairs),
