@@ -38,7 +38,7 @@ __all__ = [
     "ALGORITHMS", "BASELINES", "Interrupted", "TrainConfig", "algorithm_class", "before_after_table",
     "completed_directory", "cpu_kind", "evaluation_record", "json_safe", "learn_with_checkpoints", "make_algorithm",
     "new_run_dir", "paired_samples", "peak_rss_gb", "plot_training", "pyplot", "replace_directory",
-    "restore_checkpoint", "resumable_config", "save_checkpoint", "set_aside_report", "train",
+    "restore_checkpoint", "resumable_config", "save_checkpoint", "set_aside_report", "status_gb", "train",
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint"
@@ -390,6 +390,16 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def status_gb(field: str) -> float:
+    """A memory field of Linux's ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in GiB; what :func:`peak_rss_gb` reads
+    and the benchmarks that measure a peak's rise (``VmHWM`` after resetting it to ``VmRSS``) read too."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024**2  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
 def peak_rss_gb() -> float:
     """The process's peak resident memory so far, in GiB.
 
@@ -399,11 +409,8 @@ def peak_rss_gb() -> float:
     ``ru_maxrss`` (bytes on macOS, KiB on other systems).
     """
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024**2  # kB
-    except OSError:
+        return status_gb("VmHWM")
+    except (OSError, RuntimeError):
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**3 if platform.system() == "Darwin" else peak / 1024**2

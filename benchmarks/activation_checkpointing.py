@@ -26,19 +26,10 @@ import numpy as np
 import torch
 
 from agents.run import TrainConfig, checked_task, make_algorithm, make_env
-from agents.train import cpu_kind
+from agents.train import cpu_kind, status_gb
 from text_env.models import load_tokenizer
 
 SKIP = 96  # tokens generated before the segment: the last of a 128-token episode's four
-
-
-def status_gb(field: str) -> float:
-    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in GB; the benchmarks that measure a peak
-    rise share it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024**2
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def minibatch(policy_threads: int = 1) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from activation_checkpointing import status_gb  # sibling scripts
-from reward_model_layers import save_json
+from reward_model_layers import save_json  # sibling scripts
 from rollout_and_update import rollout
 
 from agents.policies import release_free_heap
 from agents.run import Run, TrainConfig, build_run
-from agents.train import cpu_kind
+from agents.train import cpu_kind, status_gb
 
 ARMS = {"pytorch's choice": False, "math (TRPO's)": True}  # the policy's double_backward flag per arm
 

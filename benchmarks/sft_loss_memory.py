@@ -31,12 +31,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts (not a package)
-from activation_checkpointing import status_gb
-
 from agents.policies import LORA_DEFAULTS, release_free_heap
 from agents.sft import reference_loss
-from agents.train import cpu_kind
+from agents.train import cpu_kind, status_gb
 from text_env.models import DEFAULT_BF16, DEFAULT_MODEL, load_causal_lm, lora_model
 from text_env.tasks import get_task
 
