@@ -429,6 +429,29 @@ def test_frontier_does_not_extrapolate_below_a_methods_first_point() -> None:
     assert "| nlpo | starts above |" in text and "Starting above it: nlpo (its lowest KL 3.00)." in text
 
 
+def test_frontier_says_where_each_ppo_variant_matches_best_of_16() -> None:
+    """Best-of-16 gains +0.4 here; a PPO variant that reaches it on its fitted curve gets the KL where it does, one
+    that stops short says so with its highest KL, and a method that is not PPO gets no line."""
+    frontier = load_benchmark("frontier")
+
+    def cell(method: str, slope: float, kls: list[float]) -> dict:
+        return {"task": "t", "method": method, "seed": 0,
+                "points": [{"kl": k, "gold_score": 0.2 + slope * np.sqrt(k), "train_seconds": k,
+                            "samples_per_answer": 1.0} for k in kls]}  # fmt: skip
+
+    bon = {"task": "t", "method": "best_of_n", "seed": 0, "points": [
+        {"kl": 0.0, "gold_score": 0.2, "n": 1, "train_seconds": 0.0, "samples_per_answer": 1.0},
+        {"kl": 2.0, "gold_score": 0.6, "n": 16, "train_seconds": 0.0, "samples_per_answer": 16.0}]}  # fmt: skip
+    results = [bon, cell("ppo", 0.1, [0.0, 1.0, 4.0]), cell("ppo_ref_ema", 0.2, [0.0, 4.0, 9.0]),
+               cell("grpo", 0.5, [0.0, 1.0, 4.0])]  # fmt: skip
+    lines = frontier.ppo_against_best_of_16(frontier.summarize(results)["t"], results, "t")
+    assert len(lines) == 2 and "ppo's fitted gain does not reach best-of-16's (+0.400)" in lines[0]
+    assert "within its measured KL (4.0 nats)" in lines[0]
+    kl = float(lines[1].split(" at KL ")[1].split()[0])
+    assert lines[1].startswith("- ppo_ref_ema matches best-of-16's gain (+0.400)")
+    assert kl == pytest.approx(4.0, abs=0.05)
+
+
 def test_frontier_refuses_a_negative_dpo_pair_count(capsys: pytest.CaptureFixture[str]) -> None:
     """A negative --dpo-pairs would slice pairs off the end; it is refused in one line before anything runs."""
     frontier = load_benchmark("frontier")
