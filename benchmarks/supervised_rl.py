@@ -15,6 +15,7 @@ last checkpoint, so a stopped benchmark resumes. Run::
     python benchmarks/supervised_rl.py --runs RUNS                # summarize-docstring, dialogue, code x 3 seeds
     python benchmarks/supervised_rl.py --tasks dialogue --seeds 1 --runs RUNS
     python benchmarks/supervised_rl.py --quick                    # a tiny model, one seed, seconds (CI)
+    python benchmarks/supervised_rl.py --table-only               # the kept rows, whatever seeds each task has
 
 Writes ``<out>/supervised_rl.md``, ``.json`` and ``.png`` (gold per row and task, each seed a dot).
 """
@@ -227,10 +228,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default=None, help="results file stem (supervised_rl[_quick])")
     parser.add_argument("--quick", action="store_true", help="a tiny random LM, one seed, dialogue: seconds")
+    parser.add_argument(
+        "--table-only", action="store_true", help="table the kept rows, whatever seeds each task has; run nothing"
+    )
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",") if not args.quick else ["dialogue"]
     seeds = 1 if args.quick else args.seeds
     out, stem = Path(args.out), args.name or ("supervised_rl_quick" if args.quick else "supervised_rl")
+    seeds_of = {task: range(seeds) for task in tasks}
+    if args.table_only:  # the seeds kept so far (a task and seed is kept whole, its four rows together)
+        seeds_of = {task: sorted(int(path.stem.removeprefix("seed")) for path in kept) for task in tasks
+                    if (kept := list((out / f"{stem}_rows" / task).glob("seed*.json")))}  # fmt: skip
+        if not seeds_of:
+            parser.error(f"--table-only: no kept rows of {', '.join(tasks)} under {out / f'{stem}_rows'}")
     with tempfile.TemporaryDirectory() as tmp:
         quick = None
         if args.quick:
@@ -239,9 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = make_tiny_model(Path(tmp) / "tiny-lm", max_positions=512)  # dialogue's prompts in its finer BPE
             quick = [a.format(model=model) for a in QUICK]
         runs = Path(args.runs or tmp)
-        results = {task: {name: [] for name in ROWS} for task in tasks}
-        for task in tasks:
-            for seed in range(seeds):
+        results = {task: {name: [] for name in ROWS} for task in seeds_of}
+        for task, task_seeds in seeds_of.items():
+            for seed in task_seeds:
                 kept = out / f"{stem}_rows" / task / f"seed{seed}.json"
                 for name, row in kept_rows(kept, task, seed, runs, quick).items():
                     results[task][name].append({"seed": seed, **row})

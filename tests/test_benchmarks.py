@@ -316,6 +316,27 @@ def test_sft_loss_memory_quick_measures_both_losses(tiny_model: Path, tmp_path: 
     assert "| quick | 8 x (24 + 8) | reference |" in (tmp_path / "sft_loss_memory_quick.md").read_text()
 
 
+def test_supervised_rl_table_only_tables_the_kept_seeds_of_each_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--table-only runs nothing: it tables each task's kept seeds (here dialogue's 0 and 2, none of code) and says
+    so in one line where no task has any."""
+    bench = load_benchmark("supervised_rl")
+    argv = ["--tasks", "dialogue,code", "--table-only", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "--table-only: no kept rows of dialogue, code under" in capsys.readouterr().err
+    kept = Path(__file__).parents[1] / "benchmarks" / "results" / "supervised_rl_rows" / "dialogue"
+    (tmp_path / "supervised_rl_rows" / "dialogue").mkdir(parents=True)
+    for seed in (0, 2):
+        (tmp_path / "supervised_rl_rows" / "dialogue" / f"seed{seed}.json").write_text(
+            (kept / f"seed{seed}.json").read_text()
+        )
+    results = bench.main(argv)
+    assert list(results) == ["dialogue"] and [s["seed"] for s in results["dialogue"]["SFT + PPO"]] == [0, 2]
+    assert "| dialogue | SFT + PPO | 2 |" in (tmp_path / "supervised_rl.md").read_text()
+
+
 def test_supervised_rl_quick_runs_every_row(tmp_path: Path) -> None:
     """`supervised_rl.py --quick`: base, PPO, SFT and SFT + PPO on dialogue, each a run of the project's commands;
     SFT lowers the perplexity of the held-out references, and SFT + PPO is leashed to the SFT model."""
