@@ -62,6 +62,7 @@ from agents.train import (
     new_run_dir,
     peak_rss_gb,
     pyplot,
+    replace_directory,
     restore_checkpoint,
     resumable_config,
     save_checkpoint,
@@ -335,11 +336,12 @@ class _Loop:
             **asdict(report), "n_pairs": len(pairs), "n_base_pairs": len(self.base_pairs),
             "previous_on_fresh_pairs": asdict(previous),
         }  # fmt: skip
-        new = out.with_name("reward_model.new")  # complete before it takes the final name
-        shutil.rmtree(new, ignore_errors=True)
-        model.save(new)
-        _write_json(new / "report.json", record)
-        new.rename(out)
+
+        def write(new: Path) -> None:  # complete before it takes the final name
+            model.save(new)
+            _write_json(new / "report.json", record)
+
+        replace_directory(out, write)
         return json.loads((out / "report.json").read_text())
 
     def _scorer(self, r: int) -> Scorer:

@@ -166,7 +166,7 @@ def reference_perplexity(
     rows = [row for e in examples for row in _encode(tokenizer, e, instruction, max_prompt, max_new)]
     if not rows:
         raise ValueError("no held-out record has a reference (or every prompt is longer than max_prompt_tokens)")
-    rows.sort(key=lambda row: row["labels"].count(-100))  # prompts of like length share a batch: few columns to keep
+    rows.sort(key=lambda row: row["labels"].count(-100))  # prompts of like length share a batch: little padding
     total, count = 0.0, 0
     for start in range(0, len(rows), 8):
         batch = _collate(rows[start : start + 8], tokenizer.pad_token_id or 0)
@@ -214,12 +214,16 @@ def reference_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: Any =
 
     The stock loss of a causal LM takes the logits of every column, ``(B, T, 49152)`` in float32, where the prompt
     (most of a summarize-docstring or code row) needs none (``benchmarks/sft_loss_memory.py`` measures what that
-    costs). ``num_items``: the reference tokens of the whole step (transformers' ``num_items_in_batch``), else this
-    batch's."""
+    costs). A model whose forward reshapes the head's logits (Gemma 2's soft cap) takes its own forward instead.
+    ``num_items``: the reference tokens of the whole step (transformers' ``num_items_in_batch``), else this batch's."""
     targets = inputs["labels"][:, 1:]  # (B, T-1): token t+1 from position t
     keep = targets != -100
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()  # (N, V)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if getattr(model.config, "final_logit_softcapping", None):  # Gemma 2's cap is in its forward, not its LM head
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()  # (N, V)
+    else:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
     loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
     return loss / (num_items if num_items is not None else keep.sum())
 

@@ -126,20 +126,26 @@ def save_checkpoint(run: Run, run_dir: Path, timesteps: int, state: dict[str, An
 
 
 def replace_directory(target: Path, write: Callable[[Path], None]) -> None:
-    """Fill ``<target>.new`` with ``write``, then let it replace ``target``: a process killed while writing leaves
-    the last complete ``target`` (a checkpoint saved over in place was lost with it), and one killed between the
-    removal and the rename leaves a complete ``.new`` that :func:`completed_directory` puts in place."""
-    new = target.with_name(f"{target.name}.new")
+    """Fill ``<target>.new`` with ``write``, then swap it in by renames alone: ``target`` moves aside to ``.old``,
+    ``.new`` takes its name, and only then is ``.old`` deleted. A process killed at any point leaves one complete
+    checkpoint: ``target`` while writing or deleting (a checkpoint saved over in place was lost with it; one deleted
+    in place could be left half gone with its marker still there), ``.new`` between the two renames, which
+    :func:`completed_directory` puts in place."""
+    new, old = (target.with_name(f"{target.name}.{suffix}") for suffix in ("new", "old"))
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     write(new)
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of a save killed while deleting it
+    if target.exists():
+        target.rename(old)
     new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def completed_directory(target: Path, marker: str) -> Path:
     """``target``, first completed from :func:`replace_directory`'s ``<target>.new`` when the process died between
-    removing it and renaming the new one (``marker``: the file written last, whose presence marks a whole one)."""
+    moving the old one aside and renaming the new one (``marker``: the file written last, whose presence marks a
+    whole one)."""
     new = target.with_name(f"{target.name}.new")
     if not (target / marker).is_file() and (new / marker).is_file():
         shutil.rmtree(target, ignore_errors=True)

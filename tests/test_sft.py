@@ -157,6 +157,24 @@ def test_reference_perplexity_is_exp_of_the_stock_loss_per_reference_token(long_
     assert ppl == pytest.approx(math.exp(sum(nll) / tokens), rel=1e-5)
 
 
+def test_reference_loss_keeps_a_models_own_logit_soft_cap() -> None:
+    """Gemma 2 caps its logits in its forward, after the LM head: the reference loss is still the stock loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from agents.sft import reference_loss
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = Gemma2Config(**sizes, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    lm = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        assert float(reference_loss(lm, batch)) == pytest.approx(float(lm(**batch).loss), rel=1e-5)
+
+
 def test_sft_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="0 < validation < 1"):
         SFTConfig(validation=1.0)

@@ -283,7 +283,9 @@ def test_reference_ema_follows_the_policy_and_is_saved(tiny_model: Path, tmp_pat
         TrainConfig(ref_ema=0.1, algo="ppo_bag_of_tokens")
 
 
-def test_a_checkpoint_is_replaced_whole_and_a_save_cut_between_its_renames_is_completed(tmp_path: Path) -> None:
+def test_a_checkpoint_is_replaced_whole_and_a_save_cut_between_its_renames_is_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both engines save through replace_directory: a write that dies leaves the last complete checkpoint, and a
     process killed between removing the old one and renaming the new leaves a complete .new that resuming takes;
     an incomplete .new (no marker) is not taken."""
@@ -306,3 +308,23 @@ def test_a_checkpoint_is_replaced_whole_and_a_save_cut_between_its_renames_is_co
     shutil.rmtree(target)
     new.mkdir()
     assert not (completed_directory(target, "state.json") / "state.json").is_file() and new.is_dir()
+    # the swap is by renames: the old checkpoint is never deleted in place (a kill halfway through a delete would
+    # leave it half gone with its marker), and a kill between the two renames leaves the new one to complete
+    shutil.rmtree(new)
+    replace_directory(target, lambda d: (d / "state.json").write_text("1"))
+    deleted, rename, rmtree = [], Path.rename, shutil.rmtree
+
+    def killed_at_second_rename(self: Path, to: Path) -> Path:
+        if self == new:
+            raise KeyboardInterrupt
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", killed_at_second_rename)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (deleted.append(Path(path)), rmtree(path, **kw)))
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(target, lambda d: (d / "state.json").write_text("2"))
+    monkeypatch.undo()
+    assert target not in deleted and not target.exists()
+    assert (completed_directory(target, "state.json") / "state.json").read_text() == "2"
+    replace_directory(target, lambda d: (d / "state.json").write_text("3"))  # the moved-aside one goes
+    assert (target / "state.json").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
