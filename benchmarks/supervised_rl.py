@@ -127,7 +127,7 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, 
         "Held-out gold: each task's first eval prompts, sampled (mean over seeds, and the worst seed). Perplexity: of "
         "the held-out references under the row's model. KL: nats per completion to the row's own reference (PPO: the "
         "base model; SFT + PPO: the SFT model). tokens: the held-out completions' mean length. minutes / peak RSS: "
-        "the run that made the row (the worst seed's).", "",
+        "the run that made the row (the highest over seeds).", "",
         "| task | row | seeds | gold (mean) | gold (worst) | perplexity | KL | distinct-2 | tokens | minutes | "
         "peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -141,7 +141,7 @@ def markdown(results: dict[str, dict[str, list[dict[str, Any]]]], command: str, 
                 return "–" if value is None else f"{value:.{digits}f}"
 
             def top(key: str, seeds: list[dict[str, Any]] = seeds) -> str:
-                values = [s[key] for s in seeds if s[key] is not None]
+                values = [s[key] for s in seeds if s.get(key) is not None]
                 return f"{max(values):.2f}" if values else "–"
 
             worst = min(s["gold"] for s in seeds)
@@ -175,7 +175,7 @@ def targets(task: str, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
         out.append(f"≥ 1.5x base on the mean {mark(ratio >= 1.5)} ({ratio:.2f}x)")
     rises = [t["perplexity"] / s["perplexity"] - 1 for s, t in zip(sft, both, strict=True)]
     out.append(f"perplexity ≤ 10 % above SFT's {mark(max(rises) <= 0.10)} ({', '.join(f'{r:+.1%}' for r in rises)})")
-    peak = max((s["peak_rss_gb"] or 0.0) for seeds in rows.values() for s in seeds)
+    peak = max((s.get("peak_rss_gb") or 0.0) for seeds in rows.values() for s in seeds)
     out.append(f"peak RSS ≤ 4 GB {mark(peak <= 4.0)} ({peak:.2f} GB)")
     return out
 
