@@ -497,7 +497,8 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
         ranked = sorted(compared.items(), key=lambda item: -item[1]["common"]["gold"])
         above = [f"{m} (its lowest KL {row['starts_at']:.2f})" for m, row in methods.items() if m not in compared]
         lines += ["", f"At {common:.2f} nats, the highest KL that every seed of every method reached, each from its "
-                  "fitted curve: " + ", ".join(f"{method} {row['common']['gold']:.3f} ± {row['common']['gold_std']:.3f}"
+                  "fitted curve: " + ", ".join(f"{method} {row['common']['gold']:.3f}"
+                                              + (f" ± {row['common']['gold_std']:.3f}" if row["seeds"] > 1 else "")
                                               for method, row in ranked) + "."
                   + (f" Starting above it: {', '.join(above)}." if above else "")]  # fmt: skip
         pairs = sorted({r["pairs"] for r in results if r["task"] == task and "pairs" in r})
