@@ -209,17 +209,22 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+_LOGITS_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config fields of models whose forward changes the LM head's logits (Gemma 2's soft cap, Cohere's scale, Granite's
+divisor): the head alone would give other logits than the model's."""
+
+
 def reference_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: Any = None) -> torch.Tensor:
     """The SFT loss, cross-entropy on the reference tokens, from the LM head applied at those positions only.
 
     The stock loss of a causal LM takes the logits of every column, ``(B, T, 49152)`` in float32, where the prompt
     (most of a summarize-docstring or code row) needs none (``benchmarks/sft_loss_memory.py`` measures what that
-    costs). A model whose forward reshapes the head's logits (Gemma 2's soft cap) takes its own forward instead.
+    costs). A model whose forward reshapes the head's logits (:data:`_LOGITS_AFTER_HEAD`) takes its own forward.
     ``num_items``: the reference tokens of the whole step (transformers' ``num_items_in_batch``), else this batch's."""
     targets = inputs["labels"][:, 1:]  # (B, T-1): token t+1 from position t
     keep = targets != -100
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if getattr(model.config, "final_logit_softcapping", None):  # Gemma 2's cap is in its forward, not its LM head
+    if any(getattr(model.config, field, None) for field in _LOGITS_AFTER_HEAD):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()  # (N, V)
     else:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)

@@ -157,16 +157,25 @@ def test_reference_perplexity_is_exp_of_the_stock_loss_per_reference_token(long_
     assert ppl == pytest.approx(math.exp(sum(nll) / tokens), rel=1e-5)
 
 
-def test_reference_loss_keeps_a_models_own_logit_soft_cap() -> None:
-    """Gemma 2 caps its logits in its forward, after the LM head: the reference loss is still the stock loss."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+@pytest.mark.parametrize(
+    ("family", "reshape"),
+    [
+        ("Gemma2", {"final_logit_softcapping": 0.5}),
+        ("Cohere", {"logit_scale": 0.5}),
+        ("Granite", {"logits_scaling": 4.0}),
+    ],
+)
+def test_reference_loss_keeps_a_models_own_logit_reshaping(family: str, reshape: dict[str, float]) -> None:
+    """Gemma 2 caps, Cohere scales and Granite divides their logits in their forward, after the LM head: the
+    reference loss is still the stock loss."""
+    import transformers
 
     from agents.sft import reference_loss
 
     torch.manual_seed(0)
     sizes = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config = Gemma2Config(**sizes, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
-    lm = Gemma2ForCausalLM(config).eval()
+    config = getattr(transformers, f"{family}Config")(**sizes, num_key_value_heads=1, head_dim=8, **reshape)
+    lm = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     ids = torch.randint(0, 64, (2, 9))
     labels = ids.clone()
     labels[:, :4] = -100  # the prompt
