@@ -478,9 +478,8 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             for budget in BUDGETS:
                 cell = row["budgets"].get(str(budget))
                 below = budget < row["starts_at"]
-                spread = f" ± {cell['gold_std']:.3f}" if cell and cell["seeds"] > 1 else ""  # one seed: no spread
                 cells.append(("starts above" if below else "not reached") if cell is None else
-                             f"{cell['gold']:.3f}{spread} (seeds {cell['seeds']}/{row['seeds']}, "
+                             f"{_gold(cell, cell['seeds'])} (seeds {cell['seeds']}/{row['seeds']}, "
                              f"{cell['train_seconds']:.0f} s, {cell['samples_per_answer']:.0f}/answer)")  # fmt: skip
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += [
@@ -497,8 +496,7 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
         ranked = sorted(compared.items(), key=lambda item: -item[1]["common"]["gold"])
         above = [f"{m} (its lowest KL {row['starts_at']:.2f})" for m, row in methods.items() if m not in compared]
         lines += ["", f"At {common:.2f} nats, the highest KL that every seed of every method reached, each from its "
-                  "fitted curve: " + ", ".join(f"{method} {row['common']['gold']:.3f}"
-                                              + (f" ± {row['common']['gold_std']:.3f}" if row["seeds"] > 1 else "")
+                  "fitted curve: " + ", ".join(f"{method} {_gold(row['common'], row['seeds'])}"
                                               for method, row in ranked) + "."
                   + (f" Starting above it: {', '.join(above)}." if above else "")]  # fmt: skip
         pairs = sorted({r["pairs"] for r in results if r["task"] == task and "pairs" in r})
@@ -509,6 +507,11 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]], command: st
             lines += ["", *against]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _gold(stats: dict[str, float], seeds: int) -> str:
+    """``stats``' gold, ``mean ± std`` over ``seeds``; one seed has no spread to show (not ``± 0.000``)."""
+    return f"{stats['gold']:.3f} ± {stats['gold_std']:.3f}" if seeds > 1 else f"{stats['gold']:.3f}"
 
 
 def _d_star(d: float) -> str:
