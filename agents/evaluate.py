@@ -176,6 +176,9 @@ def evaluate(
             n_tokens.append(len(tokens))
             measured = episode_quantities(log_pi_i - log_ref_i, log_ref_i, tokens.tolist())
             quantities.append({**measured, **info.get("reward_components", {})})
+    release = getattr(policy, "release_caches", None)
+    if release is not None:  # the evaluation's keys/values would otherwise sit in the heap through the next rollout
+        release()
     texts = [as_example(p).prompt for p in prompts]
     return Evaluation(
         texts, completions, np.array(rm), np.array(gold), np.array(kl), np.array(ref_sum), np.array(n_tokens),

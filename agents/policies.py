@@ -642,9 +642,20 @@ class _CausalLMMixin:
         super().set_training_mode(mode)  # type: ignore[misc]
         # Weights change between rollouts: the actor's keys/values and weight copies go stale. The reference's are
         # still valid, but freeing them lets the next rollout's batch shape in.
+        if switch:
+            self.release_caches()
+        else:
+            self._reset_caches()
+
+    def release_caches(self) -> None:
+        """Free the actor's and the reference's keys/values and weight copies, and give their pages back to the OS.
+
+        A phase that ends in the mode the next one runs in calls it itself: an evaluation (before training, or
+        ``--eval-every``) is followed by a rollout, with no switch to trim the heap. After a summarize-docstring
+        evaluation of 80 prompts the process held 1.94 GB with the caches dropped but untrimmed, 1.06 GB trimmed.
+        """
         self._reset_caches()
-        if switch:  # after the caches: their weight copies' pages go back too
-            release_free_heap()
+        release_free_heap()  # after the caches: their pages go back too
 
     def tokenizer(self) -> Any:
         """The LM's tokenizer (loaded on demand)."""

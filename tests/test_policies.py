@@ -840,6 +840,8 @@ def test_evaluate(tiny_env_kwargs: dict, tiny_model: Path) -> None:
     model = lm_ppo(env, tiny_model)
     result = evaluate(model.policy, env, TINY_PROMPTS, seed=1)  # 4 prompts in batches of 3: the last one partial
     assert result.prompts == TINY_PROMPTS and len(result.completions) == len(TINY_PROMPTS)
+    for cache in (model.policy._actor_cache, model.policy._reference_cache):  # released: the rollout runs in eval mode
+        assert cache.ids is None and not cache.keys and cache.weights is None
     assert result.kl.shape == (4,) and np.abs(result.kl).max() < 1e-5  # the untrained policy is its reference
     np.testing.assert_allclose(result.reward_model_score, LengthReward().score(TINY_PROMPTS, result.completions))
     keys = {"reward_model_score", "gold_score", "kl", "perplexity", "distinct_1", "distinct_2", "length"}
